@@ -1,0 +1,24 @@
+# ECoFLaP pruning pipeline. Rules live by stage in workflow/rules/; they are thin shells
+# around the `ecoflap` CLI. Results land under results/{model}/{method}/{sparsity}/.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/calibration.smk"
+include: "workflow/rules/scoring.smk"
+include: "workflow/rules/allocation.smk"
+include: "workflow/rules/pruning.smk"
+include: "workflow/rules/evaluation.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        expand("results/{model}/summary/summary.md", model=list(config["models"])),
+    default_target: True

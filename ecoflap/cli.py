@@ -1,0 +1,279 @@
+"""Command line: one subcommand per pipeline stage. Each Snakemake rule calls one of these;
+they are just as usable by hand (`python -m ecoflap prune --help`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ecoflap.utils.io import provenance, read_json, write_json
+from ecoflap.utils.runtime import peak_memory_mb, resolve_device, resolve_dtype, seed_everything, setup_logging
+
+log = logging.getLogger("ecoflap")
+
+
+def _load(args: argparse.Namespace):
+    from ecoflap.models.adapters import adapter_for
+    from ecoflap.models.loading import load_model
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    log.info("loading %s on %s as %s", args.model, device, dtype)
+    model, tok = load_model(args.model, device, dtype, trust_remote_code=args.trust_remote_code)
+    return model, tok, adapter_for(model), device, dtype
+
+
+def _calibration_batches(args: argparse.Namespace) -> list[torch.Tensor]:
+    from ecoflap.data.calibration import batches, load_calibration
+
+    return batches(load_calibration(args.calibration, args.n_samples), args.batch_size)
+
+
+def _finish(path: str, result: dict[str, Any], args: argparse.Namespace, inputs: dict[str, str],
+            started: float, device: torch.device | None = None) -> None:
+    settings = {k: v for k, v in vars(args).items() if k not in ("func",)}
+    result["runtime"] = {"wall_s": round(time.perf_counter() - started, 2),
+                         "peak_mem_mb": round(peak_memory_mb(device or torch.device("cpu")), 1),
+                         "device": str(device) if device else "cpu", "threads": torch.get_num_threads()}
+    result["provenance"] = provenance(settings, inputs=inputs)
+    write_json(path, result)
+    log.info("wrote %s", path)
+
+
+# --- stages -------------------------------------------------------------------------------
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from ecoflap.models.layout import layout_of_folder
+    from ecoflap.models.loading import fetch_model
+
+    t0 = time.perf_counter()
+    spec = json.loads(args.spec)
+    fetch_model(spec, args.out)
+    layout = layout_of_folder(args.out, spec.get("trust_remote_code", False))
+    n = sum(sum(v.values()) for v in layout.values())
+    log.info("%d blocks, %d prunable layers, %.1f M prunable weights", len(layout),
+             sum(len(v) for v in layout.values()), n / 1e6)
+    _finish(args.layout, {"spec": spec, "layout": layout, "prunable_weights": n}, args, {}, t0)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from ecoflap.data.calibration import build_calibration, save_calibration
+
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    ids = build_calibration(tok, args.source, args.n_samples, args.seq_len, args.seed)
+    save_calibration(args.out, ids, {"source": args.source, "seed": str(args.seed), "seq_len": str(args.seq_len)})
+    _finish(args.out + ".json", {"shape": list(ids.shape)}, args, {"calibration": args.out}, t0)
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    seed_everything(args.seed)
+    model, _tok, adapter, device, _dtype = _load(args)
+    batches = _calibration_batches(args)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if args.kind == "zeroth_order":
+        from ecoflap.scoring.zeroth_order import zeroth_order_scores
+        scores = zeroth_order_scores(model, adapter, batches, device, eps=args.eps, granularity=args.granularity,
+                                     reuse_block_inputs=args.reuse_block_inputs, seed=args.seed)
+    elif args.kind == "first_order":
+        from ecoflap.scoring.first_order import first_order_scores
+        scores = first_order_scores(model, adapter, batches, device, args.granularity, args.reduce)
+    else:
+        from ecoflap.scoring.outliers import outlier_ratios
+        scores = outlier_ratios(model, adapter, batches, device, m=args.owl_m)
+    granularity = "block" if args.kind == "outliers" else args.granularity
+    _finish(args.out, {"kind": args.kind, "granularity": granularity, "scores": scores}, args,
+            {"model_config": str(Path(args.model) / "config.json"), "calibration": args.calibration}, t0, device)
+
+
+def cmd_allocate(args: argparse.Namespace) -> None:
+    from ecoflap.allocation import ratios
+    from ecoflap.reporting.plots import plot_allocation
+
+    t0 = time.perf_counter()
+    layout = read_json(args.layout)["layout"]
+    inputs = {"layout": args.layout}
+    if args.kind == "uniform":
+        unit = ratios.uniform(ratios.unit_sizes(layout, "block"), args.target)
+    else:
+        if not args.scores:
+            raise SystemExit(f"allocation {args.kind} needs --scores")
+        inputs["scores"] = args.scores
+        scored = read_json(args.scores)
+        sizes = ratios.unit_sizes(layout, scored["granularity"])
+        if args.kind == "ecoflap":
+            max_sparsity = min(args.target + args.max_sparsity_offset, 1.0)
+            unit = ratios.ecoflap(scored["scores"], sizes, args.target, max_sparsity, args.aggregation)
+        else:
+            unit = ratios.owl(scored["scores"], args.target, args.owl_lambda)
+    per_layer = ratios.expand_to_layers(unit, layout)
+    sizes = {k: n for v in layout.values() for k, n in v.items()}
+    planned = sum(per_layer[k] * sizes[k] for k in sizes) / sum(sizes.values())
+    log.info("%s allocation at target %.3f: planned global sparsity %.5f, block range %.3f-%.3f",
+             args.kind, args.target, planned, min(unit.values()), max(unit.values()))
+    if args.plot:
+        plot_allocation(unit, args.plot, f"{args.kind} allocation, target {args.target}")
+    _finish(args.out, {"kind": args.kind, "target": args.target, "planned_global_sparsity": planned,
+                       "unit_sparsity": unit, "layer_sparsity": per_layer}, args, inputs, t0)
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from ecoflap.pruning.engine import prune_sequential
+    from ecoflap.pruning.masks import parse_nm
+    from ecoflap.pruning.methods import make_pruner
+    from ecoflap.utils.io import atomic_path
+
+    t0 = time.perf_counter()
+    seed_everything(args.seed)
+    model, tok, adapter, device, _dtype = _load(args)
+    nm = parse_nm(args.nm)
+    allocation = read_json(args.allocation)
+    pruner = make_pruner(args.pruner, damp=args.sparsegpt_damp, block_size=args.sparsegpt_block_size)
+    batches = _calibration_batches(args) if pruner.needs_activations else []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    report = prune_sequential(model, adapter, pruner, allocation["layer_sparsity"], batches, device, nm)
+    log.info("saving pruned checkpoint to %s", args.out)
+    with atomic_path(args.out, is_dir=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    inputs = {"model_config": str(Path(args.model) / "config.json"), "allocation": args.allocation}
+    if pruner.needs_activations:
+        inputs["calibration"] = args.calibration
+    _finish(args.report, {"pruner": args.pruner, "nm": args.nm, "target": allocation["target"],
+                          "global_sparsity": report.global_sparsity, "mask_sha256": report.mask_sha256,
+                          "layer_sparsity": report.layer_sparsity}, args, inputs, t0, device)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    seed_everything(args.seed)
+    model, tok, _adapter, device, _dtype = _load(args)
+    if args.task == "perplexity":
+        from ecoflap.evaluation.perplexity import evaluation_text, perplexity
+        metrics = perplexity(model, tok, evaluation_text(args.dataset), args.seq_len, device,
+                             args.max_windows, args.batch_size)
+        metrics["dataset"] = args.dataset
+    else:
+        from ecoflap.evaluation.harness import run_lm_eval
+        metrics = run_lm_eval(model, tok, args.tasks, args.batch_size, args.limit, args.num_fewshot, args.seed)
+    _finish(args.out, {"task": args.task, "metrics": metrics}, args,
+            {"model": args.model}, t0, device)
+
+
+def cmd_aggregate(args: argparse.Namespace) -> None:
+    from ecoflap.reporting.aggregate import aggregate
+
+    aggregate(Path(args.results), args.rows, Path(args.out_dir), args.benchmarks)
+
+
+# --- argument parsing ---------------------------------------------------------------------
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="folder that from_pretrained loads")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _calib_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--calibration", required=required, help="calibration .safetensors")
+    p.add_argument("--n-samples", type=int, default=None, help="use the first N windows (default all)")
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ecoflap", description=__doc__)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("download", help="fetch a hub model or convert the embedded one")
+    p.add_argument("--spec", required=True, help='JSON model spec, e.g. {"source": "embedded", "name": "smollm2-135m"}')
+    p.add_argument("--out", required=True)
+    p.add_argument("--layout", required=True, help="JSON file listing prunable layers and sizes")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("calibrate", help="build seeded calibration windows")
+    p.add_argument("--model", required=True)
+    p.add_argument("--source", default="austen-emma", help="c4 or an embedded text (austen-emma)")
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("score", help="coarse stage: block/layer importance scores")
+    _model_args(p)
+    _calib_args(p)
+    p.add_argument("--kind", choices=["zeroth_order", "first_order", "outliers"], required=True)
+    p.add_argument("--granularity", choices=["block", "layer"], default="block")
+    p.add_argument("--eps", type=float, default=1e-3)
+    p.add_argument("--reuse-block-inputs", action="store_true", help="zeroth-order: re-run only from the perturbed block")
+    p.add_argument("--reduce", choices=["abs_g", "abs_wg"], default="abs_wg", help="first-order reduction")
+    p.add_argument("--owl-m", type=float, default=5.0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("allocate", help="per-layer sparsity ratios")
+    p.add_argument("--layout", required=True)
+    p.add_argument("--kind", choices=["uniform", "ecoflap", "owl"], required=True)
+    p.add_argument("--scores")
+    p.add_argument("--target", type=float, required=True)
+    p.add_argument("--max-sparsity-offset", type=float, default=0.1)
+    p.add_argument("--aggregation", choices=["sum", "avg"], default="sum")
+    p.add_argument("--owl-lambda", type=float, default=0.08)
+    p.add_argument("--out", required=True)
+    p.add_argument("--plot")
+    p.set_defaults(func=cmd_allocate)
+
+    p = sub.add_parser("prune", help="fine stage: sequential layer-wise pruning")
+    _model_args(p)
+    _calib_args(p, required=False)
+    p.add_argument("--allocation", required=True)
+    p.add_argument("--pruner", choices=["magnitude", "wanda", "sparsegpt"], required=True)
+    p.add_argument("--nm", default=None, help="N:M pattern such as 2:4 (overrides the ratios)")
+    p.add_argument("--sparsegpt-damp", type=float, default=0.01)
+    p.add_argument("--sparsegpt-block-size", type=int, default=128)
+    p.add_argument("--out", required=True, help="checkpoint folder")
+    p.add_argument("--report", required=True, help="JSON with achieved sparsities")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("evaluate", help="perplexity or lm-eval tasks")
+    _model_args(p)
+    p.add_argument("--task", choices=["perplexity", "lm_eval"], required=True)
+    p.add_argument("--dataset", default="brown-heldout", help="perplexity: wikitext2 or brown-heldout")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--tasks", nargs="*", default=["brown_cloze"], help="lm-eval task names")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("aggregate", help="tables and plots over methods and sparsities")
+    p.add_argument("--results", required=True, help="results/{model}")
+    p.add_argument("--rows", nargs="+", required=True, help="method/sparsity folders to include")
+    p.add_argument("--benchmarks", default=None, help="folder of Snakemake benchmark files")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_aggregate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log.info("ecoflap %s", args.command)
+    args.func(args)

@@ -1,0 +1,41 @@
+"""Text sources: the embedded public-domain excerpts, and the real datasets users run online."""
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+EMBEDDED_TEXTS = {
+    "austen-emma": ASSETS / "calibration" / "austen_emma.txt",
+    "brown-heldout": ASSETS / "evaluation" / "brown_heldout.txt",
+}
+
+
+def embedded_text(name: str) -> str:
+    if name not in EMBEDDED_TEXTS:
+        raise ValueError(f"unknown embedded text {name!r}; available: {', '.join(EMBEDDED_TEXTS)}")
+    return EMBEDDED_TEXTS[name].read_text(encoding="utf-8")
+
+
+def c4_documents(shard: str = "en/c4-train.00000-of-01024.json.gz") -> list[str]:
+    """The C4 shard Wanda and SparseGPT calibrate on (needs network the first time)."""
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset("allenai/c4", data_files={"train": shard}, split="train")
+    except Exception as exc:
+        raise RuntimeError(f"could not load C4 shard {shard} ({exc}). It needs network access once "
+                           "(then the datasets cache); offline, use calibration.source: austen-emma") from exc
+    return ds["text"]
+
+
+def wikitext2_test() -> str:
+    """WikiText-2 raw test split joined as Wanda does (needs network the first time)."""
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+    except Exception as exc:
+        raise RuntimeError(f"could not load wikitext-2-raw-v1 ({exc}). It needs network access once; "
+                           "offline, use evaluation.perplexity.dataset: brown-heldout") from exc
+    return " ".join(ds["text"])

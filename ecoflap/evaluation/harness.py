@@ -1,0 +1,55 @@
+"""lm-eval-harness on an in-memory model: the real tasks (boolq, hellaswag, ...) online, and
+the embedded offline tasks shipped as JSONL + YAML under ecoflap/evaluation/tasks."""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ecoflap.data.corpora import ASSETS
+
+log = logging.getLogger(__name__)
+
+TASK_DIR = Path(__file__).resolve().parent / "tasks"
+EMBEDDED_TASKS = {"brown_cloze": ASSETS / "evaluation" / "brown_cloze.jsonl"}
+PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
+def _embedded_task_dir(tasks: list[str], tmp: Path) -> Path:
+    """Copy the embedded task YAMLs with absolute data paths (lm-eval needs them absolute)."""
+    for task in tasks:
+        if task in EMBEDDED_TASKS:
+            yaml = (TASK_DIR / f"{task}.yaml").read_text()
+            (tmp / f"{task}.yaml").write_text(yaml.replace("__BROWN_CLOZE_JSONL__", str(EMBEDDED_TASKS[task])))
+    return tmp
+
+
+def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: list[str], batch_size: int = 8,
+                limit: int | None = None, num_fewshot: int = 0, seed: int = 0) -> dict[str, dict[str, float]]:
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise RuntimeError("lm-eval is not installed: pip install 'lm-eval[hf]==0.4.13'") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = TaskManager(include_path=str(_embedded_task_dir(tasks, Path(tmp))))
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            raise ValueError(f"lm-eval does not know the tasks {unknown}; embedded: {sorted(EMBEDDED_TASKS)}, "
+                             f"paper: {list(PAPER_TASKS)}")
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        log.info("lm-eval on %s (limit %s, %d-shot)", tasks, limit, num_fewshot)
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                      num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
+                                      torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
+    results = {}
+    for task in tasks:
+        res = out["results"][task]
+        results[task] = {k.split(",")[0]: float(v) for k, v in res.items()
+                         if "," in k and isinstance(v, (int, float))}
+        results[task]["n"] = int(out["n-samples"][task]["effective"]) if "n-samples" in out else None
+    return results

@@ -1,0 +1,38 @@
+"""Perplexity over non-overlapping windows of a held-out text (Wanda's protocol)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ecoflap.data.corpora import embedded_text, wikitext2_test
+from ecoflap.utils.runtime import check_finite
+
+
+def evaluation_text(dataset: str) -> str:
+    return wikitext2_test() if dataset == "wikitext2" else embedded_text(dataset)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer: Any, text: str, seq_len: int, device: torch.device,
+               max_windows: int | None = None, batch_size: int = 1) -> dict[str, float]:
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n_windows = ids.numel() // seq_len
+    if max_windows:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
+    nll, count = 0.0, 0
+    for i in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch"):
+        batch = windows[i:i + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        check_finite(loss, f"perplexity window {i}", "the pruned model diverged; check the pruning log")
+        nll += loss.item()
+        count += batch[:, 1:].numel()
+    return {"perplexity": math.exp(nll / count), "tokens": count, "windows": n_windows, "seq_len": seq_len}

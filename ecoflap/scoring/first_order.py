@@ -1,0 +1,41 @@
+"""First-order importance (ECoFLaP's first-order variant): per unit, sum over batches of
+sum |g| or sum |w * g| from true gradients of the calibration loss. Costs backward-pass
+memory (all activations and the gradients of the scored weights)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ecoflap.models.adapters import DecoderAdapter
+from ecoflap.scoring.units import scoring_units
+from ecoflap.utils.runtime import check_finite
+
+
+def first_order_scores(model: nn.Module, adapter: DecoderAdapter, batches: list[torch.Tensor], device: torch.device,
+                       granularity: str = "block", reduce: str = "abs_wg") -> dict[str, float]:
+    if reduce not in ("abs_g", "abs_wg"):
+        raise ValueError(f"first-order reduce must be abs_g or abs_wg, got {reduce!r}")
+    units = scoring_units(model, adapter, granularity)
+    scored = {id(w) for u in units for w in u.weights}
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in scored)
+    scores = {u.name: 0.0 for u in units}
+    try:
+        for bi, ids in enumerate(tqdm(batches, desc="first-order scores", unit="batch")):
+            loss = adapter.loss(model, ids.to(device))
+            check_finite(loss.detach(), f"first-order calibration loss (batch {bi})", "use float32 or bfloat16")
+            loss.backward()
+            with torch.no_grad():
+                for u in units:
+                    total = 0.0
+                    for w in u.weights:
+                        g = w.grad.float()
+                        total += (g * w.float()).abs().sum().item() if reduce == "abs_wg" else g.abs().sum().item()
+                    scores[u.name] += total
+            model.zero_grad(set_to_none=True)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+    return scores

@@ -1,0 +1,34 @@
+"""Scoring units: the weight tensors whose importance is summed into one allocation unit
+(a whole block, or a single layer)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ecoflap.models.adapters import DecoderAdapter
+
+
+@dataclass
+class Unit:
+    name: str
+    block_index: int
+    weights: list[nn.Parameter]
+
+    @property
+    def size(self) -> int:
+        return sum(w.numel() for w in self.weights)
+
+
+def scoring_units(model: nn.Module, adapter: DecoderAdapter, granularity: str) -> list[Unit]:
+    if granularity not in ("block", "layer"):
+        raise ValueError(f"granularity must be 'block' or 'layer', got {granularity!r}")
+    units = []
+    for b, block in enumerate(adapter.blocks(model)):
+        prefix = adapter.block_name(b)
+        layers = adapter.prunable_layers(block)
+        if granularity == "block":
+            units.append(Unit(prefix, b, [layer.weight for layer in layers.values()]))
+        else:
+            units.extend(Unit(f"{prefix}.{n}", b, [layer.weight]) for n, layer in layers.items())
+    return units

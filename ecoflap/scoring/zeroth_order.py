@@ -1,0 +1,71 @@
+"""ECoFLaP's zeroth-order importance: for each calibration batch and unit, one random
+direction z ~ N(0, I) over the unit's weights, the projected gradient
+(L(W + eps z) - L(W - eps z)) / (2 eps) from two forward passes, |.| summed over batches.
+
+Two knobs change the cost, not the estimator:
+  * granularity "layer" perturbs one weight tensor at a time (the paper), "block" perturbs
+    all of a block's tensors with one direction (30x fewer evaluations on a 30-block model);
+  * reuse_block_inputs caches each block's clean inputs from one forward pass per batch,
+    so a perturbed evaluation only re-runs the model from the perturbed block to the loss
+    (the blocks before it see unperturbed weights, so their outputs are unchanged).
+Directions are regenerated from (seed, batch, unit): nothing is stored, runs are repeatable.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ecoflap.models.adapters import DecoderAdapter
+from ecoflap.pruning.capture import capture_block_inputs, run_block, run_from
+from ecoflap.scoring.units import scoring_units
+from ecoflap.utils.runtime import check_finite
+
+log = logging.getLogger(__name__)
+
+
+def _direction(shape: torch.Size, seed: int, batch: int, unit: int, tensor: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + batch * 10_007 + unit) * 101 + tensor)
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device)
+
+
+@torch.no_grad()
+def zeroth_order_scores(model: nn.Module, adapter: DecoderAdapter, batches: list[torch.Tensor], device: torch.device,
+                        eps: float = 1e-3, granularity: str = "layer", reuse_block_inputs: bool = False,
+                        seed: int = 0) -> dict[str, float]:
+    units = scoring_units(model, adapter, granularity)
+    blocks = adapter.blocks(model)
+    scores = {u.name: 0.0 for u in units}
+    bar = tqdm(total=len(batches) * len(units), desc=f"zeroth-order scores ({granularity})", unit="unit")
+    for bi, ids in enumerate(batches):
+        ids = ids.to(device)
+        if reuse_block_inputs:
+            cached = capture_block_inputs(model, adapter, [ids], device)
+            for block in blocks[:-1]:
+                cached.append(cached[-1].with_hidden(run_block(block, cached[-1])))
+
+        def loss(unit_block: int) -> float:
+            value = run_from(model, adapter, unit_block, cached[unit_block]) if reuse_block_inputs \
+                else adapter.loss(model, ids)
+            return value.item()
+
+        for ui, unit in enumerate(units):
+            backup = [w.detach().clone() for w in unit.weights]
+            dirs = [_direction(w.shape, seed, bi, ui, ti, device) for ti, w in enumerate(unit.weights)]
+            for w, z in zip(unit.weights, dirs):
+                w.add_(z.to(w.dtype), alpha=eps)
+            plus = loss(unit.block_index)
+            for w, b, z in zip(unit.weights, backup, dirs):
+                w.copy_(b).add_(z.to(w.dtype), alpha=-eps)
+            minus = loss(unit.block_index)
+            for w, b in zip(unit.weights, backup):
+                w.copy_(b)
+            grad = torch.tensor((plus - minus) / (2 * eps))
+            check_finite(grad, f"zeroth-order score of {unit.name} (batch {bi})",
+                         "lower scoring eps, or score in float32 (dtype: float32)")
+            scores[unit.name] += abs(grad.item())
+            bar.update()
+    bar.close()
+    return scores

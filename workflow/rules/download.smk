@@ -1,0 +1,17 @@
+rule download_model:
+    """Hub snapshot (pinned revision) or the embedded model converted to safetensors,
+    plus the list of prunable layers and their sizes."""
+    output:
+        model=directory("results/{model}/model"),
+        layout="results/{model}/layout.json",
+    params:
+        spec=lambda wc: shlex.quote(json.dumps(model_spec(wc))),
+    log:
+        "results/{model}/logs/download.log",
+    benchmark:
+        "results/{model}/benchmarks/download.tsv"
+    conda:
+        "../../envs/ecoflap.yaml"
+    shell:
+        "{PY} -m ecoflap download --spec {params.spec} --out {output.model} "
+        "--layout {output.layout} > {log} 2>&1"

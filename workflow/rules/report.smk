@@ -1,0 +1,22 @@
+rule aggregate:
+    """One table (CSV + Markdown) over methods x sparsities with every metric and the
+    wall time and peak memory of each stage, a plot per metric, and sparsity profiles."""
+    input:
+        evals=lambda wc: expand("results/{model}/{row}/eval/{task}.json", model=wc.model, row=rows(), task=EVALS),
+        layout="results/{model}/layout.json",
+    output:
+        csv="results/{model}/summary/summary.csv",
+        md="results/{model}/summary/summary.md",
+        metrics=report("results/{model}/summary/metrics.png", category="summary"),
+        profiles=report("results/{model}/summary/profiles.png", category="summary"),
+    params:
+        rows=lambda wc: " ".join(rows()),
+    log:
+        "results/{model}/logs/aggregate.log",
+    benchmark:
+        "results/{model}/benchmarks/aggregate.tsv"
+    conda:
+        "../../envs/ecoflap.yaml"
+    shell:
+        "{PY} -m ecoflap aggregate --results results/{wildcards.model} --rows {params.rows} "
+        "--out-dir results/{wildcards.model}/summary > {log} 2>&1"
