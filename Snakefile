@@ -5,7 +5,12 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# --configfile replaces the default config instead of being merged into it, so a config
+# listing two methods runs two methods.
+if not config:
+
+    configfile: "config.yaml"
+
 
 
 include: "workflow/rules/common.smk"

@@ -87,6 +87,10 @@ def cmd_score(args: argparse.Namespace) -> None:
     elif args.kind == "first_order":
         from ecoflap.scoring.first_order import first_order_scores
         scores = first_order_scores(model, adapter, batches, device, args.granularity, args.reduce)
+    elif args.kind == "checkpointed":
+        from ecoflap.scoring.checkpointed import checkpointed_gradient_scores
+        scores = checkpointed_gradient_scores(model, adapter, batches, device, args.granularity, args.reduce,
+                                              seed=args.seed)
     else:
         from ecoflap.scoring.outliers import outlier_ratios
         scores = outlier_ratios(model, adapter, batches, device, m=args.owl_m)
@@ -121,7 +125,7 @@ def cmd_allocate(args: argparse.Namespace) -> None:
     log.info("%s allocation at target %.3f: planned global sparsity %.5f, block range %.3f-%.3f",
              args.kind, args.target, planned, min(unit.values()), max(unit.values()))
     if args.plot:
-        plot_allocation(unit, args.plot, f"{args.kind} allocation, target {args.target}")
+        plot_allocation(unit, args.plot, f"{args.kind} allocation, target {args.target}", args.target)
     _finish(args.out, {"kind": args.kind, "target": args.target, "planned_global_sparsity": planned,
                        "unit_sparsity": unit, "layer_sparsity": per_layer}, args, inputs, t0)
 
@@ -173,7 +177,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_aggregate(args: argparse.Namespace) -> None:
     from ecoflap.reporting.aggregate import aggregate
 
-    aggregate(Path(args.results), args.rows, Path(args.out_dir), args.benchmarks)
+    aggregate(Path(args.results), args.rows, Path(args.out_dir))
+
+
+def cmd_benchmark_scoring(args: argparse.Namespace) -> None:
+    from ecoflap.benchmark import benchmark_scoring, format_summary, write_summary
+
+    summary = benchmark_scoring(args.model, args.n_samples, args.seq_len, args.batch_size, args.seeds,
+                                args.sparsities, args.device, args.threads or torch.get_num_threads(),
+                                args.eval_dataset, args.eval_seq_len, args.eval_windows)
+    print(format_summary(summary))
+    if args.out:
+        write_summary(args.out, summary)
 
 
 # --- argument parsing ---------------------------------------------------------------------
@@ -215,11 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="coarse stage: block/layer importance scores")
     _model_args(p)
     _calib_args(p)
-    p.add_argument("--kind", choices=["zeroth_order", "first_order", "outliers"], required=True)
+    p.add_argument("--kind", choices=["zeroth_order", "first_order", "checkpointed", "outliers"], required=True)
     p.add_argument("--granularity", choices=["block", "layer"], default="block")
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--reuse-block-inputs", action="store_true", help="zeroth-order: re-run only from the perturbed block")
-    p.add_argument("--reduce", choices=["abs_g", "abs_wg"], default="abs_wg", help="first-order reduction")
+    p.add_argument("--reduce", choices=["l2", "projection", "abs_g", "abs_wg"], default="abs_wg",
+                   help="gradient reduction (first_order: abs_g/abs_wg; checkpointed: any)")
     p.add_argument("--owl-m", type=float, default=5.0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_score)
@@ -264,9 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("aggregate", help="tables and plots over methods and sparsities")
     p.add_argument("--results", required=True, help="results/{model}")
     p.add_argument("--rows", nargs="+", required=True, help="method/sparsity folders to include")
-    p.add_argument("--benchmarks", default=None, help="folder of Snakemake benchmark files")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("benchmark-scoring", help="paper vs fast coarse stage: time, memory, quality ratios")
+    p.add_argument("--model", required=True)
+    p.add_argument("--n-samples", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.6, 0.7])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--eval-dataset", default="brown-heldout")
+    p.add_argument("--eval-seq-len", type=int, default=256)
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--out", default=None, help="JSON summary (a .txt copy of the printout goes beside it)")
+    p.set_defaults(func=cmd_benchmark_scoring)
     return parser
 
 

@@ -62,7 +62,7 @@ def _schema_errors(config: dict[str, Any]) -> list[str]:
 def _reference_errors(config: dict[str, Any]) -> list[str]:
     errors = []
     scorers = config.get("scorers", {})
-    needs = {"ecoflap": ("zeroth_order", "first_order"), "owl": ("outliers",)}
+    needs = {"ecoflap": ("zeroth_order", "first_order", "checkpointed"), "owl": ("outliers",)}
     calib_n = config["calibration"]["n_samples"]
     for name, m in config["methods"].items():
         alloc = m.get("allocation", "uniform")
@@ -77,6 +77,9 @@ def _reference_errors(config: dict[str, Any]) -> list[str]:
                 errors.append(f"config key methods.{name}.scorer: {alloc} allocation needs a scorer of kind "
                               f"{' or '.join(needs[alloc])}, but {scorer!r} is {scorers[scorer]['kind']}")
     for name, s in scorers.items():
+        if s["kind"] == "first_order" and s.get("reduce", "abs_wg") not in ("abs_g", "abs_wg"):
+            errors.append(f"config key scorers.{name}.reduce: {s['reduce']!r} is not a first_order reduction "
+                          "(allowed: 'abs_g', 'abs_wg'; l2 and projection need kind: checkpointed)")
         if s.get("n_samples", calib_n) > calib_n:
             errors.append(f"config key scorers.{name}.n_samples: {s['n_samples']} exceeds calibration.n_samples "
                           f"({calib_n}) (allowed: <= {calib_n})")
@@ -84,6 +87,10 @@ def _reference_errors(config: dict[str, Any]) -> list[str]:
     if pn > calib_n:
         errors.append(f"config key pruning.n_samples: {pn} exceeds calibration.n_samples ({calib_n}) "
                       f"(allowed: <= {calib_n})")
+    for name, spec in config["models"].items():
+        if spec["source"] == "local" and not (Path(spec["path"]) / "config.json").is_file():
+            errors.append(f"config key models.{name}.path: {spec['path']!r} holds no config.json "
+                          "(allowed: a folder written by save_pretrained, with safetensors weights)")
     for i, pat in enumerate(config.get("nm_patterns", [])):
         n, m = (int(x) for x in pat.split(":"))
         if not 0 < n < m:

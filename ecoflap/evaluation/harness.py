@@ -36,7 +36,9 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: list[str], batch_size: 
     except ImportError as exc:
         raise RuntimeError("lm-eval is not installed: pip install 'lm-eval[hf]==0.4.13'") from exc
     with tempfile.TemporaryDirectory() as tmp:
-        manager = TaskManager(include_path=str(_embedded_task_dir(tasks, Path(tmp))))
+        # indexing lm-eval's ~15k built-in task files takes seconds: skip it when every task is ours
+        builtin = any(t not in EMBEDDED_TASKS for t in tasks)
+        manager = TaskManager(include_path=str(_embedded_task_dir(tasks, Path(tmp))), include_defaults=builtin)
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise ValueError(f"lm-eval does not know the tasks {unknown}; embedded: {sorted(EMBEDDED_TASKS)}, "

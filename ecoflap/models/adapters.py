@@ -13,6 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Losses in fp32 for bf16/fp16 models; float64 models (tests) keep their precision."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _get(obj: object, path: str) -> nn.Module:
     for part in path.split("."):
         obj = getattr(obj, part)
@@ -45,13 +50,13 @@ class DecoderAdapter:
 
     def loss_from_hidden(self, model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy of the final hidden states (the calibration loss)."""
-        logits = self.head(model, hidden)[:, :-1].float()
+        logits = _at_least_fp32(self.head(model, hidden)[:, :-1])
         labels = input_ids[:, 1:].to(logits.device)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
     def loss(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """The same loss from a full forward pass of the model."""
-        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+        logits = _at_least_fp32(model(input_ids=input_ids, use_cache=False).logits[:, :-1])
         labels = input_ids[:, 1:]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 

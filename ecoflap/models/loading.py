@@ -89,11 +89,25 @@ def download_hub(repo_id: str, revision: str, out_dir: Path, allow_pickle: bool 
     return {"source": "hub", "id": repo_id, "revision": revision, "commit": commit}
 
 
+def copy_local(src: Path, out_dir: Path) -> dict[str, Any]:
+    """A checkpoint already on disk (safetensors only), copied so results are self-contained."""
+    import shutil
+
+    if not any(src.glob("*.safetensors")):
+        raise RuntimeError(f"{src} has no .safetensors weights; only safetensors checkpoints are read")
+    for f in src.iterdir():
+        if f.is_file() and f.suffix not in (".bin", ".pt", ".pth", ".pkl"):
+            shutil.copy2(f, out_dir / f.name)
+    return {"source": "local", "path": str(src)}
+
+
 def fetch_model(spec: dict[str, Any], out_dir: str | Path) -> None:
     """Materialise a model spec (see config.yaml `models:`) as a from_pretrained-loadable folder."""
     with atomic_path(out_dir, is_dir=True) as tmp:
         if spec["source"] == "embedded":
             info = convert_embedded(spec["name"], tmp)
+        elif spec["source"] == "local":
+            info = copy_local(Path(spec["path"]), tmp)
         else:
             info = download_hub(spec["id"], spec["revision"], tmp, spec.get("allow_pickle", False))
         write_json(tmp / "ecoflap_source.json", info)

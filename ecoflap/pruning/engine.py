@@ -44,6 +44,9 @@ def prune_sequential(model: nn.Module, adapter: DecoderAdapter, pruner, layer_sp
         missing = [f"{prefix}.{n}" for n in layers if f"{prefix}.{n}" not in layer_sparsity]
         if missing:
             raise KeyError(f"allocation has no sparsity for {missing[:3]}...; was it made for another model?")
+        ratios = [layer_sparsity[f"{prefix}.{n}"] for n in layers]
+        log.info("block %d/%d (%s): %d layers at sparsity %.3f-%.3f", b + 1, len(blocks), prefix, len(layers),
+                 min(ratios), max(ratios))
         stats = {name: pruner.init_stats(layer) for name, layer in layers.items()}
         if pruner.needs_activations:
             hooks = [layer.register_forward_hook(
@@ -57,7 +60,7 @@ def prune_sequential(model: nn.Module, adapter: DecoderAdapter, pruner, layer_sp
                     h.remove()
         for name, layer in layers.items():
             full = f"{prefix}.{name}"
-            log.debug("block %d layer %s: pruning at %.3f", b, name, layer_sparsity[full])
+            log.debug("block %d layer %s: %s at %.3f", b, name, type(pruner).__name__, layer_sparsity[full])
             mask = pruner.prune(layer, stats[name], layer_sparsity[full], nm)
             check_finite(layer.weight, f"block {b} layer {name} after pruning",
                          "the calibration statistics overflowed; use float32 or bfloat16 instead of float16")

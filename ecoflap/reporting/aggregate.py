@@ -94,7 +94,7 @@ def block_profile(layer_sparsity: dict[str, float], layout: dict[str, dict[str, 
             for layers in layout.values()]
 
 
-def aggregate(results: Path, rows: list[str], out_dir: Path, benchmarks: str | None = None) -> pd.DataFrame:
+def aggregate(results: Path, rows: list[str], out_dir: Path) -> pd.DataFrame:
     table = pd.DataFrame([collect_row(results, r) for r in rows])
     table = table.sort_values(["target", "method"], kind="stable").reset_index(drop=True)
     out_dir.mkdir(parents=True, exist_ok=True)

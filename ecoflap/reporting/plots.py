@@ -18,9 +18,12 @@ def _save(fig: plt.Figure, path: str | Path) -> None:
     plt.close(fig)
 
 
-def plot_allocation(unit_sparsity: dict[str, float], path: str | Path, title: str) -> None:
+def plot_allocation(unit_sparsity: dict[str, float], path: str | Path, title: str, target: float | None = None) -> None:
     fig, ax = plt.subplots(figsize=(max(6, len(unit_sparsity) * 0.12), 3))
-    ax.plot(range(len(unit_sparsity)), list(unit_sparsity.values()), marker="o", ms=3)
+    ax.plot(range(len(unit_sparsity)), list(unit_sparsity.values()), marker="o", ms=3, label="allocated")
+    if target is not None:
+        ax.axhline(target, color="k", ls="--", lw=1, label="target")
+        ax.legend(fontsize=8)
     ax.set_xlabel("unit (model order)")
     ax.set_ylabel("sparsity")
     ax.set_title(title)

@@ -60,3 +60,25 @@ def check_finite(t: torch.Tensor, what: str, hint: str) -> None:
     """Stop with a message naming the stage/block instead of letting NaN/Inf reach a mask."""
     if not torch.isfinite(t).all():
         raise FloatingPointError(f"non-finite values in {what}; {hint}")
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak-RSS counter (Linux VmHWM), so a phase's peak excludes what
+    came before it (e.g. the transient copy made while loading weights)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS since the last reset_peak_rss (VmHWM), in MB; falls back to ru_maxrss."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -6,6 +6,7 @@ rule calibration:
         windows="results/{model}/calibration.safetensors",
         meta="results/{model}/calibration.safetensors.json",
     params:
+        py=PY,
         c=config["calibration"],
         seed=config["seed"],
     log:
@@ -15,6 +16,6 @@ rule calibration:
     conda:
         "../../envs/ecoflap.yaml"
     shell:
-        "{PY} -m ecoflap calibrate --model {input.model} --source {params.c[source]} "
+        "{params.py} -m ecoflap calibrate --model {input.model} --source {params.c[source]} "
         "--n-samples {params.c[n_samples]} --seq-len {params.c[seq_len]} --seed {params.seed} "
         "--out {output.windows} > {log} 2>&1"

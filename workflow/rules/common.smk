@@ -75,3 +75,67 @@ def model_dir(wc):
     if method(wc)["pruner"] == "none":
         return f"results/{wc.model}/model"
     return f"results/{wc.model}/{wc.method}/{wc.sparsity}/model"
+
+
+# --- CLI arguments of each stage, built from the config -------------------------------
+
+
+def scorer_args(wc):
+    s = config["scorers"][wc.scorer]
+    n = s.get("n_samples", config["calibration"]["n_samples"])
+    args = [f"--kind {s['kind']}", f"--n-samples {n}", f"--batch-size {s['batch_size']}"]
+    if s["kind"] == "zeroth_order":
+        args += [f"--granularity {s['granularity']}", f"--eps {s['eps']}"]
+        args += ["--reuse-block-inputs"] if s["reuse_block_inputs"] else []
+    elif s["kind"] in ("first_order", "checkpointed"):
+        args += [f"--granularity {s['granularity']}", f"--reduce {s['reduce']}"]
+    else:
+        args += [f"--owl-m {s['m']}"]
+    if "seed" in s:
+        args.append(f"--seed {s['seed']}")
+    return " ".join(args)
+
+
+def allocation_inputs(wc):
+    inputs = {"layout": f"results/{wc.model}/layout.json"}
+    if method(wc)["allocation"] != "uniform":
+        inputs["scores"] = f"results/{wc.model}/scores/{method(wc)['scorer']}.json"
+    return inputs
+
+
+def allocation_args(wc, input):
+    m = method(wc)
+    target, _nm = parse_label(wc.sparsity)
+    args = [f"--kind {m['allocation']}", f"--target {target}"]
+    if m["allocation"] != "uniform":
+        args.append(f"--scores {input.scores}")
+    if m["allocation"] == "ecoflap":
+        args += [f"--max-sparsity-offset {m['max_sparsity_offset']}", f"--aggregation {m['aggregation']}"]
+    if m["allocation"] == "owl":
+        args.append(f"--owl-lambda {m['lambda']}")
+    return " ".join(args)
+
+
+def prune_args(wc):
+    p = config["pruning"]
+    _target, nm = parse_label(wc.sparsity)
+    n = p.get("n_samples", config["calibration"]["n_samples"])
+    args = [f"--pruner {method(wc)['pruner']}", f"--n-samples {n}", f"--batch-size {p['batch_size']}",
+            f"--sparsegpt-damp {p['sparsegpt_damp']}", f"--sparsegpt-block-size {p['sparsegpt_block_size']}"]
+    if nm:
+        args.append(f"--nm {nm}")
+    return " ".join(args)
+
+
+def eval_args(wc):
+    e = config["evaluation"][wc.task]
+    if wc.task == "perplexity":
+        args = [f"--dataset {e['dataset']}", f"--seq-len {e['seq_len']}", f"--batch-size {e['batch_size']}"]
+        if e.get("max_windows"):
+            args.append(f"--max-windows {e['max_windows']}")
+    else:
+        args = ["--tasks " + " ".join(e["tasks"]), f"--num-fewshot {e['num_fewshot']}",
+                f"--batch-size {e['batch_size']}"]
+        if e.get("limit"):
+            args.append(f"--limit {e['limit']}")
+    return " ".join(args)

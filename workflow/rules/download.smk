@@ -5,6 +5,7 @@ rule download_model:
         model=directory("results/{model}/model"),
         layout="results/{model}/layout.json",
     params:
+        py=PY,
         spec=lambda wc: shlex.quote(json.dumps(model_spec(wc))),
     log:
         "results/{model}/logs/download.log",
@@ -13,5 +14,5 @@ rule download_model:
     conda:
         "../../envs/ecoflap.yaml"
     shell:
-        "{PY} -m ecoflap download --spec {params.spec} --out {output.model} "
+        "{params.py} -m ecoflap download --spec {params.spec} --out {output.model} "
         "--layout {output.layout} > {log} 2>&1"

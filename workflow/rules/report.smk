@@ -10,6 +10,7 @@ rule aggregate:
         metrics=report("results/{model}/summary/metrics.png", category="summary"),
         profiles=report("results/{model}/summary/profiles.png", category="summary"),
     params:
+        py=PY,
         rows=lambda wc: " ".join(rows()),
     log:
         "results/{model}/logs/aggregate.log",
@@ -18,5 +19,5 @@ rule aggregate:
     conda:
         "../../envs/ecoflap.yaml"
     shell:
-        "{PY} -m ecoflap aggregate --results results/{wildcards.model} --rows {params.rows} "
+        "{params.py} -m ecoflap aggregate --results results/{wildcards.model} --rows {params.rows} "
         "--out-dir results/{wildcards.model}/summary > {log} 2>&1"

@@ -1,0 +1,141 @@
+"""Scoring benchmark: the paper's zeroth-order estimator, the fast default, the paper's
+first-order variant and one Wanda pass, on the same model and calibration windows, each
+phase in a fresh child process (so peaks do not leak between phases), then the pruned
+model's perplexity with each scorer's ECoFLaP allocation over several calibration seeds.
+Prints ratios measured side by side in one run."""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _phase(kind: str, model_dir: str, ids: torch.Tensor, batch_size: int, device_name: str, threads: int,
+           extra: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a child process: load, reset the peak counter, run one phase, report."""
+    from ecoflap.allocation import ratios
+    from ecoflap.data.calibration import batches
+    from ecoflap.models.adapters import adapter_for, model_layout
+    from ecoflap.models.loading import load_model
+    from ecoflap.pruning.engine import prune_sequential
+    from ecoflap.pruning.methods import Wanda
+    from ecoflap.utils.runtime import peak_rss_mb, reset_peak_rss, resolve_device, resolve_dtype
+
+    torch.set_num_threads(threads)
+    device = resolve_device(device_name)
+    model, tok = load_model(model_dir, device, resolve_dtype("auto", device))
+    adapter = adapter_for(model)
+    data = batches(ids, batch_size)
+    reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {}
+    if kind == "dense_inference":
+        with torch.no_grad():
+            adapter.loss(model, data[0].to(device))
+    elif kind == "wanda_pass":
+        layout = model_layout(model, adapter)
+        per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
+        prune_sequential(model, adapter, Wanda(), per_layer, data, device)
+    elif kind == "zo_paper":
+        from ecoflap.scoring.zeroth_order import zeroth_order_scores
+        out["scores"] = zeroth_order_scores(model, adapter, data, device, eps=1e-3, granularity="layer",
+                                            reuse_block_inputs=False, seed=extra["seed"])
+    elif kind == "fast":
+        from ecoflap.scoring.checkpointed import checkpointed_gradient_scores
+        out["scores"] = checkpointed_gradient_scores(model, adapter, data, device, "block", "l2", extra["seed"])
+    elif kind == "first_order_paper":
+        from ecoflap.scoring.first_order import first_order_scores
+        out["scores"] = first_order_scores(model, adapter, data, device, "block", "abs_wg")
+    elif kind == "quality":
+        from ecoflap.evaluation.perplexity import evaluation_text, perplexity
+        layout = model_layout(model, adapter)
+        sizes = ratios.unit_sizes(layout, extra["granularity"])
+        unit = ratios.ecoflap(extra["scores"], sizes, extra["target"], extra["target"] + 0.1)
+        prune_sequential(model, adapter, Wanda(), ratios.expand_to_layers(unit, layout), data, device)
+        out["perplexity"] = perplexity(model, tok, evaluation_text(extra["dataset"]), extra["seq_len"], device,
+                                       extra["max_windows"], 8)["perplexity"]
+    else:
+        raise ValueError(kind)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        out["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        out["peak_mb"] = peak_rss_mb()
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _run(kind: str, *args: Any) -> dict[str, Any]:
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        res = pool.submit(_phase, kind, *args).result()
+    log.info("%-18s %8.1f s  peak %7.0f MB", kind, res["seconds"], res["peak_mb"])
+    return res
+
+
+def benchmark_scoring(model_dir: str, n_samples: int, seq_len: int, batch_size: int, seeds: list[int],
+                      sparsities: list[float], device: str, threads: int, eval_dataset: str, eval_seq_len: int,
+                      eval_windows: int, calib_source: str = "austen-emma") -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from ecoflap.data.calibration import build_calibration
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    calib = {s: build_calibration(tok, calib_source, n_samples, seq_len, s) for s in seeds}
+    common = (model_dir, calib[seeds[0]], batch_size, device, threads)
+    cost = {k: _run(k, *common, {"seed": seeds[0]}) for k in
+            ("dense_inference", "wanda_pass", "fast", "first_order_paper", "zo_paper")}
+    ratios = {
+        "time(paper) / time(fast)": cost["zo_paper"]["seconds"] / cost["fast"]["seconds"],
+        "time(fast) / time(wanda pass)": cost["fast"]["seconds"] / cost["wanda_pass"]["seconds"],
+        "peak(fast) / peak(dense inference)": cost["fast"]["peak_mb"] / cost["dense_inference"]["peak_mb"],
+        "peak(first-order paper) / peak(fast)": cost["first_order_paper"]["peak_mb"] / cost["fast"]["peak_mb"],
+    }
+    quality: dict[str, dict[str, list[float]]] = {}
+    for scorer, kind, gran in (("paper", "zo_paper", "layer"), ("fast", "fast", "block")):
+        for s in seeds:
+            scores = cost[kind]["scores"] if s == seeds[0] else \
+                _run(kind, model_dir, calib[s], batch_size, device, threads, {"seed": s})["scores"]
+            for target in sparsities:
+                q = _run("quality", model_dir, calib[s], batch_size, device, threads,
+                         {"scores": scores, "granularity": gran, "target": target, "dataset": eval_dataset,
+                          "seq_len": eval_seq_len, "max_windows": eval_windows})
+                quality.setdefault(scorer, {}).setdefault(f"{target:g}", []).append(q["perplexity"])
+    summary = {
+        "settings": {"model": model_dir, "n_samples": n_samples, "seq_len": seq_len, "batch_size": batch_size,
+                     "seeds": seeds, "device": device, "threads": threads},
+        "cost": {k: {"seconds": v["seconds"], "peak_mb": v["peak_mb"]} for k, v in cost.items()},
+        "ratios": ratios,
+        "perplexity": {sc: {t: {"values": v, "mean": statistics.mean(v),
+                                "stdev": statistics.stdev(v) if len(v) > 1 else 0.0} for t, v in d.items()}
+                       for sc, d in quality.items()},
+    }
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = ["phase                 seconds   peak MB"]
+    lines += [f"{k:<20} {v['seconds']:8.1f} {v['peak_mb']:9.0f}" for k, v in summary["cost"].items()]
+    lines += [""] + [f"{k:<40} {v:8.2f}" for k, v in summary["ratios"].items()] + ["", "perplexity (mean ± sd over seeds)"]
+    for scorer, d in summary["perplexity"].items():
+        for t, v in d.items():
+            vals = ", ".join(f"{x:.1f}" for x in v["values"])
+            lines.append(f"  {scorer:<6} @ {t}: {v['mean']:.1f} ± {v['stdev']:.1f}   [{vals}]")
+    return "\n".join(lines)
+
+
+def write_summary(path: str | Path, summary: dict[str, Any]) -> None:
+    from ecoflap.utils.io import provenance, write_json
+
+    summary["provenance"] = provenance(summary["settings"])
+    write_json(path, summary)
+    Path(path).with_suffix(".txt").write_text(format_summary(summary) + "\n")

@@ -1,0 +1,84 @@
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ecoflap.allocation import ratios
+
+
+def test_ecoflap_hand_worked_proportional_share():
+    # budget 150 of 300; floors (1 - 0.6) * 100 = 40 each; 30 left shared 1:1:2 -> 7.5, 7.5, 15;
+    # the one weight lost to rounding goes to the first of the tied largest fractions
+    keep = ratios.ecoflap_keep_counts({"a": 1, "b": 1, "c": 2}, {"a": 100, "b": 100, "c": 100}, 0.5, 0.6)
+    assert keep == {"a": 48, "b": 47, "c": 55}
+
+
+def test_ecoflap_cap_is_redistributed():
+    # floors 10 each, 120 left; c alone has score but can take only 90 -> 30 more go to a and b,
+    # which have no score, so they split it by free capacity
+    keep = ratios.ecoflap_keep_counts({"a": 0, "b": 0, "c": 100}, {"a": 100, "b": 100, "c": 100}, 0.5, 0.9)
+    assert keep == {"a": 25, "b": 25, "c": 100}
+
+
+def test_ecoflap_floor_binds_for_low_scores():
+    sizes = {"a": 1000, "b": 1000}
+    sp = ratios.ecoflap({"a": 1e-9, "b": 1.0}, sizes, target=0.6, max_sparsity=0.7)
+    assert sp["a"] == pytest.approx(0.7)  # floor: keeps exactly 1 - max_sparsity
+    assert sp["b"] == pytest.approx(0.5)
+    assert (1 - sp["a"]) * 1000 + (1 - sp["b"]) * 1000 == 800
+
+
+def test_ecoflap_avg_divides_by_size():
+    # keep *counts* follow the scores (as in the authors' code). Equal per-weight importance:
+    # "avg" makes the two scores equal, so both blocks get 100 of the 200 kept weights;
+    # "sum" leaves them 100:300, so the counts follow the sizes and the ratios are equal.
+    sizes = {"a": 100, "b": 300}
+    assert ratios.ecoflap_keep_counts({"a": 1.0, "b": 1.0}, sizes, 0.5, 1.0) == {"a": 100, "b": 100}
+    sp_avg = ratios.ecoflap({"a": 100.0, "b": 300.0}, sizes, 0.5, 1.0, aggregation="avg")
+    assert sp_avg == pytest.approx({"a": 0.0, "b": 2 / 3})
+    sp_sum = ratios.ecoflap({"a": 100.0, "b": 300.0}, sizes, 0.5, 1.0, aggregation="sum")
+    assert sp_sum == pytest.approx({"a": 0.5, "b": 0.5})
+
+
+def test_ecoflap_rejects_bad_input():
+    with pytest.raises(ValueError, match="max_sparsity"):
+        ratios.ecoflap_keep_counts({"a": 1}, {"a": 10}, 0.5, 0.4)
+    with pytest.raises(ValueError, match="finite"):
+        ratios.ecoflap_keep_counts({"a": math.nan}, {"a": 10}, 0.5, 0.6)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        ratios.ecoflap_keep_counts({"a": 1}, {"a": 10}, 1.5, 1.6)
+
+
+def test_owl_hand_worked():
+    sp = ratios.owl({"a": 1.0, "b": 2.0, "c": 3.0}, target=0.5, lam=0.1)
+    assert sp == pytest.approx({"a": 0.6, "b": 0.5, "c": 0.4})
+
+
+def test_owl_equal_ratios_is_uniform():
+    assert ratios.owl({"a": 2.0, "b": 2.0}, 0.7) == {"a": 0.7, "b": 0.7}
+
+
+def test_expand_to_layers():
+    layout = {"blk.0": {"blk.0.q": 4, "blk.0.k": 4}, "blk.1": {"blk.1.q": 4}}
+    assert ratios.expand_to_layers({"blk.0": 0.3, "blk.1": 0.6}, layout) == {"blk.0.q": 0.3, "blk.0.k": 0.3,
+                                                                            "blk.1.q": 0.6}
+    with pytest.raises(KeyError):
+        ratios.expand_to_layers({"blk.0": 0.3}, layout)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    units=st.lists(st.tuples(st.integers(1, 5000), st.one_of(st.just(0.0), st.floats(0, 1e6))), min_size=1,
+                   max_size=12),
+    target=st.floats(0, 0.99),
+    offset=st.floats(0, 1),
+)
+def test_ecoflap_properties(units, target, offset):
+    sizes = {f"u{i}": n for i, (n, _) in enumerate(units)}
+    scores = {f"u{i}": s for i, (_, s) in enumerate(units)}
+    max_sparsity = min(target + offset, 1.0)
+    keep = ratios.ecoflap_keep_counts(scores, sizes, target, max_sparsity)
+    assert sum(keep.values()) == round((1 - target) * sum(sizes.values()))
+    for u, n in sizes.items():
+        assert math.floor((1 - max_sparsity) * n + 1e-9) <= keep[u] <= n

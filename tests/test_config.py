@@ -1,0 +1,100 @@
+import copy
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import REPO
+from ecoflap.config import ConfigError, load_config, validate_config
+
+DEFAULT = yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def check(mutate):
+    cfg = copy.deepcopy(DEFAULT)
+    mutate(cfg)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    return str(err.value)
+
+
+def test_default_and_paper_configs_are_valid():
+    validate_config(copy.deepcopy(DEFAULT))
+    for path in (REPO / "config" / "paper").glob("*.yaml"):
+        load_config(path)
+
+
+def test_sparsity_out_of_range_names_key_and_range():
+    msg = check(lambda c: c.update(sparsities=[0.5, 1.5]))
+    assert "sparsities[1]" in msg and "1.5" in msg and "< 1" in msg
+
+
+def test_unknown_pruner_lists_allowed():
+    msg = check(lambda c: c["methods"].update(foo={"pruner": "obs"}))
+    assert "methods.foo.pruner" in msg and "'wanda'" in msg and "'sparsegpt'" in msg
+
+
+def test_unknown_model_source_and_name():
+    msg = check(lambda c: c["models"].update(x={"source": "s3", "name": "y"}))
+    assert "models.x.source" in msg and "'hub'" in msg and "'embedded'" in msg
+    msg = check(lambda c: c["models"].update(x={"source": "embedded", "name": "gpt2"}))
+    assert "models.x.name" in msg and "smollm2-135m" in msg
+    msg = check(lambda c: c["models"].update(x={"source": "hub", "id": "not a hub id", "revision": "main"}))
+    assert "models.x.id" in msg
+    msg = check(lambda c: c["models"].update(x={"source": "hub", "id": "meta-llama/Llama-2-7b-hf"}))
+    assert "revision" in msg
+
+
+def test_other_rejections():
+    assert "eps" in check(lambda c: c["scorers"]["zo"].update(eps=0))
+    assert "nm_patterns[0]" in check(lambda c: c.update(nm_patterns=["4:2"]))
+    assert "methods.ecoflap_zo_wanda.scorer" in check(lambda c: c["methods"]["ecoflap_zo_wanda"].update(scorer="nope"))
+    assert "outliers" in check(lambda c: c["methods"]["owl_wanda"].update(scorer="zo"))
+    assert "max_sparsity_offset" in check(lambda c: c["methods"]["ecoflap_zo_wanda"].update(max_sparsity_offset=-0.1))
+    assert "typo_key" in check(lambda c: c.update(typo_key=1))
+    assert "scorers.owl.n_samples" in check(lambda c: c["scorers"]["owl"].update(n_samples=1000))
+
+
+def _snakemake(*args, configfile=REPO / "config.yaml", workdir):
+    """Dry runs plan from an empty folder, so results of earlier runs do not hide jobs."""
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+                           "--configfile", str(configfile), "--cores", "1", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_dry_run_default_is_fast(tmp_path):
+    t0 = time.perf_counter()
+    out = _snakemake("-n", "--quiet", "rules", workdir=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert time.perf_counter() - t0 < 10
+    for rule in ("download_model", "calibration", "score", "allocate", "prune", "evaluate", "aggregate"):
+        assert rule in out.stdout + out.stderr
+
+
+def test_dry_run_paper_config_plans_everything(tmp_path):
+    out = _snakemake("-n", configfile=REPO / "config/paper/llama7b_unstructured.yaml", workdir=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    assert "results/llama-7b/ecoflap_zo_wanda/0.7/model" in text
+    assert "results/llama-7b/wanda/2of4/pruning.json" in text
+    assert "results/llama-7b/ecoflap_zo_wanda/2of4" not in text  # N:M only for uniform methods
+    assert "--dataset wikitext2" in text and "boolq" in text
+
+
+def test_bad_config_fails_before_any_job(tmp_path):
+    bad = copy.deepcopy(DEFAULT)
+    bad["sparsities"] = [1.5]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    out = _snakemake("-n", configfile=tmp_path / "bad.yaml", workdir=tmp_path)
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert "sparsities[0]" in text and "< 1" in text
+    assert "rule download_model" not in text
+
+
+def test_lint_is_clean():
+    out = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:]

@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from ecoflap.scoring.first_order import first_order_scores
+from ecoflap.scoring.outliers import outlier_ratios
+from ecoflap.scoring.units import scoring_units
+from ecoflap.scoring.zeroth_order import _direction, zeroth_order_scores
+
+CPU = torch.device("cpu")
+
+
+def _model64(model):
+    return model.double()
+
+
+def test_zeroth_order_matches_directional_derivative(tiny, calib_batches):
+    """|(L(W+eps z) - L(W-eps z)) / 2eps| equals |z . grad L| for the same z (float64)."""
+    model, _tok, adapter = tiny
+    model = _model64(model)
+    batch = calib_batches[:1]
+    scores = zeroth_order_scores(model, adapter, batch, CPU, eps=1e-4, granularity="block", seed=3)
+    units = scoring_units(model, adapter, "block")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in (w for u in units for w in u.weights):
+        w.requires_grad_(True)
+    adapter.loss(model, batch[0]).backward()
+    for ui, unit in enumerate(units):
+        exact = sum((_direction(w.shape, 3, 0, ui, ti, CPU).double() * w.grad).sum() for ti, w in enumerate(unit.weights))
+        assert scores[unit.name] == pytest.approx(abs(exact.item()), rel=1e-3)
+
+
+def test_block_input_reuse_gives_the_same_scores(tiny, calib_batches):
+    model, _tok, adapter = tiny
+    model = _model64(model)
+    slow = zeroth_order_scores(model, adapter, calib_batches, CPU, granularity="layer", reuse_block_inputs=False)
+    fast = zeroth_order_scores(model, adapter, calib_batches, CPU, granularity="layer", reuse_block_inputs=True)
+    assert slow.keys() == fast.keys() and len(slow) == 21
+    for k in slow:
+        assert fast[k] == pytest.approx(slow[k], rel=1e-6)
+
+
+def test_zeroth_order_is_repeatable_and_restores_weights(tiny, calib_batches):
+    model, _tok, adapter = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = zeroth_order_scores(model, adapter, calib_batches, CPU, granularity="block", reuse_block_inputs=True)
+    b = zeroth_order_scores(model, adapter, calib_batches, CPU, granularity="block", reuse_block_inputs=True)
+    assert a == b
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    c = zeroth_order_scores(model, adapter, calib_batches, CPU, granularity="block", reuse_block_inputs=True, seed=1)
+    assert a != c
+
+
+def test_first_order_matches_manual_gradients(tiny, calib_batches):
+    model, _tok, adapter = tiny
+    model.model.embed_tokens.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    scores = first_order_scores(model, adapter, calib_batches, CPU, granularity="layer", reduce="abs_g")
+    assert [p.requires_grad for p in model.parameters()] == flags  # restored as they were
+    assert all(p.grad is None for p in model.parameters())
+    name = "model.layers.1.mlp.up_proj"
+    w = adapter.blocks(model)[1].mlp.up_proj.weight
+    expected = 0.0
+    for ids in calib_batches:
+        w.requires_grad_(True)
+        (g,) = torch.autograd.grad(adapter.loss(model, ids), w)
+        expected += g.abs().sum().item()
+    assert scores[name] == pytest.approx(expected, rel=1e-4)
+
+
+def test_outlier_ratios_are_percentages(tiny, calib_batches):
+    model, _tok, adapter = tiny
+    r = outlier_ratios(model, adapter, calib_batches, CPU, m=2.0)
+    assert list(r) == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    assert all(0 < v < 100 for v in r.values())
+    assert outlier_ratios(model, adapter, calib_batches, CPU, m=1000.0) == {k: 0.0 for k in r}
+
+
+def test_checkpointed_projection_equals_zeroth_order(tiny, calib_batches):
+    """The inference-memory gradient path reproduces the paper's estimator (eps -> 0)."""
+    from ecoflap.scoring.checkpointed import checkpointed_gradient_scores
+
+    model, _tok, adapter = tiny
+    model = _model64(model)
+    # eps trades truncation error (eps^2) against rounding (RMSNorm and RoPE compute in fp32)
+    zo = zeroth_order_scores(model, adapter, calib_batches, CPU, eps=1e-4, granularity="layer",
+                             reuse_block_inputs=True, seed=7)
+    exact = checkpointed_gradient_scores(model, adapter, calib_batches, CPU, granularity="layer",
+                                         reduce="projection", seed=7)
+    for k in zo:
+        assert exact[k] == pytest.approx(zo[k], rel=1e-3, abs=1e-5)
+
+
+def test_checkpointed_first_order_equals_full_backward(tiny, calib_batches):
+    from ecoflap.scoring.checkpointed import checkpointed_gradient_scores
+
+    model, _tok, adapter = tiny
+    model = _model64(model)
+    full = first_order_scores(model, adapter, calib_batches, CPU, granularity="block", reduce="abs_wg")
+    ckpt = checkpointed_gradient_scores(model, adapter, calib_batches, CPU, granularity="block", reduce="abs_wg")
+    for k in full:
+        assert ckpt[k] == pytest.approx(full[k], rel=1e-9)
