@@ -70,7 +70,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     ids = build_calibration(tok, args.source, args.n_samples, args.seq_len, args.seed)
     save_calibration(args.out, ids, {"source": args.source, "seed": str(args.seed), "seq_len": str(args.seq_len)})
-    _finish(args.out + ".json", {"shape": list(ids.shape)}, args, {"calibration": args.out}, t0)
+    _finish(args.out + ".json", {"shape": list(ids.shape)}, args, {"calibration": args.out, "model": args.model}, t0)
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -96,7 +96,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         scores = outlier_ratios(model, adapter, batches, device, m=args.owl_m)
     granularity = "block" if args.kind == "outliers" else args.granularity
     _finish(args.out, {"kind": args.kind, "granularity": granularity, "scores": scores}, args,
-            {"model_config": str(Path(args.model) / "config.json"), "calibration": args.calibration}, t0, device)
+            {"model": args.model, "calibration": args.calibration}, t0, device)
 
 
 def cmd_allocate(args: argparse.Namespace) -> None:
@@ -150,11 +150,14 @@ def cmd_prune(args: argparse.Namespace) -> None:
     with atomic_path(args.out, is_dir=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    inputs = {"model_config": str(Path(args.model) / "config.json"), "allocation": args.allocation}
+    inputs = {"model": args.model, "allocation": args.allocation}
     if pruner.needs_activations:
         inputs["calibration"] = args.calibration
+    from ecoflap.utils.io import sha256_path
+
     _finish(args.report, {"pruner": args.pruner, "nm": args.nm, "target": allocation["target"],
                           "global_sparsity": report.global_sparsity, "mask_sha256": report.mask_sha256,
+                          "checkpoint_sha256": sha256_path(args.out),
                           "layer_sparsity": report.layer_sparsity}, args, inputs, t0, device)
 
 

@@ -87,7 +87,7 @@ def test_results_carry_provenance_and_logs(workflow_run):
     rep = json.loads((work / "results/tiny/wanda/0.5/pruning.json").read_text())
     prov = rep["provenance"]
     assert prov["config"]["pruner"] == "wanda" and prov["config"]["seed"] == 0
-    assert set(prov["input_sha256"]) == {"model_config", "allocation", "calibration"}
+    assert set(prov["input_sha256"]) == {"model", "allocation", "calibration"}
     assert "torch" in prov["versions"] and len(rep["mask_sha256"]) == 64
     assert (work / "results/tiny/wanda/0.5/logs/prune.log").read_text().count("pruned 21 layers") == 1
 

@@ -97,6 +97,12 @@ def block_profile(layer_sparsity: dict[str, float], layout: dict[str, dict[str, 
 def aggregate(results: Path, rows: list[str], out_dir: Path) -> pd.DataFrame:
     table = pd.DataFrame([collect_row(results, r) for r in rows])
     table = table.sort_values(["target", "method"], kind="stable").reset_index(drop=True)
+    # identity and quality first, then stage costs in pipeline order, the mask hash last
+    first = ["method", "sparsity", "target", "achieved_sparsity"]
+    quality = [c for c in table.columns if c.startswith("perplexity (") or c.endswith((" acc", " n")) or c == "ppl_tokens"]
+    stages = [c for st in ("score", "allocate", "prune", "perplexity", "lm_eval")
+              for c in (f"{st}_s", f"{st}_mem_mb") if c in table.columns]
+    table = table[first + quality + stages + [c for c in table.columns if c not in first + quality + stages]]
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "summary.csv") as tmp:
         table.to_csv(tmp, index=False)
