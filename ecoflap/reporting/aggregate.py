@@ -114,7 +114,7 @@ def aggregate(results: Path, rows: list[str], out_dir: Path) -> pd.DataFrame:
             notes.append(f"{col[:-2]}: {int(table[col].max())} items.")
     write_text(out_dir / "summary.md", f"# {results.name}: methods x sparsity\n\n" + _markdown(table)
                + "\n" + " ".join(notes) + "\nTimes in seconds, memory as peak RSS (CPU) in MB per stage job.\n")
-    metrics = [c for c in table.columns if c.startswith("perplexity") or c.endswith(" acc")]
+    metrics = [c for c in table.columns if c.startswith("perplexity (") or c.endswith(" acc")]
     if metrics:
         plot_metrics(table, metrics, out_dir / "metrics.png", results.name)
     layout = read_json(results / "layout.json")["layout"]

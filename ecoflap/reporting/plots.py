@@ -48,7 +48,7 @@ def plot_metrics(table: pd.DataFrame, metrics: list[str], path: str | Path, titl
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.03)
     _save(fig, path)
 
 
@@ -56,12 +56,16 @@ def plot_profiles(profiles: dict[str, dict[str, list[float]]], path: str | Path,
     """profiles[sparsity label][method] = achieved sparsity per block; one panel per sparsity."""
     fig, axes = plt.subplots(1, len(profiles), figsize=(5 * len(profiles), 3.4), squeeze=False, sharey=True)
     for ax, (label, methods) in zip(axes[0], profiles.items()):
+        # methods with the same profile (every uniform one) share a line and a legend entry
+        same: dict[tuple, list[str]] = {}
         for method, values in methods.items():
-            ax.plot(range(len(values)), values, marker=".", label=method)
+            same.setdefault(tuple(round(v, 4) for v in values), []).append(method)
+        for values, names in same.items():
+            ax.plot(range(len(values)), values, marker=".", label=", ".join(names))
         ax.set_title(f"target {label}")
         ax.set_xlabel("block")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("achieved sparsity")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.03)
     _save(fig, path)
