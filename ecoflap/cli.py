@@ -308,4 +308,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     log.info("ecoflap %s", args.command)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, RuntimeError, FileNotFoundError, KeyError, FloatingPointError) as exc:
+        # expected failures (bad input, missing prerequisite, numerical guard): the traceback goes
+        # to the log for debugging, the last line says what to do
+        log.debug("traceback", exc_info=True)
+        log.error("%s failed: %s", args.command, exc)
+        raise SystemExit(1) from None

@@ -78,9 +78,10 @@ def download_hub(repo_id: str, revision: str, out_dir: Path, allow_pickle: bool 
     except HfHubHTTPError as exc:
         raise RuntimeError(f"could not download {repo_id}@{revision} from the hub: {exc}. "
                            "Check the id and revision, your network, and `huggingface-cli login` for gated models") from exc
-    except OSError as exc:
-        raise RuntimeError(f"could not reach the hub for {repo_id}@{revision} ({exc}); this machine looks offline. "
-                           "Download on a machine with network access, or use the embedded model") from exc
+    except Exception as exc:  # connection errors come from requests or httpx depending on the hub client
+        raise RuntimeError(f"could not reach the hub for {repo_id}@{revision} ({type(exc).__name__}: {exc}); "
+                           "this machine looks offline. Download on a machine with network access (or put the "
+                           "folder on disk and use source: local), or use the embedded model") from exc
     if not any(out_dir.glob("*.safetensors")):
         raise RuntimeError(
             f"{repo_id}@{revision} has no .safetensors weights. Pickle (.bin) checkpoints are refused by default; "

@@ -26,6 +26,10 @@ wildcard_constraints:
     task="perplexity|lm_eval",
 
 
+def maybe_temp(path):
+    return path if config["pruning"]["keep_checkpoints"] else temp(path)
+
+
 def sparsity_label(value):
     """0.5 -> '0.5'; '2:4' -> '2of4' (no colons in paths)."""
     return value.replace(":", "of") if isinstance(value, str) else f"{value:g}"

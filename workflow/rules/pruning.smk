@@ -5,7 +5,8 @@ rule prune:
         calibration="results/{model}/calibration.safetensors",
         allocation="results/{model}/{method}/{sparsity}/allocation.json",
     output:
-        model=directory("results/{model}/{method}/{sparsity}/model"),
+        # keep_checkpoints: false deletes each pruned model once its evaluations are done
+        model=maybe_temp(directory("results/{model}/{method}/{sparsity}/model")),
         report="results/{model}/{method}/{sparsity}/pruning.json",
     params:
         py=PY,

@@ -1,0 +1,33 @@
+import json
+
+import pytest
+
+from ecoflap.models.layout import layout_of_folder
+from ecoflap.models.loading import fetch_model
+
+
+def test_local_source_copies_safetensors_and_lists_layers(tiny_dir, tmp_path):
+    fetch_model({"source": "local", "path": str(tiny_dir)}, tmp_path / "model")
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "model" / "ecoflap_source.json").read_text())["source"] == "local"
+    layout = layout_of_folder(tmp_path / "model")
+    assert list(layout) == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    assert len(layout["model.layers.0"]) == 7
+
+
+def test_pickle_only_folder_is_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(RuntimeError, match="safetensors"):
+        fetch_model({"source": "local", "path": str(src)}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_hub_model_fails_clearly_and_leaves_nothing(tmp_path):
+    # offline (CI) this cannot connect; online the repository does not exist: both are clear errors
+    with pytest.raises(RuntimeError, match="hub"):
+        fetch_model({"source": "hub", "id": "ecoflap-tests/no-such-model-xyz", "revision": "main"}, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    assert list(tmp_path.iterdir()) == []

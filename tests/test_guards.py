@@ -1,0 +1,40 @@
+"""NaN / Inf stop the job with a message naming the stage and block, instead of a broken mask."""
+import pytest
+import torch
+
+from ecoflap.allocation import ratios
+from ecoflap.models.adapters import model_layout
+from ecoflap.pruning.engine import prune_sequential
+from ecoflap.pruning.methods import make_pruner
+from ecoflap.scoring.first_order import first_order_scores
+from ecoflap.scoring.zeroth_order import zeroth_order_scores
+
+CPU = torch.device("cpu")
+
+
+def _poison(model, adapter, block=1):
+    with torch.no_grad():
+        adapter.blocks(model)[block].mlp.up_proj.weight[0, 0] = float("nan")
+
+
+def test_zeroth_order_names_the_unit(tiny, calib_batches):
+    model, _tok, adapter = tiny
+    _poison(model, adapter)
+    with pytest.raises(FloatingPointError, match=r"zeroth-order score of model.layers.0 .*eps"):
+        zeroth_order_scores(model, adapter, calib_batches, CPU, granularity="block", reuse_block_inputs=True)
+
+
+def test_first_order_names_the_loss(tiny, calib_batches):
+    model, _tok, adapter = tiny
+    _poison(model, adapter)
+    with pytest.raises(FloatingPointError, match="first-order calibration loss"):
+        first_order_scores(model, adapter, calib_batches, CPU)
+
+
+def test_pruning_names_the_block(tiny, calib_batches):
+    model, _tok, adapter = tiny
+    _poison(model, adapter, block=1)
+    layout = model_layout(model, adapter)
+    per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
+    with pytest.raises(FloatingPointError, match="block 1"):
+        prune_sequential(model, adapter, make_pruner("sparsegpt"), per_layer, calib_batches, CPU)
