@@ -9,6 +9,14 @@ Two knobs change the cost, not the estimator:
     so a perturbed evaluation only re-runs the model from the perturbed block to the loss
     (the blocks before it see unperturbed weights, so their outputs are unchanged).
 Directions are regenerated from (seed, batch, unit): nothing is stored, runs are repeatable.
+
+Tried on paper and not kept: evaluating +eps and -eps in one doubled batch saves no
+arithmetic (both halves still run every block after the perturbed one) and doubles the
+activation memory; restoring weights by subtracting the direction again instead of from a
+copy of the unit saves one unit's memory but leaves rounding residue in the weights, which
+breaks bit-identical reruns. The way to make this stage cheap is not to estimate at all:
+scoring/checkpointed.py computes the quantity this estimates (the gradient norm, or the
+same projections) exactly, at the same inference-level memory, about 100x faster.
 """
 from __future__ import annotations
 
