@@ -15,10 +15,6 @@ class Unit:
     block_index: int
     weights: list[nn.Parameter]
 
-    @property
-    def size(self) -> int:
-        return sum(w.numel() for w in self.weights)
-
 
 def scoring_units(model: nn.Module, adapter: DecoderAdapter, granularity: str) -> list[Unit]:
     if granularity not in ("block", "layer"):
