@@ -61,6 +61,16 @@ def capture_block_inputs(model: nn.Module, adapter: DecoderAdapter, batches: lis
     return out
 
 
+@torch.no_grad()
+def inputs_of_every_block(model: nn.Module, adapter: DecoderAdapter, ids: torch.Tensor,
+                          device: torch.device) -> list[BlockInput]:
+    """The clean input of each block for one batch, from one forward pass without autograd."""
+    inputs = capture_block_inputs(model, adapter, [ids], device)
+    for block in adapter.blocks(model)[:-1]:
+        inputs.append(inputs[-1].with_hidden(run_block(block, inputs[-1])))
+    return inputs
+
+
 def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
     out = block(inp.hidden, **inp.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out

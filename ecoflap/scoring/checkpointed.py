@@ -18,8 +18,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ecoflap.models.adapters import DecoderAdapter
-from ecoflap.pruning.capture import capture_block_inputs, run_block
-from ecoflap.scoring.units import scoring_units
+from ecoflap.pruning.capture import inputs_of_every_block, run_block
+from ecoflap.scoring.units import first_order_term, scoring_units
 from ecoflap.scoring.zeroth_order import _direction
 from ecoflap.utils.runtime import check_finite
 
@@ -42,10 +42,8 @@ def checkpointed_gradient_scores(model: nn.Module, adapter: DecoderAdapter, batc
     scores = {u.name: 0.0 for u in units}
     try:
         for bi, ids in enumerate(tqdm(batches, desc=f"checkpointed gradients ({reduce})", unit="batch")):
+            inputs = inputs_of_every_block(model, adapter, ids, device)
             with torch.no_grad():
-                inputs = capture_block_inputs(model, adapter, [ids], device)
-                for block in blocks[:-1]:
-                    inputs.append(inputs[-1].with_hidden(run_block(block, inputs[-1])))
                 last = run_block(blocks[-1], inputs[-1])
             last.requires_grad_(True)
             with torch.enable_grad():
@@ -84,10 +82,8 @@ def _reduce_into(scores: dict[str, float], units: list, grads: tuple[torch.Tenso
                 total += g.pow(2).sum().item()
             elif reduce == "projection":
                 total += (_direction(w.shape, seed, batch, ui, ti, device) * g).sum().item()
-            elif reduce == "abs_g":
-                total += g.abs().sum().item()
             else:
-                total += (g * w.float()).abs().sum().item()
+                total += first_order_term(g, w, reduce)
         value = total ** 0.5 if reduce == "l2" else abs(total)
         check_finite(torch.tensor(value), f"gradient score of {unit.name} (batch {batch})", "use float32")
         scores[unit.name] += value

@@ -8,7 +8,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ecoflap.models.adapters import DecoderAdapter
-from ecoflap.scoring.units import scoring_units
+from ecoflap.scoring.units import first_order_term, scoring_units
 from ecoflap.utils.runtime import check_finite
 
 
@@ -29,11 +29,7 @@ def first_order_scores(model: nn.Module, adapter: DecoderAdapter, batches: list[
             loss.backward()
             with torch.no_grad():
                 for u in units:
-                    total = 0.0
-                    for w in u.weights:
-                        g = w.grad.float()
-                        total += (g * w.float()).abs().sum().item() if reduce == "abs_wg" else g.abs().sum().item()
-                    scores[u.name] += total
+                    scores[u.name] += sum(first_order_term(w.grad, w, reduce) for w in u.weights)
             model.zero_grad(set_to_none=True)
     finally:
         for n, p in model.named_parameters():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ecoflap.models.adapters import DecoderAdapter
@@ -14,6 +15,12 @@ class Unit:
     name: str
     block_index: int
     weights: list[nn.Parameter]
+
+
+def first_order_term(g: torch.Tensor, w: torch.Tensor, reduce: str) -> float:
+    """sum |g| ("abs_g") or sum |w * g| ("abs_wg") of one weight tensor's gradient."""
+    g = g.float()
+    return (g * w.float()).abs().sum().item() if reduce == "abs_wg" else g.abs().sum().item()
 
 
 def scoring_units(model: nn.Module, adapter: DecoderAdapter, granularity: str) -> list[Unit]:

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ecoflap.models.adapters import DecoderAdapter
-from ecoflap.pruning.capture import capture_block_inputs, run_block, run_from
+from ecoflap.pruning.capture import inputs_of_every_block, run_from
 from ecoflap.scoring.units import scoring_units
 from ecoflap.utils.runtime import check_finite
 
@@ -44,15 +44,12 @@ def zeroth_order_scores(model: nn.Module, adapter: DecoderAdapter, batches: list
                         eps: float = 1e-3, granularity: str = "layer", reuse_block_inputs: bool = False,
                         seed: int = 0) -> dict[str, float]:
     units = scoring_units(model, adapter, granularity)
-    blocks = adapter.blocks(model)
     scores = {u.name: 0.0 for u in units}
     bar = tqdm(total=len(batches) * len(units), desc=f"zeroth-order scores ({granularity})", unit="unit")
     for bi, ids in enumerate(batches):
         ids = ids.to(device)
         if reuse_block_inputs:
-            cached = capture_block_inputs(model, adapter, [ids], device)
-            for block in blocks[:-1]:
-                cached.append(cached[-1].with_hidden(run_block(block, cached[-1])))
+            cached = inputs_of_every_block(model, adapter, ids, device)
 
         def loss(unit_block: int) -> float:
             value = run_from(model, adapter, unit_block, cached[unit_block]) if reuse_block_inputs \

@@ -52,8 +52,7 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak resident memory of this process (CPU) or peak allocated CUDA memory, in MB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is in KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def check_finite(t: torch.Tensor, what: str, hint: str) -> None:
