@@ -23,7 +23,7 @@ def _phase(kind: str, model_dir: str, ids: torch.Tensor, batch_size: int, device
     """Runs in a child process: load, reset the peak counter, run one phase, report."""
     from ecoflap.allocation import ratios
     from ecoflap.data.calibration import batches
-    from ecoflap.models.adapters import adapter_for, model_layout
+    from ecoflap.models.adapters import adapter_for, batch_to, model_layout
     from ecoflap.models.loading import load_model
     from ecoflap.pruning.engine import prune_sequential
     from ecoflap.pruning.methods import Wanda
@@ -41,7 +41,7 @@ def _phase(kind: str, model_dir: str, ids: torch.Tensor, batch_size: int, device
     out: dict[str, Any] = {}
     if kind == "dense_inference":
         with torch.no_grad():
-            adapter.loss(model, data[0].to(device))
+            adapter.loss(model, batch_to(data[0], device))
     elif kind == "wanda_pass":
         layout = model_layout(model, adapter)
         per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)

@@ -28,10 +28,13 @@ def _load(args: argparse.Namespace):
     return model, tok, adapter_for(model), device, dtype
 
 
-def _calibration_batches(args: argparse.Namespace) -> list[torch.Tensor]:
+def _calibration_batches(args: argparse.Namespace, dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
+    """Batches of model keyword arguments; pixel values in the model's dtype."""
     from ecoflap.data.calibration import batches, load_calibration
 
-    return batches(load_calibration(args.calibration, args.n_samples), args.batch_size)
+    data = load_calibration(args.calibration, args.n_samples)
+    data = {k: v.to(dtype) if v.is_floating_point() else v for k, v in data.items()}
+    return batches(data, args.batch_size)
 
 
 def _finish(path: str, result: dict[str, Any], args: argparse.Namespace, inputs: dict[str, str],
@@ -54,30 +57,42 @@ def cmd_download(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     spec = json.loads(args.spec)
     fetch_model(spec, args.out)
-    layout = layout_of_folder(args.out, spec.get("trust_remote_code", False))
+    laid_out = layout_of_folder(args.out, spec.get("trust_remote_code", False))
+    layout = laid_out["layout"]
     n = sum(sum(v.values()) for v in layout.values())
-    log.info("%d blocks, %d prunable layers, %.1f M prunable weights", len(layout),
+    log.info("%s: %d blocks, %d prunable layers, %.1f M prunable weights", laid_out["family"], len(layout),
              sum(len(v) for v in layout.values()), n / 1e6)
-    _finish(args.layout, {"spec": spec, "layout": layout, "prunable_weights": n}, args, {}, t0)
+    _finish(args.layout, {"spec": spec, **laid_out, "prunable_weights": n}, args, {}, t0)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
-
-    from ecoflap.data.calibration import build_calibration, save_calibration
+    from ecoflap.data.calibration import build_calibration, build_image_caption_calibration, save_calibration
+    from ecoflap.utils.io import save_tensors
 
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(args.model)
-    ids = build_calibration(tok, args.source, args.n_samples, args.seq_len, args.seed)
-    save_calibration(args.out, ids, {"source": args.source, "seed": str(args.seed), "seq_len": str(args.seq_len)})
-    _finish(args.out + ".json", {"shape": list(ids.shape)}, args, {"calibration": args.out, "model": args.model}, t0)
+    meta = {"source": args.source, "seed": str(args.seed)}
+    inputs = {"model": args.model}
+    if args.source in ("cc3m", "coco"):
+        paths = {k: v for k, v in (("pairs", args.pairs), ("image_root", args.image_root), ("captions", args.captions),
+                                   ("image_dir", args.image_dir), ("cache_dir", args.cache_dir)) if v}
+        data = build_image_caption_calibration(args.model, args.source, args.n_samples, args.seed, paths, args.prompt)
+        save_tensors(args.out, data, metadata={**meta, "prompt": args.prompt})
+        inputs.update({k: v for k, v in paths.items() if k in ("pairs", "captions") and Path(v).is_file()})
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.model)
+        data = {"input_ids": build_calibration(tok, args.source, args.n_samples, args.seq_len, args.seed)}
+        save_calibration(args.out, data["input_ids"], {**meta, "seq_len": str(args.seq_len)})
+    inputs["calibration"] = args.out
+    _finish(args.out + ".json", {"shapes": {k: list(v.shape) for k, v in data.items()}}, args, inputs, t0)
 
 
 def cmd_score(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     seed_everything(args.seed)
-    model, _tok, adapter, device, _dtype = _load(args)
-    batches = _calibration_batches(args)
+    model, _tok, adapter, device, dtype = _load(args)
+    batches = _calibration_batches(args, dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if args.kind == "zeroth_order":
@@ -104,30 +119,48 @@ def cmd_allocate(args: argparse.Namespace) -> None:
     from ecoflap.reporting.plots import plot_allocation
 
     t0 = time.perf_counter()
-    layout = read_json(args.layout)["layout"]
+    laid_out = read_json(args.layout)
+    submodel_of_block = laid_out.get("submodel_of_block") or {b: "language" for b in laid_out["layout"]}
+    layout = ratios.select_submodels(laid_out["layout"], submodel_of_block, args.submodels)
     inputs = {"layout": args.layout}
-    if args.kind == "uniform":
-        unit = ratios.uniform(ratios.unit_sizes(layout, "block"), args.target)
-    else:
+    scored = {"granularity": "block", "scores": {}}
+    if args.kind != "uniform":
         if not args.scores:
             raise SystemExit(f"allocation {args.kind} needs --scores")
         inputs["scores"] = args.scores
         scored = read_json(args.scores)
-        sizes = ratios.unit_sizes(layout, scored["granularity"])
+    sizes = ratios.unit_sizes(layout, scored["granularity"])
+    scores = {u: scored["scores"][u] for u in sizes} if args.kind != "uniform" else {u: 0.0 for u in sizes}
+    block_of_unit = {u: next(b for b in layout if u == b or u.startswith(b + ".")) for u in sizes}
+    group_of_unit = {u: submodel_of_block[block_of_unit[u]] if args.scope == "submodel" else "all" for u in sizes}
+
+    def allocate(sc: dict[str, float], sz: dict[str, int]) -> dict[str, float]:
+        if args.kind == "uniform":
+            return ratios.uniform(sz, args.target)
         if args.kind == "ecoflap":
             max_sparsity = min(args.target + args.max_sparsity_offset, 1.0)
-            unit = ratios.ecoflap(scored["scores"], sizes, args.target, max_sparsity, args.aggregation)
-        else:
-            unit = ratios.owl(scored["scores"], args.target, args.owl_lambda)
+            return ratios.ecoflap(sc, sz, args.target, max_sparsity, args.aggregation)
+        return ratios.owl(sc, args.target, args.owl_lambda)
+
+    unit = ratios.per_group(allocate, scores, sizes, group_of_unit)
     per_layer = ratios.expand_to_layers(unit, layout)
-    sizes = {k: n for v in layout.values() for k, n in v.items()}
-    planned = sum(per_layer[k] * sizes[k] for k in sizes) / sum(sizes.values())
-    log.info("%s allocation at target %.3f: planned global sparsity %.5f, block range %.3f-%.3f",
-             args.kind, args.target, planned, min(unit.values()), max(unit.values()))
+    layer_sizes = {k: n for v in layout.values() for k, n in v.items()}
+    planned = sum(per_layer[k] * layer_sizes[k] for k in layer_sizes) / sum(layer_sizes.values())
+    by_submodel: dict[str, list[float]] = {}
+    for block, layers in layout.items():
+        acc = by_submodel.setdefault(submodel_of_block[block], [0.0, 0.0])
+        acc[0] += sum(per_layer[k] * n for k, n in layers.items())
+        acc[1] += sum(layers.values())
+    submodel_sparsity = {g: z / n for g, (z, n) in by_submodel.items()}
+    log.info("%s allocation (%s budget) at target %.3f: planned sparsity %.5f overall, %s; block range %.3f-%.3f",
+             args.kind, args.scope, args.target, planned,
+             ", ".join(f"{g} {v:.4f}" for g, v in submodel_sparsity.items()), min(unit.values()), max(unit.values()))
     if args.plot:
         plot_allocation(unit, args.plot, f"{args.kind} allocation, target {args.target}", args.target)
-    _finish(args.out, {"kind": args.kind, "target": args.target, "planned_global_sparsity": planned,
-                       "unit_sparsity": unit, "layer_sparsity": per_layer}, args, inputs, t0)
+    _finish(args.out, {"kind": args.kind, "target": args.target, "scope": args.scope,
+                       "submodels": sorted(by_submodel), "planned_global_sparsity": planned,
+                       "planned_submodel_sparsity": submodel_sparsity, "unit_sparsity": unit,
+                       "layer_sparsity": per_layer}, args, inputs, t0)
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -138,14 +171,18 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     seed_everything(args.seed)
-    model, tok, adapter, device, _dtype = _load(args)
+    model, tok, adapter, device, dtype = _load(args)
     nm = parse_nm(args.nm)
     allocation = read_json(args.allocation)
     pruner = make_pruner(args.pruner, damp=args.sparsegpt_damp, block_size=args.sparsegpt_block_size)
-    batches = _calibration_batches(args) if pruner.needs_activations else []
+    batches = _calibration_batches(args, dtype) if pruner.needs_activations else []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     report = prune_sequential(model, adapter, pruner, allocation["layer_sparsity"], batches, device, nm)
+    submodel_of_layer = {layer: sub for block, sub in adapter.submodel_of_block(model).items()
+                         for layer in report.layer_size if layer.startswith(block + ".")}
+    submodel_sparsity = report.sparsity_by(submodel_of_layer)
+    log.info("achieved sparsity by sub-model: %s", submodel_sparsity)
     log.info("saving pruned checkpoint to %s", args.out)
     with atomic_path(args.out, is_dir=True) as tmp:
         model.save_pretrained(tmp)
@@ -156,7 +193,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from ecoflap.utils.io import sha256_path
 
     _finish(args.report, {"pruner": args.pruner, "nm": args.nm, "target": allocation["target"],
-                          "global_sparsity": report.global_sparsity, "mask_sha256": report.mask_sha256,
+                          "global_sparsity": report.global_sparsity, "submodel_sparsity": submodel_sparsity,
+                          "mask_sha256": report.mask_sha256,
                           "checkpoint_sha256": sha256_path(args.out),
                           "layer_sparsity": report.layer_sparsity}, args, inputs, t0, device)
 
@@ -164,8 +202,14 @@ def cmd_prune(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     seed_everything(args.seed)
-    model, tok, _adapter, device, _dtype = _load(args)
-    if args.task == "perplexity":
+    model, tok, adapter, device, _dtype = _load(args)
+    predictions = None
+    if args.task in ("vqa", "caption", "retrieval", "classification"):
+        from ecoflap.evaluation.vision_language import evaluate_vision_language
+
+        spec = {**json.loads(args.spec or "{}"), "task": args.task}
+        metrics, predictions = evaluate_vision_language(model, tok, adapter, spec)
+    elif args.task == "perplexity":
         from ecoflap.evaluation.perplexity import evaluation_text, perplexity
         metrics = perplexity(model, tok, evaluation_text(args.dataset), args.seq_len, device,
                              args.max_windows, args.batch_size)
@@ -173,14 +217,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     else:
         from ecoflap.evaluation.harness import run_lm_eval
         metrics = run_lm_eval(model, tok, args.tasks, args.batch_size, args.limit, args.num_fewshot, args.seed)
-    _finish(args.out, {"task": args.task, "metrics": metrics}, args,
-            {"model": args.model}, t0, device)
+    result = {"task": args.task, "metrics": metrics}
+    if predictions:
+        result["predictions"] = predictions
+    _finish(args.out, result, args, {"model": args.model}, t0, device)
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
     from ecoflap.reporting.aggregate import aggregate
 
-    aggregate(Path(args.results), args.rows, Path(args.out_dir))
+    aggregate(Path(args.results), args.rows, Path(args.out_dir), Path(args.reference) if args.reference else None,
+              args.model_name)
 
 
 def cmd_benchmark_scoring(args: argparse.Namespace) -> None:
@@ -223,7 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="build seeded calibration windows")
     p.add_argument("--model", required=True)
-    p.add_argument("--source", default="austen-emma", help="c4 or an embedded text (austen-emma)")
+    p.add_argument("--source", default="austen-emma",
+                   help="text: c4 or an embedded text (austen-emma); image-caption pairs: cc3m or coco")
+    p.add_argument("--pairs", help="cc3m: TSV/CSV/JSONL of image paths and captions, or webdataset .tar shards")
+    p.add_argument("--image-root", help="cc3m: folder the pair list's relative image paths start from")
+    p.add_argument("--captions", help="coco: captions_train2017.json")
+    p.add_argument("--image-dir", help="coco: the train2017 image folder")
+    p.add_argument("--cache-dir", help="cc3m webdataset: where sampled images are extracted")
+    p.add_argument("--prompt", default="", help="text before the caption (image-caption calibration)")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
@@ -251,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sparsity-offset", type=float, default=0.1)
     p.add_argument("--aggregation", choices=["sum", "avg"], default="sum")
     p.add_argument("--owl-lambda", type=float, default=0.08)
+    p.add_argument("--scope", choices=["global", "submodel"], default="global",
+                   help="one keep budget across the whole model (paper default) or one per sub-model")
+    p.add_argument("--submodels", nargs="*", default=None,
+                   help="prune only these sub-models (vision, qformer, language); the rest stay dense")
     p.add_argument("--out", required=True)
     p.add_argument("--plot")
     p.set_defaults(func=cmd_allocate)
@@ -269,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="perplexity or lm-eval tasks")
     _model_args(p)
-    p.add_argument("--task", choices=["perplexity", "lm_eval"], required=True)
+    p.add_argument("--task", choices=["perplexity", "lm_eval", "vqa", "caption", "retrieval", "classification"],
+                   required=True)
+    p.add_argument("--spec", help="vision-language tasks: JSON of the config's evaluation entry (dataset, paths, "
+                                  "prompt, generation settings, limit, batch_size)")
     p.add_argument("--dataset", default="brown-heldout", help="perplexity: wikitext2 or brown-heldout")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None)
@@ -284,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, help="results/{model}")
     p.add_argument("--rows", nargs="+", required=True, help="method/sparsity folders to include")
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--reference", help="YAML of published numbers to print beside ours")
+    p.add_argument("--model-name", help="the model's key in the reference YAML (default: the results folder name)")
     p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser("benchmark-scoring", help="paper vs fast coarse stage: time, memory, quality ratios")

@@ -6,6 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import math
+import re
+
 import jsonschema
 import yaml
 
@@ -48,9 +51,39 @@ def _describe(err: jsonschema.ValidationError) -> str:
     return msg
 
 
+# JSON Schema's "integer" admits 64.0; the CLI's int() arguments do not, so neither do we
+_STRICT_TYPES = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+    "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool))
+_Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=_STRICT_TYPES)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _value_errors(node: Any, path: tuple = ()) -> list[str]:
+    """What a schema cannot see: non-string keys (YAML `1:`), NaN/inf (every comparison with
+    NaN is false, so NaN passes minimum/maximum), and control characters (a pattern's `$`
+    also matches before a trailing newline, which then breaks paths and command lines)."""
+    errors = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if not isinstance(k, str):
+                errors.append(f"config key {_key(path + (str(k),))}: key {k!r} is a {type(k).__name__} "
+                              "(allowed: names are strings; quote it in YAML)")
+            elif _CONTROL.search(k):
+                errors.append(f"config key {_key(path)}: name {k!r} contains a control character")
+            errors += _value_errors(v, path + (str(k),))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            errors += _value_errors(v, path + (i,))
+    elif isinstance(node, float) and not math.isfinite(node):
+        errors.append(f"config key {_key(path)}: {node} is not a finite number")
+    elif isinstance(node, str) and _CONTROL.search(node) and (not path or path[-1] != "prompt"):
+        errors.append(f"config key {_key(path)}: {node!r} contains a control character (a newline?)")
+    return errors
+
+
 def _schema_errors(config: dict[str, Any]) -> list[str]:
     schema = yaml.safe_load(SCHEMA.read_text())
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = _Validator(schema)
     errors = []
     for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
         # report the innermost causes of if/then and $ref failures, not their wrappers
@@ -88,21 +121,125 @@ def _reference_errors(config: dict[str, Any]) -> list[str]:
         errors.append(f"config key pruning.n_samples: {pn} exceeds calibration.n_samples ({calib_n}) "
                       f"(allowed: <= {calib_n})")
     for name, spec in config["models"].items():
-        if spec["source"] == "local" and not (Path(spec["path"]) / "config.json").is_file():
+        if spec["source"] == "local" and not _is_file(Path(spec["path"]) / "config.json"):
             errors.append(f"config key models.{name}.path: {spec['path']!r} holds no config.json "
                           "(allowed: a folder written by save_pretrained, with safetensors weights)")
+    labels: dict[str, float] = {}
+    for i, value in enumerate(config["sparsities"]):
+        label = f"{value:g}"  # the results/{model}/{method}/{label}/ folder name
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", label) or float(label) != value:
+            errors.append(f"config key sparsities[{i}]: {value!r} does not name a folder exactly (as {label!r}) "
+                          "(allowed: plain decimals with at most 6 significant digits, e.g. 0.5, 0.625)")
+        elif label in labels:
+            errors.append(f"config key sparsities[{i}]: {value!r} repeats {labels[label]!r} "
+                          "(allowed: each sparsity once)")
+        labels.setdefault(label, value)
     for i, pat in enumerate(config.get("nm_patterns", [])):
         n, m = (int(x) for x in pat.split(":"))
         if not 0 < n < m:
             errors.append(f"config key nm_patterns[{i}]: {pat!r} needs 0 < N < M (allowed: e.g. '2:4', '4:8')")
     if not config.get("evaluation"):
-        errors.append("config key evaluation: at least one of perplexity, lm_eval is needed")
+        errors.append("config key evaluation: at least one evaluation is needed")
+    errors += _family_errors(config)
     return errors
+
+
+# what each vision-language dataset reads (keys of its evaluation entry)
+DATASET_FILES = {"vqav2": ("questions", "annotations", "image_dir"), "okvqa": ("questions", "annotations", "image_dir"),
+                 "gqa": ("questions", "image_dir"), "nocaps": ("annotations", "image_dir"),
+                 "coco_karpathy": ("karpathy_json", "image_root"), "flickr30k": ("karpathy_json", "image_dir"),
+                 "imagenet": ("val_dir",)}
+DATASET_TASK = {"vqav2": "vqa", "okvqa": "vqa", "gqa": "vqa", "nocaps": "caption", "coco_karpathy": "caption",
+                "flickr30k": "retrieval", "imagenet": "classification"}
+
+
+def evaluation_task(name: str, entry: dict[str, Any]) -> str:
+    return name if name in ("perplexity", "lm_eval") else entry["task"]
+
+
+def model_calibration(config: dict[str, Any], model: str) -> dict[str, Any]:
+    """The top-level calibration settings with the model's own overrides on top."""
+    return {**config["calibration"], **config["models"][model].get("calibration", {})}
+
+
+def model_evaluations(config: dict[str, Any], model: str) -> list[str]:
+    """The evaluation entries a model runs: its `evaluate:` list, else all its family can do."""
+    from ecoflap.models.families import FAMILIES
+
+    spec = config["models"][model]
+    if "evaluate" in spec:
+        return list(spec["evaluate"])
+    tasks = FAMILIES[spec.get("family", "causal_lm")].tasks
+    return [n for n, e in config["evaluation"].items() if evaluation_task(n, e) in tasks]
+
+
+def _family_errors(config: dict[str, Any]) -> list[str]:
+    from ecoflap.models.families import FAMILIES, IMAGE_SOURCES
+
+    errors = []
+    evaluation = config.get("evaluation", {})
+    for name, e in evaluation.items():
+        if name in ("perplexity", "lm_eval"):
+            continue
+        if DATASET_TASK[e["dataset"]] != e["task"]:
+            errors.append(f"config key evaluation.{name}.dataset: {e['dataset']!r} is a {DATASET_TASK[e['dataset']]} "
+                          f"dataset, not {e['task']} (allowed for {e['task']}: "
+                          f"{', '.join(d for d, t in DATASET_TASK.items() if t == e['task'])})")
+        for key in DATASET_FILES[e["dataset"]]:
+            if not e.get(key):
+                errors.append(f"config key evaluation.{name}.{key}: missing; {e['dataset']} reads "
+                              f"{', '.join(DATASET_FILES[e['dataset']])} (see README, 'Vision-language data')")
+    block_rerunning = {n: s for n, s in config.get("scorers", {}).items()
+                       if s["kind"] == "zeroth_order" and s.get("reuse_block_inputs", True)}
+    for model, spec in config["models"].items():
+        family = spec.get("family", "causal_lm")
+        fam = FAMILIES[family]
+        names = model_evaluations(config, model)
+        if not names:
+            errors.append(f"config key models.{model}.family: no evaluation entry is a task {family} can do "
+                          f"(allowed tasks: {', '.join(fam.tasks)})")
+        for n in names:
+            if n not in evaluation:
+                errors.append(f"config key models.{model}.evaluate: {n!r} is not a key of evaluation "
+                              f"(allowed: {', '.join(evaluation)})")
+            elif evaluation_task(n, evaluation[n]) not in fam.tasks:
+                errors.append(f"config key models.{model}.evaluate: {family} cannot do {n!r} "
+                              f"(task {evaluation_task(n, evaluation[n])}; allowed tasks: {', '.join(fam.tasks)})")
+        calib = model_calibration(config, model)
+        if fam.image_calibration != (calib["source"] in IMAGE_SOURCES):
+            want = "image-caption pairs (cc3m or coco)" if fam.image_calibration else "text (austen-emma or c4)"
+            errors.append(f"config key models.{model}.calibration.source: {family} calibrates on {want}, "
+                          f"not {calib['source']!r}")
+        need = {"cc3m": ("pairs",), "coco": ("captions", "image_dir")}.get(calib["source"], ())
+        for key in need:
+            if not calib.get(key):
+                errors.append(f"config key calibration.{key}: calibration source {calib['source']} needs it "
+                              f"(set it at top level or under models.{model}.calibration)")
+        for mname, m in config["methods"].items():
+            if m["pruner"] == "none":
+                continue
+            if m.get("submodels") and not set(m["submodels"]) & set(fam.submodels):
+                errors.append(f"config key methods.{mname}.submodels: none of {m['submodels']} is in {model} "
+                              f"({family}) (allowed: {', '.join(fam.submodels)})")
+            if not fam.single_stack and m.get("scorer") in block_rerunning and m.get("allocation") == "ecoflap":
+                errors.append(f"config key scorers.{m['scorer']}.reuse_block_inputs: {family} has several stacks "
+                              "of blocks; re-running from the perturbed block needs one (allowed for model "
+                              f"{model}: false, or kind checkpointed / first_order)")
+    return errors
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name longer than the file system allows
+        return False
 
 
 def validate_config(config: dict[str, Any]) -> None:
     """Raise ConfigError listing every problem, or return silently."""
-    errors = _schema_errors(config)
+    if not isinstance(config, dict):
+        raise ConfigError(f"invalid configuration: the top level is a {type(config).__name__}, not a mapping")
+    errors = _value_errors(config) or _schema_errors(config)
     if not errors:
         errors = _reference_errors(config)
     if errors:

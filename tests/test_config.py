@@ -98,3 +98,53 @@ def test_lint_is_clean():
     out = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stdout[-3000:]
+
+
+def test_dry_run_blip2_table1_plans_every_stage_and_task(tmp_path):
+    t0 = time.perf_counter()
+    out = _snakemake("-n", configfile=REPO / "config/paper/blip2_table1.yaml", workdir=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert time.perf_counter() - t0 < 15
+    text = out.stdout + out.stderr
+    for rule in ("download_model", "calibration", "score", "allocate", "prune", "evaluate", "aggregate"):
+        assert f"rule {rule}:" in text or f"localrule {rule}:" in text, rule
+    for model, task in (("blip2-flant5-xl", "vqav2"), ("blip2-flant5-xl", "okvqa"), ("blip2-flant5-xl", "gqa"),
+                        ("blip2-flant5-xl-coco", "nocaps"), ("blip2-itm-vit-g-coco", "flickr30k")):
+        assert f"results/{model}/ecoflap_zo_wanda/0.5/eval/{task}.json" in text
+    assert "results/blip2-flant5-xl/ecoflap_fo_wanda/0.5/model" in text
+    assert "--reference config/paper/published/blip2_table1.yaml" in text
+    assert "--submodels vision language" in text and "--source cc3m" in text
+
+
+def _vl(mutate):
+    cfg = yaml.safe_load((REPO / "config/paper/blip2_table1.yaml").read_text())
+    mutate(cfg)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    return str(err.value)
+
+
+def test_evaluation_the_family_cannot_do_is_rejected():
+    msg = _vl(lambda c: c["models"]["blip2-itm-vit-g-coco"].update(evaluate=["vqav2"]))
+    assert "models.blip2-itm-vit-g-coco.evaluate" in msg and "blip2_retrieval cannot do 'vqav2'" in msg
+    msg = check(lambda c: c["models"]["smollm2-135m"].update(evaluate=["perplexity", "nope"]))
+    assert "'nope' is not a key of evaluation" in msg
+
+
+def test_calibration_source_must_suit_the_family():
+    msg = _vl(lambda c: c["calibration"].update(source="c4"))
+    assert "blip2 calibrates on image-caption pairs" in msg
+    msg = check(lambda c: c["calibration"].update(source="cc3m", pairs="x.tsv"))
+    assert "causal_lm calibrates on text" in msg
+
+
+def test_vision_language_dataset_checks():
+    msg = _vl(lambda c: c["evaluation"]["gqa"].pop("questions"))
+    assert "evaluation.gqa.questions: missing" in msg
+    msg = _vl(lambda c: c["evaluation"]["nocaps"].update(task="vqa"))
+    assert "'nocaps' is a caption dataset, not vqa" in msg
+
+
+def test_block_rerunning_scorer_is_refused_for_multi_stack_models():
+    msg = _vl(lambda c: c["scorers"]["zo"].update(reuse_block_inputs=True))
+    assert "scorers.zo" in msg and "several stacks" in msg

@@ -10,7 +10,7 @@ def test_local_source_copies_safetensors_and_lists_layers(tiny_dir, tmp_path):
     fetch_model({"source": "local", "path": str(tiny_dir)}, tmp_path / "model")
     assert (tmp_path / "model" / "model.safetensors").exists()
     assert json.loads((tmp_path / "model" / "ecoflap_source.json").read_text())["source"] == "local"
-    layout = layout_of_folder(tmp_path / "model")
+    layout = layout_of_folder(tmp_path / "model")["layout"]
     assert list(layout) == ["model.layers.0", "model.layers.1", "model.layers.2"]
     assert len(layout["model.layers.0"]) == 7
 

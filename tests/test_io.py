@@ -27,7 +27,7 @@ def test_atomic_dir_replaces_whole(tmp_path):
 def test_corrupt_files_give_clear_errors(tmp_path):
     ids = torch.arange(20, dtype=torch.int64).reshape(4, 5)
     save_calibration(tmp_path / "c.safetensors", ids, {"seed": "0"})
-    assert torch.equal(load_calibration(tmp_path / "c.safetensors", 2), ids[:2])
+    assert torch.equal(load_calibration(tmp_path / "c.safetensors", 2)["input_ids"], ids[:2])
     with pytest.raises(ValueError, match="raise calibration.n_samples"):
         load_calibration(tmp_path / "c.safetensors", 9)
     data = (tmp_path / "c.safetensors").read_bytes()

@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM
 
 from ecoflap.allocation import ratios
 from ecoflap.models.adapters import model_layout
-from ecoflap.pruning.capture import capture_block_inputs, run_block
+from ecoflap.pruning.capture import capture_stack_inputs, run_block
 from ecoflap.pruning.engine import prune_sequential
 from ecoflap.pruning.masks import nm_mask
 from ecoflap.pruning.methods import SparseGPT, Wanda, make_pruner
@@ -60,7 +60,7 @@ def test_engine_feeds_pruned_outputs_forward(tiny, calib_batches):
     first_linear = next(iter(adapter.prunable_layers(blocks[1]).values()))
     handle = blocks[1].register_forward_pre_hook(lambda _m, args, kwargs: seen.append(args[0].clone()),
                                                  with_kwargs=True)
-    dense_inputs = capture_block_inputs(model, adapter, calib_batches, CPU)
+    dense_inputs = capture_stack_inputs(model, adapter, adapter.stacks(model)[0], calib_batches, CPU)[0]
     dense_out = run_block(blocks[0], dense_inputs[0]).clone()
     seen.clear()
     prune_sequential(model, adapter, make_pruner("wanda"), uniform_layers(model, adapter, 0.5), calib_batches, CPU)
@@ -106,7 +106,7 @@ def test_pruned_checkpoint_reloads(tiny, calib_batches, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     w = adapter.blocks(again)[0].mlp.down_proj.weight
     assert (w == 0).float().mean().item() == pytest.approx(0.6, abs=0.02)
-    ids = calib_batches[0]
+    ids = calib_batches[0]["input_ids"]
     assert torch.allclose(again(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
 
 

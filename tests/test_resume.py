@@ -42,7 +42,7 @@ def test_same_seed_same_masks(tiny_dir, prune_inputs):
     assert _hash(prune_inputs, "a") == _hash(prune_inputs, "b")
 
 
-@pytest.mark.parametrize("marker", ["pruning blocks", "saving pruned checkpoint"])
+@pytest.mark.parametrize("marker", ["pruning language blocks", "saving pruned checkpoint"])
 def test_killed_prune_reruns_to_the_same_result(tiny_dir, prune_inputs, marker):
     """SIGKILL right after the job announces `marker` (mid-prune, mid-save), then rerun."""
     work = prune_inputs

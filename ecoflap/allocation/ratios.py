@@ -105,3 +105,27 @@ def unit_sizes(layout: dict[str, dict[str, int]], granularity: str) -> dict[str,
     if granularity == "block":
         return {block: sum(layers.values()) for block, layers in layout.items()}
     return {layer: n for layers in layout.values() for layer, n in layers.items()}
+
+
+def select_submodels(layout: dict[str, dict[str, int]], submodel_of_block: dict[str, str],
+                     submodels: list[str] | None) -> dict[str, dict[str, int]]:
+    """The blocks of the sub-models to prune (all when `submodels` is empty); the others
+    stay dense and out of the budget. Names the model lacks are ignored (one method list
+    serves a BLIP-2 with a language model and its retrieval model without one)."""
+    if not submodels:
+        return layout
+    present = sorted(set(submodel_of_block.values()))
+    if not set(submodels) & set(present):
+        raise ValueError(f"none of the sub-models {submodels} is in this model (it has {present})")
+    return {b: layers for b, layers in layout.items() if submodel_of_block[b] in submodels}
+
+
+def per_group(allocate, scores: dict[str, float], sizes: dict[str, int], group_of_unit: dict[str, str]
+              ) -> dict[str, float]:
+    """Run `allocate(scores, sizes)` separately within each group (one budget per sub-model),
+    so every group reaches the target on its own."""
+    out: dict[str, float] = {}
+    for g in sorted(set(group_of_unit.values())):
+        units = [u for u in sizes if group_of_unit[u] == g]
+        out.update(allocate({u: scores[u] for u in units}, {u: sizes[u] for u in units}))
+    return out

@@ -52,18 +52,59 @@ def save_calibration(path: str | Path, input_ids: torch.Tensor, meta: dict[str, 
     save_tensors(path, {"input_ids": input_ids}, metadata=meta)
 
 
-def load_calibration(path: str | Path, n_samples: int | None = None) -> torch.Tensor:
-    """The first `n_samples` windows (stages needing fewer than were built take a prefix)."""
-    ids = load_tensors(path).get("input_ids")
+def load_calibration(path: str | Path, n_samples: int | None = None) -> dict[str, torch.Tensor]:
+    """The first `n_samples` calibration samples (stages needing fewer than were built take a
+    prefix): {"input_ids"} for text, plus pixel values, masks and labels for image-caption sets."""
+    data = load_tensors(path)
+    ids = data.get("input_ids")
     if ids is None or ids.dim() != 2 or ids.dtype != torch.int64:
         raise ValueError(f"{path} does not hold an int64 [n, seq_len] 'input_ids' tensor; delete it and rerun calibration")
+    if any(t.shape[0] != ids.shape[0] for t in data.values()):
+        raise ValueError(f"{path} holds tensors with different sample counts; delete it and rerun calibration")
     if n_samples is not None:
         if n_samples > ids.shape[0]:
             raise ValueError(f"{n_samples} calibration samples asked for but {path} holds {ids.shape[0]}; "
                              "raise calibration.n_samples in config.yaml")
-        ids = ids[:n_samples]
-    return ids
+        data = {k: t[:n_samples] for k, t in data.items()}
+    return data
 
 
-def batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
+def batches(data: torch.Tensor | dict[str, torch.Tensor], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Split samples into batches of keyword arguments (a bare tensor is taken as input_ids)."""
+    if isinstance(data, torch.Tensor):
+        data = {"input_ids": data}
+    n = next(iter(data.values())).shape[0]
+    return [{k: t[i:i + batch_size] for k, t in data.items()} for i in range(0, n, batch_size)]
+
+
+def build_image_caption_calibration(model_dir: str | Path, source: str, n_samples: int, seed: int,
+                                    paths: dict[str, str], prompt: str = "") -> dict[str, torch.Tensor]:
+    """Seeded image-caption pairs (CC3M as the paper, or COCO captions) turned into the model
+    family's calibration batch by its adapter (pixel values, token ids, masks, labels)."""
+    from ecoflap.data import vl_datasets as vd
+    from ecoflap.models.adapters import adapter_for
+    from ecoflap.models.layout import skeleton_of_folder
+    from ecoflap.models.loading import load_processors
+
+    log.info("building %d image-caption calibration pairs from %s (seed %d)", n_samples, source, seed)
+    if source == "cc3m":
+        pairs = vd.load_cc3m_pairs(_required(paths, "pairs", source), paths.get("image_root"), n=n_samples,
+                                   seed=seed, cache_dir=paths.get("cache_dir"))
+    elif source == "coco":
+        pairs = vd.load_coco_caption_pairs(_required(paths, "captions", source), _required(paths, "image_dir", source),
+                                           n=n_samples, seed=seed)
+    else:
+        raise ValueError(f"unknown image-caption calibration source {source!r} (allowed: cc3m, coco)")
+    skeleton = skeleton_of_folder(model_dir)  # the adapter only needs the config
+    adapter = adapter_for(skeleton)
+    if not hasattr(adapter, "calibration_batch"):
+        raise ValueError(f"{adapter.family} is a language model; calibrate it on text (source austen-emma or c4)")
+    procs = load_processors(Path(model_dir))
+    images = [vd.open_image(p.image_path) for p in pairs]
+    return adapter.calibration_batch(skeleton, procs, images, [p.caption for p in pairs], prompt)
+
+
+def _required(paths: dict[str, str], key: str, source: str) -> str:
+    if not paths.get(key):
+        raise ValueError(f"calibration source {source} needs calibration.{key} in config.yaml")
+    return paths[key]

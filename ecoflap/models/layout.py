@@ -5,13 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from torch import nn
+from transformers import AutoConfig
 
 from ecoflap.models.adapters import adapter_for, model_layout
+from ecoflap.models.loading import model_class
 
 
-def layout_of_folder(model_dir: str | Path, trust_remote_code: bool = False) -> dict[str, dict[str, int]]:
+def skeleton_of_folder(model_dir: str | Path, trust_remote_code: bool = False) -> nn.Module:
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    cls = model_class(model_dir, trust_remote_code)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return model_layout(skeleton, adapter_for(skeleton))
+        if hasattr(cls, "from_config"):
+            return cls.from_config(config, trust_remote_code=trust_remote_code)
+        return cls(config)
+
+
+def layout_of_folder(model_dir: str | Path, trust_remote_code: bool = False) -> dict:
+    """{"layout": {block: {layer: size}}, "submodel_of_block": {block: sub-model}, "family": ...}"""
+    skeleton = skeleton_of_folder(model_dir, trust_remote_code)
+    adapter = adapter_for(skeleton)
+    return {"layout": model_layout(skeleton, adapter), "submodel_of_block": adapter.submodel_of_block(skeleton),
+            "family": adapter.family}

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from safetensors import SafetensorError, safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ecoflap.utils.io import atomic_path, write_json
 
@@ -67,7 +68,7 @@ def download_hub(repo_id: str, revision: str, out_dir: Path, allow_pickle: bool 
 
     if not HUB_ID.match(repo_id):
         raise ValueError(f"{repo_id!r} is not a hub id of the form owner/name")
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "qformer_tokenizer/*"]
     if allow_pickle:
         patterns.append("*.bin")
     try:
@@ -99,6 +100,8 @@ def copy_local(src: Path, out_dir: Path) -> dict[str, Any]:
     for f in src.iterdir():
         if f.is_file() and f.suffix not in (".bin", ".pt", ".pth", ".pkl"):
             shutil.copy2(f, out_dir / f.name)
+        elif f.is_dir() and f.name == "qformer_tokenizer":  # InstructBLIP's second tokenizer
+            shutil.copytree(f, out_dir / f.name)
     return {"source": "local", "path": str(src)}
 
 
@@ -114,14 +117,67 @@ def fetch_model(spec: dict[str, Any], out_dir: str | Path) -> None:
         write_json(tmp / "ecoflap_source.json", info)
 
 
+def model_class(path: str | Path, trust_remote_code: bool = False) -> type:
+    """The transformers class to load a checkpoint with: vision-language checkpoints by the
+    architecture their config.json names (a BLIP checkpoint may be a captioner, a VQA model
+    or a retriever), everything else as a causal LM."""
+    import transformers
+    from transformers import AutoConfig
+
+    from ecoflap.models.vision_language import VISION_LANGUAGE
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    for arch in getattr(config, "architectures", None) or []:
+        if arch in VISION_LANGUAGE:
+            return getattr(transformers, arch)
+    return AutoModelForCausalLM
+
+
+def load_processors(path: Path, trust_remote_code: bool = False) -> Any:
+    """A text tokenizer for LMs; tokenizer + image processor (+ InstructBLIP's Q-Former
+    tokenizer) for vision-language models. PIL image processors only: the fast ones need
+    torchvision, which the core environment does not have."""
+    from transformers import AutoImageProcessor
+
+    from ecoflap.models.vision_language import Processors
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not (path / "preprocessor_config.json").exists():
+        return tok
+    image = AutoImageProcessor.from_pretrained(path, backend="pil")
+    qtok = AutoTokenizer.from_pretrained(path / "qformer_tokenizer") if (path / "qformer_tokenizer").is_dir() else None
+    return Processors(tok, image, qtok)
+
+
+def _unreadable_weights(path: Path, exc: Exception) -> str:
+    """Which weight files of a checkpoint folder cannot be opened, and what to rerun."""
+    bad = []
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception:  # safetensors raises several types for corrupt headers
+            bad.append(str(f))
+    return (f"{', '.join(bad) or f'a *.safetensors file in {path}'} is not a readable safetensors file ({exc}); "
+            f"delete {path} and rerun the rule that writes it (download_model for results/<model>/model, "
+            "prune for a pruned checkpoint)")
+
+
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype,
-               trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+               trust_remote_code: bool = False) -> tuple[PreTrainedModel, Any]:
+    """The model (eval mode, no KV cache) and what prepares its inputs: a tokenizer for
+    language models, `Processors` for vision-language models."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} holds no config.json; run the download rule first")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 use_safetensors=True)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cls = model_class(path, trust_remote_code)
+    try:
+        model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    except SafetensorError as exc:  # truncated / overwritten weights: name the file, say what to rerun
+        raise ValueError(_unreadable_weights(path, exc)) from exc
+    procs = load_processors(path, trust_remote_code)
     model.to(device).eval()
-    model.config.use_cache = False
-    return model, tok
+    for module in model.modules():  # sub-models (BLIP-2's language model) carry their own config
+        if hasattr(getattr(module, "config", None), "use_cache"):
+            module.config.use_cache = False  # calibration re-runs blocks; a KV cache would grow
+    return model, procs

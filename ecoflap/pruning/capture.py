@@ -1,9 +1,11 @@
-"""Calibration capture: the inputs of the first block, and running one block on them.
+"""Calibration capture: what each stack's blocks are called with, and running one block.
 
-A forward pre-hook on block 0 records exactly what the model passes to its blocks
-(hidden states plus keyword arguments such as the attention mask and rotary
-embeddings) and stops the forward pass there, as Wanda's `Catcher` does, but without
-knowing the model's signature.
+Forward pre-hooks on a stack's blocks record exactly what the model passes to them
+(hidden states plus the other positional and keyword arguments: attention masks, rotary
+embeddings, T5's position bias, the Q-Former's image features) and stop the forward pass
+there, as Wanda's `Catcher` does, but without knowing the model's signature. Because the
+whole model runs up to the stack, a stack's inputs always come from the current (already
+pruned) weights of the stacks before it.
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ecoflap.models.adapters import DecoderAdapter
+from ecoflap.models.adapters import Adapter, Batch, Stack, batch_to
+
+_CACHE_KEYS = ("cache", "past_key_value", "past_key_values")
 
 
 @dataclass
@@ -21,64 +25,102 @@ class BlockInput:
     """One calibration batch as it enters a block."""
 
     hidden: torch.Tensor
+    args: tuple  # positional arguments after the hidden states
     kwargs: dict[str, Any]
-    input_ids: torch.Tensor  # kept for the loss at the end of the model
+    batch: Batch  # kept for the loss at the end of the model
 
     def with_hidden(self, hidden: torch.Tensor) -> "BlockInput":
-        return BlockInput(hidden, self.kwargs, self.input_ids)
+        return BlockInput(hidden, self.args, self.kwargs, self.batch)
 
 
 class _StopForward(Exception):
     pass
 
 
+def _is_cache(value: Any) -> bool:
+    return type(value).__name__.endswith("Cache")
+
+
+def _clean(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """Split off the hidden states; drop KV caches (every block is run many times)."""
+    kwargs = dict(kwargs)
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    rest = tuple(None if _is_cache(a) else a for a in args[1:])
+    kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KEYS and not _is_cache(v)}
+    return hidden, rest, kwargs
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, adapter: DecoderAdapter, batches: list[torch.Tensor],
-                         device: torch.device) -> list[BlockInput]:
-    first = adapter.blocks(model)[0]
-    captured: list[tuple[tuple, dict]] = []
+def capture_stack_inputs(model: nn.Module, adapter: Adapter, stack: Stack, batches: list[Batch],
+                         device: torch.device) -> list[list[BlockInput]]:
+    """For each batch (and each run of the stack within one forward pass), the input of
+    every block of `stack` ([sequence][block]). Only block 0's hidden states are real
+    inputs; later blocks get theirs from the block before, on the way. Unless the stack has
+    per-block arguments, block 0's are reused for every block and the forward stops there."""
+    blocks = adapter.stack_blocks(model, stack)
+    watched = blocks if stack.per_block_inputs else blocks[:1]
+    expected = len(watched) * stack.calls
+    calls: list[tuple[torch.Tensor, tuple, dict]] = []
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((args, kwargs))
-        raise _StopForward
+    def make_hook(last: bool):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls.append(_clean(args, kwargs))
+            if last and len(calls) == expected:
+                raise _StopForward
+        return hook
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [b.register_forward_pre_hook(make_hook(j == len(watched) - 1), with_kwargs=True)
+               for j, b in enumerate(watched)]
     out = []
     try:
-        for ids in batches:
-            ids = ids.to(device)
+        for batch in batches:
+            batch = batch_to(batch, device)
+            calls.clear()
             try:
-                model(input_ids=ids, use_cache=False)
+                adapter.forward(model, batch)
             except _StopForward:
                 pass
-            args, kwargs = captured.pop()
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")}
-            kwargs["use_cache"] = False
-            out.append(BlockInput(hidden, kwargs, ids))
+            if len(calls) != expected:
+                raise RuntimeError(f"the calibration forward made {len(calls)} of {expected} expected block calls "
+                                   f"in {stack.path}; the adapter's forward or Stack.calls is wrong")
+            for c in range(stack.calls):
+                per_block = [BlockInput(h, a, k, batch) for h, a, k in calls[c * len(watched):(c + 1) * len(watched)]]
+                out.append(per_block if stack.per_block_inputs else per_block * len(blocks))
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return out
 
 
-@torch.no_grad()
-def inputs_of_every_block(model: nn.Module, adapter: DecoderAdapter, ids: torch.Tensor,
-                          device: torch.device) -> list[BlockInput]:
-    """The clean input of each block for one batch, from one forward pass without autograd."""
-    inputs = capture_block_inputs(model, adapter, [ids], device)
-    for block in adapter.blocks(model)[:-1]:
-        inputs.append(inputs[-1].with_hidden(run_block(block, inputs[-1])))
-    return inputs
-
-
 def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
-    out = block(inp.hidden, **inp.kwargs)
+    out = block(inp.hidden, *inp.args, **inp.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def run_from(model: nn.Module, adapter: DecoderAdapter, start: int, inp: BlockInput) -> torch.Tensor:
-    """Loss of the model computed from the inputs of block `start` onwards."""
-    hidden = inp.hidden
-    for block in adapter.blocks(model)[start:]:
-        hidden = run_block(block, inp.with_hidden(hidden))
-    return adapter.loss_from_hidden(model, hidden, inp.input_ids)
+def single_stack(model: nn.Module, adapter: Adapter, what: str) -> Stack:
+    """Stages that re-run the model from a block to the loss need one stack and a head."""
+    stacks = adapter.stacks(model)
+    if len(stacks) != 1 or not hasattr(adapter, "loss_from_hidden"):
+        raise ValueError(f"{what} re-runs the model from one block to the loss, which is implemented for "
+                         f"single-stack language models only; {adapter.family} has stacks "
+                         f"{[s.name for s in stacks]}. Use zeroth_order with reuse_block_inputs: false, or first_order")
+    return stacks[0]
+
+
+@torch.no_grad()
+def inputs_of_every_block(model: nn.Module, adapter: Adapter, batch: Batch, device: torch.device,
+                          what: str = "this scorer") -> list[BlockInput]:
+    """The clean input of each block for one batch, from one forward pass without autograd."""
+    stack = single_stack(model, adapter, what)
+    inputs = capture_stack_inputs(model, adapter, stack, [batch], device)[0]
+    for j, block in enumerate(adapter.stack_blocks(model, stack)[:-1]):
+        inputs[j + 1] = inputs[j + 1].with_hidden(run_block(block, inputs[j]))
+    return inputs
+
+
+def run_from(model: nn.Module, adapter: Adapter, start: int, inputs: list[BlockInput]) -> torch.Tensor:
+    """Loss of a single-stack model computed from the inputs of block `start` onwards."""
+    hidden = inputs[start].hidden
+    for j, block in enumerate(adapter.blocks(model)[start:], start):
+        hidden = run_block(block, inputs[j].with_hidden(hidden))
+    return adapter.loss_from_hidden(model, hidden, inputs[start].batch)

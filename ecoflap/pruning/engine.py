@@ -1,6 +1,9 @@
-"""The sequential layer-wise engine. Block by block: collect the calibration statistics
-of the block's layers on the outputs of the already pruned blocks before it, prune each
-layer at its allocated ratio, then recompute the block's outputs for the next block."""
+"""The sequential layer-wise engine. Stack by stack in data-flow order (a language model
+has one; BLIP-2 has vision, Q-Former and language stacks), block by block: collect the
+calibration statistics of the block's layers on the outputs of the already pruned blocks
+before it, prune each layer at its allocated ratio, then recompute the block's outputs for
+the next block. A stack's inputs are captured by running the model, so the language model
+of a vision-language model is calibrated on what the already pruned vision side produces."""
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +14,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ecoflap.models.adapters import DecoderAdapter
-from ecoflap.pruning.capture import BlockInput, capture_block_inputs, run_block
+from ecoflap.models.adapters import Adapter, Batch
+from ecoflap.pruning.capture import BlockInput, capture_stack_inputs, run_block
 from ecoflap.utils.runtime import check_finite
 
 log = logging.getLogger(__name__)
@@ -29,49 +32,80 @@ class PruneReport:
         total = sum(self.layer_size.values())
         return sum(self.layer_sparsity[k] * n for k, n in self.layer_size.items()) / total
 
+    def sparsity_by(self, group_of_layer: dict[str, str]) -> dict[str, float]:
+        """Achieved sparsity per group (e.g. per sub-model), weighted by layer size."""
+        zeros: dict[str, float] = {}
+        sizes: dict[str, int] = {}
+        for k, n in self.layer_size.items():
+            g = group_of_layer[k]
+            zeros[g] = zeros.get(g, 0.0) + self.layer_sparsity[k] * n
+            sizes[g] = sizes.get(g, 0) + n
+        return {g: zeros[g] / sizes[g] for g in sizes}
+
 
 @torch.no_grad()
-def prune_sequential(model: nn.Module, adapter: DecoderAdapter, pruner, layer_sparsity: dict[str, float],
-                     batches: list[torch.Tensor], device: torch.device, nm: tuple[int, int] | None = None) -> PruneReport:
-    """Prune every prunable layer of `model` in place; returns the achieved sparsities."""
+def prune_sequential(model: nn.Module, adapter: Adapter, pruner, layer_sparsity: dict[str, float],
+                     batches: list[Batch], device: torch.device, nm: tuple[int, int] | None = None) -> PruneReport:
+    """Prune in place every layer that `layer_sparsity` names; stacks it does not name at all
+    (a sub-model kept dense) are left untouched. Returns the achieved sparsities."""
     report = PruneReport()
     mask_hash = hashlib.sha256()
-    blocks = adapter.blocks(model)
-    inputs: list[BlockInput] = capture_block_inputs(model, adapter, batches, device) if pruner.needs_activations else []
-    for b, block in enumerate(tqdm(blocks, desc="pruning blocks", unit="block")):
-        prefix = adapter.block_name(b)
-        layers = adapter.prunable_layers(block)
-        missing = [f"{prefix}.{n}" for n in layers if f"{prefix}.{n}" not in layer_sparsity]
-        if missing:
-            raise KeyError(f"allocation has no sparsity for {missing[:3]}...; was it made for another model?")
-        ratios = [layer_sparsity[f"{prefix}.{n}"] for n in layers]
-        log.info("block %d/%d (%s): %d layers at sparsity %.3f-%.3f", b + 1, len(blocks), prefix, len(layers),
-                 min(ratios), max(ratios))
-        stats = {name: pruner.init_stats(layer) for name, layer in layers.items()}
-        if pruner.needs_activations:
-            hooks = [layer.register_forward_hook(
-                lambda _m, args, _out, name=name: pruner.add_batch(stats[name], args[0]))
-                for name, layer in layers.items()]
-            try:
-                for inp in inputs:
-                    run_block(block, inp)
-            finally:
-                for h in hooks:
-                    h.remove()
-        for name, layer in layers.items():
-            full = f"{prefix}.{name}"
-            log.debug("block %d layer %s: %s at %.3f", b, name, type(pruner).__name__, layer_sparsity[full])
-            mask = pruner.prune(layer, stats[name], layer_sparsity[full], nm)
-            check_finite(layer.weight, f"block {b} layer {name} after pruning",
-                         "the calibration statistics overflowed; use float32 or bfloat16 instead of float16")
-            report.layer_size[full] = mask.numel()
-            report.layer_sparsity[full] = (layer.weight == 0).sum().item() / mask.numel()
-            mask_hash.update(full.encode())
-            mask_hash.update(mask.cpu().numpy().tobytes())
-        del stats
-        if pruner.needs_activations and b + 1 < len(blocks):
-            inputs = [inp.with_hidden(run_block(block, inp)) for inp in inputs]
-            check_finite(inputs[0].hidden, f"block {b} outputs", "lower sparsity or use a wider dtype")
+    for stack in adapter.stacks(model):
+        blocks = adapter.stack_blocks(model, stack)
+        names = [f"{stack.path}.{j}" for j in range(len(blocks))]
+        if not any(k.startswith(tuple(n + "." for n in names)) for k in layer_sparsity):
+            log.info("stack %s (%s): not in the allocation, kept dense", stack.name, stack.path)
+            continue
+        inputs = capture_stack_inputs(model, adapter, stack, batches, device) if pruner.needs_activations else []
+        hidden = [per_block[0].hidden for per_block in inputs]
+        for j, block in enumerate(tqdm(blocks, desc=f"pruning {stack.name} blocks", unit="block")):
+            block_inputs = [per_block[j].with_hidden(h) for per_block, h in zip(inputs, hidden)]
+            _prune_block(block, names[j], adapter, pruner, layer_sparsity, block_inputs, nm, report, mask_hash)
+            if pruner.needs_activations and j + 1 < len(blocks):
+                hidden = [run_block(block, inp) for inp in block_inputs]
+                check_finite(hidden[0], f"{names[j]} outputs", "lower sparsity or use a wider dtype")
+    if not report.layer_size:
+        raise KeyError("the allocation names no layer of this model; was it made for another model?")
     report.mask_sha256 = mask_hash.hexdigest()
     log.info("pruned %d layers; global sparsity %.4f", len(report.layer_size), report.global_sparsity)
     return report
+
+
+def _prune_block(block: nn.Module, prefix: str, adapter: Adapter, pruner, layer_sparsity: dict[str, float],
+                 inputs: list[BlockInput], nm: tuple[int, int] | None, report: PruneReport, mask_hash) -> None:
+    layers = adapter.prunable_layers(block)
+    missing = [f"{prefix}.{n}" for n in layers if f"{prefix}.{n}" not in layer_sparsity]
+    if missing:
+        raise KeyError(f"allocation has no sparsity for {missing[:3]}...; was it made for another model?")
+    ratios = [layer_sparsity[f"{prefix}.{n}"] for n in layers]
+    log.info("%s: %d layers at sparsity %.3f-%.3f", prefix, len(layers), min(ratios), max(ratios))
+    stats = {name: pruner.init_stats(layer) for name, layer in layers.items()}
+    seen = {name: 0 for name in layers}
+    if pruner.needs_activations:
+        def record(name: str):
+            def hook(_m, args, _out):
+                seen[name] += 1
+                pruner.add_batch(stats[name], args[0])
+            return hook
+
+        hooks = [layer.register_forward_hook(record(name)) for name, layer in layers.items()]
+        try:
+            for inp in inputs:
+                run_block(block, inp)
+        finally:
+            for h in hooks:
+                h.remove()
+        unseen = [n for n, c in seen.items() if c == 0]
+        if unseen:
+            raise RuntimeError(f"{prefix}: layers {unseen} received no calibration activations (the calibration "
+                               "forward never reaches them); their masks would be arbitrary. Fix the adapter's "
+                               "calibration batch, or prune this model with magnitude")
+    for name, layer in layers.items():
+        full = f"{prefix}.{name}"
+        mask = pruner.prune(layer, stats[name], layer_sparsity[full], nm)
+        check_finite(layer.weight, f"{full} after pruning",
+                     "the calibration statistics overflowed; use float32 or bfloat16 instead of float16")
+        report.layer_size[full] = mask.numel()
+        report.layer_sparsity[full] = (layer.weight == 0).sum().item() / mask.numel()
+        mask_hash.update(full.encode())
+        mask_hash.update(mask.cpu().numpy().tobytes())

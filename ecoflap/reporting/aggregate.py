@@ -60,6 +60,16 @@ def collect_row(results: Path, row: str) -> dict[str, Any]:
             out[f"{task} acc"] = vals.get("acc")
             if vals.get("n") is not None:
                 out[f"{task} n"] = vals["n"]
+    for path in sorted((d / "eval").glob("*.json")):
+        if path.stem in ("perplexity", "lm_eval"):
+            continue
+        for key, value in read_json(path)["metrics"].items():
+            if isinstance(value, (int, float)) and key != "n":
+                out[f"{path.stem} {key}"] = value
+            elif isinstance(value, dict) and "skipped" in value:
+                out[f"{path.stem} {key}"] = float("nan")  # shown empty; the reason is in the eval JSON
+        c = _cost(path, d / "benchmarks" / f"{path.stem}.tsv")
+        out[f"{path.stem}_s"], out[f"{path.stem}_mem_mb"] = c["s"], c["mem_mb"]
     alloc = d / "allocation.json"
     if alloc.exists():
         scores = read_json(alloc)["provenance"]["config"].get("scores")
@@ -94,13 +104,30 @@ def block_profile(layer_sparsity: dict[str, float], layout: dict[str, dict[str, 
             for layers in layout.values()]
 
 
-def aggregate(results: Path, rows: list[str], out_dir: Path) -> pd.DataFrame:
+def compare_with_reference(table: pd.DataFrame, reference: dict[str, Any], model: str) -> pd.DataFrame:
+    """Ours beside the published numbers: one line per (row, metric) the reference lists."""
+    rows = reference.get("models", {}).get(model, {}).get("rows", {})
+    lines = []
+    for row, published in rows.items():
+        method, label = row.split("/")
+        ours = table[(table["method"] == method) & (table["sparsity"].astype(str) == label)]
+        for metric, paper in published.items():
+            value = ours[metric].iloc[0] if len(ours) and metric in ours else float("nan")
+            lines.append({"method": method, "sparsity": label, "metric": metric, "ours": value, "paper": paper,
+                          "ours - paper": value - paper if pd.notna(value) else float("nan")})
+    return pd.DataFrame(lines, columns=["method", "sparsity", "metric", "ours", "paper", "ours - paper"])
+
+
+def aggregate(results: Path, rows: list[str], out_dir: Path, reference: Path | None = None,
+              model: str | None = None) -> pd.DataFrame:
     table = pd.DataFrame([collect_row(results, r) for r in rows])
     table = table.sort_values(["target", "method"], kind="stable").reset_index(drop=True)
     # identity and quality first, then stage costs in pipeline order, the mask hash last
     first = ["method", "sparsity", "target", "achieved_sparsity"]
-    quality = [c for c in table.columns if c.startswith("perplexity (") or c.endswith((" acc", " n")) or c == "ppl_tokens"]
-    stages = [c for st in ("score", "allocate", "prune", "perplexity", "lm_eval")
+    evals = sorted({p.stem for r in rows for p in (results / r / "eval").glob("*.json")} - {"perplexity", "lm_eval"})
+    quality = [c for c in table.columns if c.startswith("perplexity (") or c.endswith((" acc", " n")) or c == "ppl_tokens"
+               or any(c.startswith(f"{e} ") for e in evals)]
+    stages = [c for st in ("score", "allocate", "prune", "perplexity", "lm_eval", *evals)
               for c in (f"{st}_s", f"{st}_mem_mb") if c in table.columns]
     table = table[first + quality + stages + [c for c in table.columns if c not in first + quality + stages]]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +141,18 @@ def aggregate(results: Path, rows: list[str], out_dir: Path) -> pd.DataFrame:
             notes.append(f"{col[:-2]}: {int(table[col].max())} items.")
     write_text(out_dir / "summary.md", f"# {results.name}: methods x sparsity\n\n" + _markdown(table)
                + "\n" + " ".join(notes) + "\nTimes in seconds, memory as peak RSS (CPU) in MB per stage job.\n")
-    metrics = [c for c in table.columns if c.startswith("perplexity (") or c.endswith(" acc")]
+    if reference is not None:
+        import yaml
+
+        ref = yaml.safe_load(Path(reference).read_text())
+        comparison = compare_with_reference(table, ref, model or results.name)
+        with atomic_path(out_dir / "comparison.csv") as tmp:
+            comparison.to_csv(tmp, index=False)
+        write_text(out_dir / "comparison.md", f"# {results.name}: ours vs published\n\nPublished: {ref.get('source', '')}\n\n"
+                   + _markdown(comparison))
+        log.info("ours vs published:\n%s", comparison.to_string(index=False))
+    metrics = [c for c in table.columns if c.startswith("perplexity (") or c.endswith(" acc")
+               or (c in quality and not c.endswith(" n") and c != "ppl_tokens")]
     if metrics:
         plot_metrics(table, metrics, out_dir / "metrics.png", results.name)
     layout = read_json(results / "layout.json")["layout"]

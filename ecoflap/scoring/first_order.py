@@ -7,12 +7,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ecoflap.models.adapters import DecoderAdapter
+from ecoflap.models.adapters import Adapter, Batch, batch_to
 from ecoflap.scoring.units import first_order_term, scoring_units
 from ecoflap.utils.runtime import check_finite
 
 
-def first_order_scores(model: nn.Module, adapter: DecoderAdapter, batches: list[torch.Tensor], device: torch.device,
+def first_order_scores(model: nn.Module, adapter: Adapter, batches: list[Batch], device: torch.device,
                        granularity: str = "block", reduce: str = "abs_wg") -> dict[str, float]:
     if reduce not in ("abs_g", "abs_wg"):
         raise ValueError(f"first-order reduce must be abs_g or abs_wg, got {reduce!r}")
@@ -23,8 +23,8 @@ def first_order_scores(model: nn.Module, adapter: DecoderAdapter, batches: list[
         p.requires_grad_(id(p) in scored)
     scores = {u.name: 0.0 for u in units}
     try:
-        for bi, ids in enumerate(tqdm(batches, desc="first-order scores", unit="batch")):
-            loss = adapter.loss(model, ids.to(device))
+        for bi, batch in enumerate(tqdm(batches, desc="first-order scores", unit="batch")):
+            loss = adapter.loss(model, batch_to(batch, device))
             check_finite(loss.detach(), f"first-order calibration loss (batch {bi})", "use float32 or bfloat16")
             loss.backward()
             with torch.no_grad():

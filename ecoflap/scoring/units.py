@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ecoflap.models.adapters import DecoderAdapter
+from ecoflap.models.adapters import Adapter
 
 
 @dataclass
@@ -23,12 +23,11 @@ def first_order_term(g: torch.Tensor, w: torch.Tensor, reduce: str) -> float:
     return (g * w.float()).abs().sum().item() if reduce == "abs_wg" else g.abs().sum().item()
 
 
-def scoring_units(model: nn.Module, adapter: DecoderAdapter, granularity: str) -> list[Unit]:
+def scoring_units(model: nn.Module, adapter: Adapter, granularity: str) -> list[Unit]:
     if granularity not in ("block", "layer"):
         raise ValueError(f"granularity must be 'block' or 'layer', got {granularity!r}")
     units = []
-    for b, block in enumerate(adapter.blocks(model)):
-        prefix = adapter.block_name(b)
+    for b, (prefix, block) in enumerate(adapter.named_blocks(model)):
         layers = adapter.prunable_layers(block)
         if granularity == "block":
             units.append(Unit(prefix, b, [layer.weight for layer in layers.values()]))

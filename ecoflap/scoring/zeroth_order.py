@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ecoflap.models.adapters import DecoderAdapter
+from ecoflap.models.adapters import Adapter, Batch, batch_to
 from ecoflap.pruning.capture import inputs_of_every_block, run_from
 from ecoflap.scoring.units import scoring_units
 from ecoflap.utils.runtime import check_finite
@@ -40,20 +40,20 @@ def _direction(shape: torch.Size, seed: int, batch: int, unit: int, tensor: int,
 
 
 @torch.no_grad()
-def zeroth_order_scores(model: nn.Module, adapter: DecoderAdapter, batches: list[torch.Tensor], device: torch.device,
+def zeroth_order_scores(model: nn.Module, adapter: Adapter, batches: list[Batch], device: torch.device,
                         eps: float = 1e-3, granularity: str = "layer", reuse_block_inputs: bool = False,
                         seed: int = 0) -> dict[str, float]:
     units = scoring_units(model, adapter, granularity)
     scores = {u.name: 0.0 for u in units}
     bar = tqdm(total=len(batches) * len(units), desc=f"zeroth-order scores ({granularity})", unit="unit")
-    for bi, ids in enumerate(batches):
-        ids = ids.to(device)
+    for bi, batch in enumerate(batches):
+        batch = batch_to(batch, device)
         if reuse_block_inputs:
-            cached = inputs_of_every_block(model, adapter, ids, device)
+            cached = inputs_of_every_block(model, adapter, batch, device, "reuse_block_inputs")
 
         def loss(unit_block: int) -> float:
-            value = run_from(model, adapter, unit_block, cached[unit_block]) if reuse_block_inputs \
-                else adapter.loss(model, ids)
+            value = run_from(model, adapter, unit_block, cached) if reuse_block_inputs \
+                else adapter.loss(model, batch)
             return value.item()
 
         for ui, unit in enumerate(units):

@@ -1,5 +1,6 @@
 rule calibration:
-    """Seeded token windows (C4 or the embedded Austen text), built once per model."""
+    """Seeded calibration samples, built once per model: token windows (C4 or the embedded
+    Austen text), or image-caption pairs (CC3M, COCO) through the family's adapter."""
     input:
         model="results/{model}/model",
     output:
@@ -7,8 +8,7 @@ rule calibration:
         meta="results/{model}/calibration.safetensors.json",
     params:
         py=PY,
-        c=config["calibration"],
-        seed=config["seed"],
+        args=calibration_args,
     log:
         "results/{model}/logs/calibration.log",
     benchmark:
@@ -16,6 +16,4 @@ rule calibration:
     conda:
         "../../envs/ecoflap.yaml"
     shell:
-        "{params.py} -m ecoflap calibrate --model {input.model} --source {params.c[source]} "
-        "--n-samples {params.c[n_samples]} --seq-len {params.c[seq_len]} --seed {params.seed} "
-        "--out {output.windows} > {log} 2>&1"
+        "{params.py} -m ecoflap calibrate --model {input.model} {params.args} --out {output.windows} > {log} 2>&1"

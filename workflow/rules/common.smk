@@ -4,7 +4,7 @@ import json
 import shlex
 import sys
 
-from ecoflap.config import ConfigError, validate_config
+from ecoflap.config import ConfigError, model_calibration, model_evaluations, validate_config
 
 try:
     validate_config(config)
@@ -15,7 +15,7 @@ validate(config, "../schemas/config.schema.yaml")  # fills schema defaults
 PY = config.get("python") or sys.executable
 GPU = config["resources"]["gpu"]
 MEM = config["resources"]["mem_mb"]
-EVALS = [t for t in ("perplexity", "lm_eval") if t in config["evaluation"]]
+TEXT_EVALS = ("perplexity", "lm_eval")
 
 
 wildcard_constraints:
@@ -23,7 +23,25 @@ wildcard_constraints:
     method="[A-Za-z0-9_\-]+",
     sparsity="[0-9.]+|[0-9]+of[0-9]+",
     scorer="[A-Za-z0-9_\-]+",
-    task="perplexity|lm_eval",
+    task="|".join(config["evaluation"]),
+
+
+def evals_of(model):
+    """Evaluation entries this model runs (its family's tasks, or its `evaluate:` list)."""
+    return model_evaluations(config, model)
+
+
+def calibration_args(wc):
+    c = model_calibration(config, wc.model)
+    args = [f"--source {c['source']}", f"--n-samples {c['n_samples']}", f"--seed {config['seed']}"]
+    if c["source"] in ("cc3m", "coco"):
+        for key in ("pairs", "image_root", "captions", "image_dir", "cache_dir"):
+            if c.get(key):
+                args.append(f"--{key.replace('_', '-')} {shlex.quote(str(c[key]))}")
+        args.append(f"--prompt {shlex.quote(c.get('prompt', ''))}")
+    else:
+        args.append(f"--seq-len {c['seq_len']}")
+    return " ".join(args)
 
 
 def maybe_temp(path):
@@ -117,6 +135,9 @@ def allocation_args(wc, input):
         args += [f"--max-sparsity-offset {m['max_sparsity_offset']}", f"--aggregation {m['aggregation']}"]
     if m["allocation"] == "owl":
         args.append(f"--owl-lambda {m['lambda']}")
+    args.append(f"--scope {m['scope']}")
+    if m.get("submodels"):
+        args.append(f"--submodels {' '.join(m['submodels'])}")
     return " ".join(args)
 
 
@@ -131,14 +152,23 @@ def prune_args(wc):
     return " ".join(args)
 
 
+def eval_kind(wc):
+    """The CLI task of an evaluation entry: perplexity, lm_eval, or a vision-language task."""
+    return wc.task if wc.task in TEXT_EVALS else config["evaluation"][wc.task]["task"]
+
+
 def eval_args(wc):
     e = config["evaluation"][wc.task]
+    if wc.task not in TEXT_EVALS:
+        spec = shlex.quote(json.dumps({"name": wc.task, **e}))
+        return f"--spec {spec}"
     if wc.task == "perplexity":
         args = [f"--dataset {e['dataset']}", f"--seq-len {e['seq_len']}", f"--batch-size {e['batch_size']}"]
         if e.get("max_windows"):
             args.append(f"--max-windows {e['max_windows']}")
     else:
-        args = ["--tasks " + " ".join(e["tasks"]), f"--num-fewshot {e['num_fewshot']}",
+        tasks = " ".join(shlex.quote(t) for t in e["tasks"])
+        args = [f"--tasks {tasks}", f"--num-fewshot {e['num_fewshot']}",
                 f"--batch-size {e['batch_size']}"]
         if e.get("limit"):
             args.append(f"--limit {e['limit']}")

@@ -1,5 +1,6 @@
 rule evaluate:
-    """Perplexity on held-out text, or lm-eval multiple-choice tasks, of one row's model."""
+    """One evaluation entry of one row's model: perplexity or lm-eval for language models;
+    VQA, captioning, retrieval or zero-shot classification for vision-language models."""
     input:
         model=model_dir,
     output:
@@ -8,6 +9,7 @@ rule evaluate:
         py=PY,
         model=model_args,
         args=eval_args,
+        kind=eval_kind,
     threads: config["threads"]
     resources:
         gpu=GPU,
@@ -19,5 +21,5 @@ rule evaluate:
     conda:
         "../../envs/ecoflap.yaml"
     shell:
-        "{params.py} -m ecoflap --threads {threads} evaluate --model {input.model} --task {wildcards.task} "
+        "{params.py} -m ecoflap --threads {threads} evaluate --model {input.model} --task {params.kind} "
         "{params.model} {params.args} --out {output} > {log} 2>&1"

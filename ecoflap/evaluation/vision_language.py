@@ -1,0 +1,123 @@
+"""Zero-shot vision-language evaluation: VQA (VQAv2, OK-VQA, GQA), captioning (NoCaps,
+COCO Karpathy), image-text retrieval (Flickr30k 1k) and ImageNet zero-shot classification.
+Datasets are read from their official annotation files (paths in config.yaml); the model
+family's adapter says how to generate or embed; metrics live in `metrics.py`."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ecoflap.data import vl_datasets as vd
+from ecoflap.evaluation import metrics as M
+
+log = logging.getLogger(__name__)
+
+VQA_PROMPT = "Question: {} Short answer:"  # BLIP-2's zero-shot VQA prompt
+DATASET_TASK = {"vqav2": "vqa", "okvqa": "vqa", "gqa": "vqa", "nocaps": "caption", "coco_karpathy": "caption",
+                "flickr30k": "retrieval", "imagenet": "classification"}
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _gen_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    keys = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "repetition_penalty")
+    # loading turns the KV cache off for calibration; generation wants it back
+    return {"use_cache": True, **{k: spec[k] for k in keys if spec.get(k) is not None}}
+
+
+def _key(spec: dict[str, Any]) -> str:
+    return f"evaluation.{spec.get('name', spec['dataset'])}"
+
+
+def _vqa(model, procs, adapter, spec) -> tuple[dict, dict]:
+    ds, limit, key = spec["dataset"], spec.get("limit"), _key(spec)
+    if ds == "gqa":
+        items = vd.load_gqa(spec["questions"], spec["image_dir"], limit, config_key=key)
+    else:
+        load = vd.load_vqav2 if ds == "vqav2" else vd.load_okvqa
+        items = load(spec["questions"], spec["annotations"], spec["image_dir"], limit, config_key=key)
+    prompt = spec.get("prompt") or VQA_PROMPT
+    preds = {}
+    for chunk in tqdm(list(_chunks(items, spec.get("batch_size", 8))), desc=f"{ds} answers", unit="batch"):
+        images = [vd.open_image(it.image_path) for it in chunk]
+        answers = adapter.generate(model, procs, images, [prompt.format(it.question) for it in chunk],
+                                   _gen_kwargs(spec))
+        preds.update({it.question_id: a for it, a in zip(chunk, answers)})
+    scores = M.vqa_scores(preds, {it.question_id: it.answers for it in items}, kind="exact" if ds == "gqa" else "vqa")
+    return scores, preds
+
+
+def _caption(model, procs, adapter, spec) -> tuple[dict, dict]:
+    ds, limit, key = spec["dataset"], spec.get("limit"), _key(spec)
+    if ds == "nocaps":
+        items = vd.load_nocaps(spec["annotations"], spec["image_dir"], limit, config_key=key)
+    else:
+        items = vd.load_coco_karpathy(spec["karpathy_json"], spec["image_root"], spec.get("split", "test"), limit,
+                                      config_key=key)
+    prompt = spec.get("prompt") or ""
+    preds = {}
+    for chunk in tqdm(list(_chunks(items, spec.get("batch_size", 8))), desc=f"{ds} captions", unit="batch"):
+        images = [vd.open_image(it.image_path) for it in chunk]
+        caps = adapter.generate(model, procs, images, [prompt] * len(chunk), _gen_kwargs(spec))
+        preds.update({it.image_id: c for it, c in zip(chunk, caps)})
+    scores = M.caption_metrics(preds, {it.image_id: it.references for it in items}, spice=spec.get("spice", True))
+    return scores, preds
+
+
+@torch.no_grad()
+def _embed(fn, model, procs, things: list, batch_size: int, desc: str) -> torch.Tensor:
+    return torch.cat([fn(model, procs, chunk).cpu() for chunk in
+                      tqdm(list(_chunks(things, batch_size)), desc=desc, unit="batch")])
+
+
+def _retrieval(model, procs, adapter, spec) -> tuple[dict, dict]:
+    data = vd.load_flickr30k_retrieval(spec["karpathy_json"], spec["image_dir"], spec.get("split", "test"),
+                                       spec.get("limit"), config_key=_key(spec))
+    bs = spec.get("batch_size", 32)
+    images = _embed(lambda m, p, paths: adapter.image_embeddings(m, p, [vd.open_image(x) for x in paths]),
+                    model, procs, data.image_paths, bs, "image embeddings")
+    texts = _embed(adapter.text_embeddings, model, procs, data.texts, bs, "text embeddings")
+    sim = adapter.similarity(images, texts)
+    return M.retrieval_recall(sim, data.img_of_text, data.texts_of_image), {}
+
+
+def _classification(model, procs, adapter, spec) -> tuple[dict, dict]:
+    from ecoflap.data.imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_SIMPLE_TEMPLATES, IMAGENET_TEMPLATES
+
+    items = vd.load_imagenet_val(spec["val_dir"], spec.get("limit"), allow_subset=spec.get("limit") is not None,
+                                 config_key=_key(spec))
+    templates = IMAGENET_TEMPLATES if spec.get("templates", "ensemble") == "ensemble" else IMAGENET_SIMPLE_TEMPLATES
+    bs = spec.get("batch_size", 32)
+    classes = []
+    for name in tqdm(IMAGENET_CLASSNAMES, desc="class embeddings (prompt ensemble)", unit="class"):
+        emb = adapter.text_embeddings(model, procs, [t.format(name) for t in templates]).mean(0)
+        classes.append(torch.nn.functional.normalize(emb, dim=-1).cpu())
+    images = _embed(lambda m, p, its: adapter.image_embeddings(m, p, [vd.open_image(i.image_path) for i in its]),
+                    model, procs, items, bs, "image embeddings")
+    logits = images @ torch.stack(classes).t()
+    return M.topk_accuracy(logits, torch.tensor([i.label for i in items])), {}
+
+
+RUNNERS = {"vqa": _vqa, "caption": _caption, "retrieval": _retrieval, "classification": _classification}
+
+
+def evaluate_vision_language(model: nn.Module, procs: Any, adapter: Any, spec: dict[str, Any]
+                             ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Metrics and per-item predictions of one evaluation entry of config.yaml."""
+    task = spec["task"]
+    if task not in getattr(adapter, "tasks", ()):
+        raise ValueError(f"{adapter.family} cannot be evaluated on {task} (it supports {adapter.tasks}); "
+                         "remove this evaluation from the model's `evaluate:` list")
+    if DATASET_TASK.get(spec["dataset"]) != task:
+        raise ValueError(f"dataset {spec['dataset']!r} is not a {task} dataset")
+    log.info("%s on %s (limit %s)", task, spec["dataset"], spec.get("limit"))
+    metrics, preds = RUNNERS[task](model, procs, adapter, spec)
+    metrics["dataset"] = spec["dataset"]
+    return metrics, {str(k): v for k, v in preds.items()}

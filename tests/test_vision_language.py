@@ -1,0 +1,207 @@
+"""Vision-language families end to end on tiny random models built in code: calibrate on
+image-caption pairs, score, allocate (one budget or one per sub-model), prune, evaluate on
+fixture files in the official formats, all through the same CLI the workflow calls."""
+import json
+
+import pytest
+import torch
+
+import vl_models
+from conftest import REPO
+from ecoflap.cli import main
+
+FIX = REPO / "tests" / "fixtures" / "vl"
+EVALS = {
+    "vqav2": {"task": "vqa", "dataset": "vqav2", "questions": str(FIX / "vqav2/v2_OpenEnded_mscoco_val2014_questions.json"),
+              "annotations": str(FIX / "vqav2/v2_mscoco_val2014_annotations.json"),
+              "image_dir": str(FIX / "coco/val2014"), "max_new_tokens": 3, "batch_size": 2},
+    "nocaps": {"task": "caption", "dataset": "nocaps", "annotations": str(FIX / "nocaps/nocaps_val_4500_captions.json"),
+               "image_dir": str(FIX / "nocaps/images"), "max_new_tokens": 5, "batch_size": 2},
+    "flickr30k": {"task": "retrieval", "dataset": "flickr30k", "karpathy_json": str(FIX / "karpathy/dataset_flickr30k.json"),
+                  "image_dir": str(FIX / "flickr30k/flickr30k-images")},
+    "imagenet": {"task": "classification", "dataset": "imagenet", "val_dir": str(FIX / "imagenet/val"), "limit": 3,
+                 "templates": "simple"},
+}
+TASKS = {"blip2_opt": ["vqav2", "nocaps"], "blip2_t5": ["vqav2", "nocaps"], "instructblip": ["vqav2"],
+         "clip": ["flickr30k", "imagenet"], "blip2_retrieval": ["flickr30k"], "blip_caption": ["nocaps"]}
+
+
+def _run(*args):
+    main(["--threads", "2", *map(str, args)])
+
+
+def _expected_by_submodel(model_dir, layer_sparsity):
+    """What Wanda must reach: in every row of a layer, round(columns x ratio) weights pruned
+    (so tiny 32-column layers land within 1/64 of their ratio; real layers far closer)."""
+    from ecoflap.models.adapters import adapter_for
+    from ecoflap.models.layout import skeleton_of_folder
+    from ecoflap.pruning.masks import row_prune_count
+
+    skeleton = skeleton_of_folder(model_dir)
+    adapter = adapter_for(skeleton)
+    sub_of_block = adapter.submodel_of_block(skeleton)
+    zeros, sizes = {}, {}
+    for block, module in adapter.named_blocks(skeleton):
+        for name, layer in adapter.prunable_layers(module).items():
+            full = f"{block}.{name}"
+            if full in layer_sparsity:
+                rows, cols = layer.weight.shape
+                g = sub_of_block[block]
+                zeros[g] = zeros.get(g, 0) + rows * row_prune_count(cols, layer_sparsity[full])
+                sizes[g] = sizes.get(g, 0) + rows * cols
+    return {g: zeros[g] / sizes[g] for g in sizes}, sum(zeros.values()) / sum(sizes.values())
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """Download (local copy), layout and calibration for every tiny family, once."""
+    out = {}
+    for kind in TASKS:
+        work = tmp_path_factory.mktemp(kind)
+        src = vl_models.build(kind, work / "src")
+        _run("download", "--spec", json.dumps({"source": "local", "path": str(src)}), "--out", work / "model",
+             "--layout", work / "layout.json")
+        _run("calibrate", "--model", work / "model", "--source", "cc3m", "--pairs", FIX / "cc3m/pairs.tsv",
+             "--image-root", FIX / "cc3m", "--n-samples", 4, "--prompt", "a photo of", "--out", work / "calib.safetensors")
+        out[kind] = work
+    return out
+
+
+@pytest.mark.parametrize("kind", list(TASKS))
+def test_score_allocate_prune_evaluate(pipelines, kind):
+    work = pipelines[kind]
+    common = ["--model", work / "model", "--device", "cpu", "--dtype", "float32", "--calibration", work / "calib.safetensors"]
+    _run("score", *common, "--kind", "zeroth_order", "--granularity", "block", "--batch-size", 2, "--out", work / "zo.json")
+    scores = json.loads((work / "zo.json").read_text())["scores"]
+    layout = json.loads((work / "layout.json").read_text())
+    # fp32 finite differences of a random tiny model can round to 0 for the vision blocks
+    assert set(scores) == set(layout["layout"]) and all(v >= 0 for v in scores.values()) and sum(scores.values()) > 0
+    _run("allocate", "--layout", work / "layout.json", "--kind", "ecoflap", "--scores", work / "zo.json", "--target", 0.5,
+         "--out", work / "alloc.json")
+    _run("prune", *common, "--allocation", work / "alloc.json", "--pruner", "wanda", "--batch-size", 2,
+         "--out", work / "pruned", "--report", work / "pruning.json")
+    report = json.loads((work / "pruning.json").read_text())
+    alloc = json.loads((work / "alloc.json").read_text())
+    assert alloc["planned_global_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    by_sub, overall = _expected_by_submodel(work / "model", alloc["layer_sparsity"])
+    assert report["global_sparsity"] == pytest.approx(overall, abs=1e-9)
+    assert report["submodel_sparsity"] == pytest.approx(by_sub, abs=1e-9)
+    for name in TASKS[kind]:
+        _run("evaluate", "--model", work / "pruned", "--device", "cpu", "--dtype", "float32", "--task",
+             EVALS[name]["task"], "--spec", json.dumps(EVALS[name]), "--out", work / f"{name}.json")
+        metrics = json.loads((work / f"{name}.json").read_text())["metrics"]
+        main_metric = {"vqav2": "accuracy", "nocaps": "CIDEr", "flickr30k": "TR@1", "imagenet": "top1"}[name]
+        assert 0 <= metrics[main_metric] <= 100 or name == "nocaps"
+
+
+def test_global_and_per_submodel_budgets_differ_and_both_hit_the_target(pipelines, tmp_path):
+    """BLIP-2 at 0.5: one budget lets the towers' sparsities differ; one budget per
+    sub-model holds each at 0.5. Both prune exactly 0.5 of the prunable weights."""
+    work = pipelines["blip2_opt"]
+    common = ["--model", work / "model", "--device", "cpu", "--dtype", "float32", "--calibration", work / "calib.safetensors"]
+    _run("score", *common, "--kind", "first_order", "--batch-size", 2, "--out", tmp_path / "fo.json")
+    achieved = {}
+    for scope in ("global", "submodel"):
+        _run("allocate", "--layout", work / "layout.json", "--kind", "ecoflap", "--scores", tmp_path / "fo.json",
+             "--target", 0.5, "--scope", scope, "--out", tmp_path / f"{scope}.json")
+        alloc = json.loads((tmp_path / f"{scope}.json").read_text())
+        assert alloc["planned_global_sparsity"] == pytest.approx(0.5, abs=1e-6)
+        _run("prune", *common, "--allocation", tmp_path / f"{scope}.json", "--pruner", "wanda", "--batch-size", 2,
+             "--out", tmp_path / f"{scope}_model", "--report", tmp_path / f"{scope}_pruning.json")
+        achieved[scope] = json.loads((tmp_path / f"{scope}_pruning.json").read_text())
+    planned = {}
+    for scope, rep in achieved.items():
+        alloc = json.loads((tmp_path / f"{scope}.json").read_text())
+        planned[scope] = alloc["planned_submodel_sparsity"]
+        by_sub, overall = _expected_by_submodel(work / "model", alloc["layer_sparsity"])
+        assert rep["global_sparsity"] == pytest.approx(overall, abs=1e-9), scope
+        assert rep["submodel_sparsity"] == pytest.approx(by_sub, abs=1e-9), scope
+        assert abs(overall - 0.5) < 1 / 64, scope  # per-row rounding of 32-column layers
+    assert set(planned["global"]) == {"vision", "qformer", "language"}
+    assert all(v == pytest.approx(0.5, abs=1e-6) for v in planned["submodel"].values())
+    assert max(abs(v - 0.5) for v in planned["global"].values()) > 0.01
+    print("planned per-sub-model sparsity:", json.dumps(planned))
+    print("achieved:", json.dumps({s: r["submodel_sparsity"] for s, r in achieved.items()}))
+
+
+def test_only_chosen_submodels_are_pruned(pipelines, tmp_path):
+    work = pipelines["blip2_t5"]
+    _run("allocate", "--layout", work / "layout.json", "--kind", "uniform", "--target", 0.5,
+         "--submodels", "vision", "language", "--out", tmp_path / "alloc.json")
+    _run("prune", "--model", work / "model", "--device", "cpu", "--dtype", "float32", "--calibration",
+         work / "calib.safetensors", "--allocation", tmp_path / "alloc.json", "--pruner", "wanda", "--batch-size", 2,
+         "--out", tmp_path / "pruned", "--report", tmp_path / "pruning.json")
+    from ecoflap.models.loading import load_model
+
+    pruned, _ = load_model(tmp_path / "pruned", torch.device("cpu"), torch.float32)
+    dense, _ = load_model(work / "model", torch.device("cpu"), torch.float32)
+    assert torch.equal(pruned.qformer.encoder.layer[0].attention.attention.query.weight,
+                       dense.qformer.encoder.layer[0].attention.attention.query.weight)
+    w = pruned.language_model.decoder.block[1].layer[2].DenseReluDense.wo.weight
+    assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_language_model_is_calibrated_on_the_pruned_vision_side(pipelines):
+    """The language stack's captured inputs change once the vision tower is pruned."""
+    from ecoflap.allocation import ratios
+    from ecoflap.data.calibration import batches, load_calibration
+    from ecoflap.models.adapters import adapter_for, model_layout
+    from ecoflap.models.loading import load_model
+    from ecoflap.pruning.capture import capture_stack_inputs
+    from ecoflap.pruning.engine import prune_sequential
+    from ecoflap.pruning.methods import make_pruner
+
+    work = pipelines["blip2_opt"]
+    model, _ = load_model(work / "model", torch.device("cpu"), torch.float32)
+    adapter = adapter_for(model)
+    data = batches(load_calibration(work / "calib.safetensors"), 2)
+    language = adapter.stacks(model)[-1]
+    before = capture_stack_inputs(model, adapter, language, data, torch.device("cpu"))[0][0].hidden.clone()
+    layout = {b: v for b, v in model_layout(model, adapter).items() if b.startswith("vision_model.")}
+    per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
+    prune_sequential(model, adapter, make_pruner("wanda"), per_layer, data, torch.device("cpu"))
+    after = capture_stack_inputs(model, adapter, language, data, torch.device("cpu"))[0][0].hidden
+    image_part = slice(0, model.config.num_query_tokens)
+    assert not torch.allclose(before[:, image_part], after[:, image_part])
+    assert torch.equal(before[:, image_part.stop:], after[:, image_part.stop:])  # text embeddings untouched
+
+
+@pytest.mark.parametrize("kind", ["clip", "blip2_retrieval"])
+def test_retrieval_embeddings_match_the_models_own_scores(pipelines, kind):
+    """Our separately computed embeddings rank pairs exactly as the model's forward does."""
+    from ecoflap.data import vl_datasets as vd
+    from ecoflap.models.adapters import adapter_for
+    from ecoflap.models.loading import load_model
+
+    model, procs = load_model(pipelines[kind] / "model", torch.device("cpu"), torch.float32)
+    adapter = adapter_for(model)
+    images = [vd.open_image(p) for p in sorted((FIX / "flickr30k/flickr30k-images").glob("*.jpg"))[:3]]
+    texts = ["a red ball", "a green box seen from above", "two blue circles"]
+    ours = adapter.similarity(adapter.image_embeddings(model, procs, images), adapter.text_embeddings(model, procs, texts))
+    batch = adapter.calibration_batch(model, procs, images, texts, "")
+    with torch.no_grad():
+        out = model(**batch) if kind == "clip" else model(**batch, use_image_text_matching_head=False)
+    theirs = out.logits_per_image
+    scale = (theirs / ours).mean()
+    assert torch.allclose(ours * scale, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["blip2_t5", "instructblip", "clip"])
+def test_checkpointed_scores_equal_full_backward_across_stacks(pipelines, kind):
+    """The fast scorer's exact gradients flow from the language model back through the
+    projection and the Q-Former into the vision tower: |w g| per block equals a full backward."""
+    from ecoflap.data.calibration import batches, load_calibration
+    from ecoflap.models.adapters import adapter_for
+    from ecoflap.models.loading import load_model
+    from ecoflap.scoring.checkpointed import checkpointed_gradient_scores
+    from ecoflap.scoring.first_order import first_order_scores
+
+    model, _ = load_model(pipelines[kind] / "model", torch.device("cpu"), torch.float64)
+    adapter = adapter_for(model)
+    data = batches({k: v.double() if v.is_floating_point() else v
+                    for k, v in load_calibration(pipelines[kind] / "calib.safetensors").items()}, 2)
+    fast = checkpointed_gradient_scores(model, adapter, data, torch.device("cpu"), "block", "abs_wg")
+    full = first_order_scores(model, adapter, data, torch.device("cpu"), "block", "abs_wg")
+    assert fast == pytest.approx(full, rel=1e-9)
+    assert all(v > 0 for v in fast.values())
+    assert {b.split(".")[0] for b in fast} >= {"vision_model"}
