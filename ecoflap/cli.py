@@ -72,7 +72,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     meta = {"source": args.source, "seed": str(args.seed)}
     inputs = {"model": args.model}
-    if args.source in ("cc3m", "coco"):
+    if args.source in ("cc3m", "coco", "fashion-mnist"):
         paths = {k: v for k, v in (("pairs", args.pairs), ("image_root", args.image_root), ("captions", args.captions),
                                    ("image_dir", args.image_dir), ("cache_dir", args.cache_dir)) if v}
         data = build_image_caption_calibration(args.model, args.source, args.n_samples, args.seed, paths, args.prompt)
@@ -167,7 +167,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from ecoflap.pruning.engine import prune_sequential
     from ecoflap.pruning.masks import parse_nm
     from ecoflap.pruning.methods import make_pruner
-    from ecoflap.utils.io import atomic_path
+    from ecoflap.utils.io import atomic_path, write_checksums
 
     t0 = time.perf_counter()
     seed_everything(args.seed)
@@ -187,6 +187,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     with atomic_path(args.out, is_dir=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        write_checksums(tmp)
     inputs = {"model": args.model, "allocation": args.allocation}
     if pruner.needs_activations:
         inputs["calibration"] = args.calibration
@@ -271,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="build seeded calibration windows")
     p.add_argument("--model", required=True)
     p.add_argument("--source", default="austen-emma",
-                   help="text: c4 or an embedded text (austen-emma); image-caption pairs: cc3m or coco")
+                   help="text: c4 or an embedded text (austen-emma); image-caption pairs: cc3m, coco or the "
+                        "embedded fashion-mnist")
     p.add_argument("--pairs", help="cc3m: TSV/CSV/JSONL of image paths and captions, or webdataset .tar shards")
     p.add_argument("--image-root", help="cc3m: folder the pair list's relative image paths start from")
     p.add_argument("--captions", help="coco: captions_train2017.json")

@@ -144,15 +144,6 @@ def _reference_errors(config: dict[str, Any]) -> list[str]:
     return errors
 
 
-# what each vision-language dataset reads (keys of its evaluation entry)
-DATASET_FILES = {"vqav2": ("questions", "annotations", "image_dir"), "okvqa": ("questions", "annotations", "image_dir"),
-                 "gqa": ("questions", "image_dir"), "nocaps": ("annotations", "image_dir"),
-                 "coco_karpathy": ("karpathy_json", "image_root"), "flickr30k": ("karpathy_json", "image_dir"),
-                 "imagenet": ("val_dir",)}
-DATASET_TASK = {"vqav2": "vqa", "okvqa": "vqa", "gqa": "vqa", "nocaps": "caption", "coco_karpathy": "caption",
-                "flickr30k": "retrieval", "imagenet": "classification"}
-
-
 def evaluation_task(name: str, entry: dict[str, Any]) -> str:
     return name if name in ("perplexity", "lm_eval") else entry["task"]
 
@@ -174,7 +165,7 @@ def model_evaluations(config: dict[str, Any], model: str) -> list[str]:
 
 
 def _family_errors(config: dict[str, Any]) -> list[str]:
-    from ecoflap.models.families import FAMILIES, IMAGE_SOURCES
+    from ecoflap.models.families import DATASET_FILES, DATASET_TASK, FAMILIES, IMAGE_SOURCES
 
     errors = []
     evaluation = config.get("evaluation", {})
@@ -188,7 +179,7 @@ def _family_errors(config: dict[str, Any]) -> list[str]:
         for key in DATASET_FILES[e["dataset"]]:
             if not e.get(key):
                 errors.append(f"config key evaluation.{name}.{key}: missing; {e['dataset']} reads "
-                              f"{', '.join(DATASET_FILES[e['dataset']])} (see README, 'Vision-language data')")
+                              f"{', '.join(DATASET_FILES[e['dataset']])} (README, section 'Evaluation data', says where to get them)")
     block_rerunning = {n: s for n, s in config.get("scorers", {}).items()
                        if s["kind"] == "zeroth_order" and s.get("reuse_block_inputs", True)}
     for model, spec in config["models"].items():
@@ -206,6 +197,12 @@ def _family_errors(config: dict[str, Any]) -> list[str]:
                 errors.append(f"config key models.{model}.evaluate: {family} cannot do {n!r} "
                               f"(task {evaluation_task(n, evaluation[n])}; allowed tasks: {', '.join(fam.tasks)})")
         calib = model_calibration(config, model)
+        overridden = "n_samples" in spec.get("calibration", {})  # the top-level count is checked above
+        for key, n in [(f"scorers.{s}.n_samples", v.get("n_samples")) for s, v in config.get("scorers", {}).items()] \
+                + [("pruning.n_samples", config.get("pruning", {}).get("n_samples"))]:
+            if overridden and n is not None and n > calib["n_samples"]:
+                errors.append(f"config key {key}: {n} exceeds the {calib['n_samples']} calibration samples of "
+                              f"model {model} (allowed: <= {calib['n_samples']})")
         if fam.image_calibration != (calib["source"] in IMAGE_SOURCES):
             want = "image-caption pairs (cc3m or coco)" if fam.image_calibration else "text (austen-emma or c4)"
             errors.append(f"config key models.{model}.calibration.source: {family} calibrates on {want}, "

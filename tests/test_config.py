@@ -22,7 +22,7 @@ def check(mutate):
 
 def test_default_and_paper_configs_are_valid():
     validate_config(copy.deepcopy(DEFAULT))
-    for path in (REPO / "config" / "paper").glob("*.yaml"):
+    for path in [*(REPO / "config" / "paper").glob("*.yaml"), *(REPO / "config" / "embedded").glob("*.yaml")]:
         load_config(path)
 
 

@@ -31,3 +31,21 @@ def test_unreachable_hub_model_fails_clearly_and_leaves_nothing(tmp_path):
         fetch_model({"source": "hub", "id": "ecoflap-tests/no-such-model-xyz", "revision": "main"}, tmp_path / "m")
     assert not (tmp_path / "m").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_flipped_weight_byte_is_caught_on_load(tiny_dir, tmp_path):
+    """Corruption inside the tensor data leaves a readable safetensors file; the checksums
+    written with the checkpoint catch it before any stage uses the weights."""
+    import pytest
+    import torch
+
+    from ecoflap.models.loading import load_model
+
+    fetch_model({"source": "local", "path": str(tiny_dir)}, tmp_path / "model")
+    load_model(tmp_path / "model", torch.device("cpu"), torch.float32)  # intact: loads
+    weights = tmp_path / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.safetensors differs from when it was written.*download_model"):
+        load_model(tmp_path / "model", torch.device("cpu"), torch.float32)

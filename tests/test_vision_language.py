@@ -23,7 +23,8 @@ EVALS = {
                  "templates": "simple"},
 }
 TASKS = {"blip2_opt": ["vqav2", "nocaps"], "blip2_t5": ["vqav2", "nocaps"], "instructblip": ["vqav2"],
-         "clip": ["flickr30k", "imagenet"], "blip2_retrieval": ["flickr30k"], "blip_caption": ["nocaps"]}
+         "clip": ["flickr30k", "imagenet"], "blip2_retrieval": ["flickr30k"], "blip_caption": ["nocaps"],
+         "blip_vqa": ["vqav2"], "blip_retrieval": ["flickr30k"]}
 
 
 def _run(*args):
@@ -205,3 +206,47 @@ def test_checkpointed_scores_equal_full_backward_across_stacks(pipelines, kind):
     assert fast == pytest.approx(full, rel=1e-9)
     assert all(v > 0 for v in fast.values())
     assert {b.split(".")[0] for b in fast} >= {"vision_model"}
+
+
+def test_matching_head_scores_equal_the_models_own(pipelines):
+    """The re-ranking score (ITM match minus no-match logit, from cached ViT states) is what
+    Blip2ForImageTextRetrieval's own matching path gives for the same pairs."""
+    from ecoflap.data import vl_datasets as vd
+    from ecoflap.models.adapters import adapter_for
+    from ecoflap.models.loading import load_model
+
+    model, procs = load_model(pipelines["blip2_retrieval"] / "model", torch.device("cpu"), torch.float32)
+    adapter = adapter_for(model)
+    images = [vd.open_image(p) for p in sorted((FIX / "flickr30k/flickr30k-images").glob("*.jpg"))[:2]]
+    texts = ["a red ball", "two blue circles on a white plate"]
+    ours = adapter.match_logits(model, procs, adapter.vision_states(model, procs, images), texts)
+    enc = procs.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        theirs = model(pixel_values=procs.pixels(images), input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                       use_image_text_matching_head=True).logits_per_image
+    assert torch.allclose(ours, theirs[:, 1] - theirs[:, 0], atol=1e-5)
+
+
+def test_padding_never_reaches_the_pruning_statistics(pipelines):
+    """Changing only the token ids at padded positions must not change a single mask."""
+    from ecoflap.allocation import ratios
+    from ecoflap.data.calibration import batches, load_calibration
+    from ecoflap.models.adapters import adapter_for, model_layout
+    from ecoflap.models.loading import load_model
+    from ecoflap.pruning.engine import prune_sequential
+    from ecoflap.pruning.methods import make_pruner
+
+    data = load_calibration(pipelines["clip"] / "calib.safetensors")
+    assert (data["attention_mask"] == 0).any()  # the fixture captions differ in length
+    other = dict(data, input_ids=data["input_ids"].masked_fill(data["attention_mask"] == 0, 7))
+    hashes = {}
+    for pruner in ("wanda", "sparsegpt"):
+        for name, calib in (("padded", data), ("other padding", other)):
+            model, _ = load_model(pipelines["clip"] / "model", torch.device("cpu"), torch.float32)
+            adapter = adapter_for(model)
+            layout = model_layout(model, adapter)
+            per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
+            hashes[pruner, name] = prune_sequential(model, adapter, make_pruner(pruner), per_layer,
+                                                    batches(calib, 2), torch.device("cpu")).mask_sha256
+    for pruner in ("wanda", "sparsegpt"):
+        assert hashes[pruner, "padded"] == hashes[pruner, "other padding"], pruner

@@ -1,6 +1,7 @@
 """Tiny randomly initialised vision-language models built in code, saved with processors
 (no network): BLIP-2 with OPT and with T5, InstructBLIP with a LLaMA-family LM, BLIP-2's
-Q-Former retriever, CLIP and BLIP captioning. 32x32 images, 2 blocks per stack."""
+Q-Former retriever, CLIP, and BLIP's captioner, VQA model and retriever. 32x32 images,
+2 blocks per stack."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -76,12 +77,14 @@ def build(kind: str, out: Path, seed: int = 0) -> Path:
                            vision_config=VISION, projection_dim=16)
         model = T.CLIPModel(cfg)
         pix = T.CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
-    elif kind == "blip_caption":
+    elif kind in ("blip_caption", "blip_vqa", "blip_retrieval"):
         cfg = T.BlipConfig(text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                                             num_hidden_layers=2, num_attention_heads=4, encoder_hidden_size=32,
                                             bos_token_id=1, eos_token_id=2, pad_token_id=0, sep_token_id=2),
-                           vision_config=VISION, projection_dim=16)
-        model = T.BlipForConditionalGeneration(cfg)
+                           vision_config=VISION, projection_dim=16, image_text_hidden_size=16)
+        cls = {"blip_caption": T.BlipForConditionalGeneration, "blip_vqa": T.BlipForQuestionAnswering,
+               "blip_retrieval": T.BlipForImageTextRetrieval}[kind]
+        model = cls(cfg)
         pix = blip_pix
     else:
         raise ValueError(kind)

@@ -93,15 +93,21 @@ def build_image_caption_calibration(model_dir: str | Path, source: str, n_sample
     elif source == "coco":
         pairs = vd.load_coco_caption_pairs(_required(paths, "captions", source), _required(paths, "image_dir", source),
                                            n=n_samples, seed=seed)
+    elif source == "fashion-mnist":  # vendored: images in memory, no files to open
+        from ecoflap.data import fashion_mnist
+
+        images, captions = zip(*fashion_mnist.caption_pairs(n_samples, seed))
+        pairs = None
     else:
-        raise ValueError(f"unknown image-caption calibration source {source!r} (allowed: cc3m, coco)")
+        raise ValueError(f"unknown image-caption calibration source {source!r} (allowed: cc3m, coco, fashion-mnist)")
     skeleton = skeleton_of_folder(model_dir)  # the adapter only needs the config
     adapter = adapter_for(skeleton)
     if not hasattr(adapter, "calibration_batch"):
         raise ValueError(f"{adapter.family} is a language model; calibrate it on text (source austen-emma or c4)")
     procs = load_processors(Path(model_dir))
-    images = [vd.open_image(p.image_path) for p in pairs]
-    return adapter.calibration_batch(skeleton, procs, images, [p.caption for p in pairs], prompt)
+    if pairs is not None:
+        images, captions = [vd.open_image(p.image_path) for p in pairs], [p.caption for p in pairs]
+    return adapter.calibration_batch(skeleton, procs, list(images), list(captions), prompt)
 
 
 def _required(paths: dict[str, str], key: str, source: str) -> str:

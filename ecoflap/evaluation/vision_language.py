@@ -13,12 +13,11 @@ from tqdm import tqdm
 
 from ecoflap.data import vl_datasets as vd
 from ecoflap.evaluation import metrics as M
+from ecoflap.models.families import DATASET_TASK
 
 log = logging.getLogger(__name__)
 
 VQA_PROMPT = "Question: {} Short answer:"  # BLIP-2's zero-shot VQA prompt
-DATASET_TASK = {"vqav2": "vqa", "okvqa": "vqa", "gqa": "vqa", "nocaps": "caption", "coco_karpathy": "caption",
-                "flickr30k": "retrieval", "imagenet": "classification"}
 
 
 def _chunks(items: list, size: int):
@@ -43,7 +42,7 @@ def _vqa(model, procs, adapter, spec) -> tuple[dict, dict]:
     else:
         load = vd.load_vqav2 if ds == "vqav2" else vd.load_okvqa
         items = load(spec["questions"], spec["annotations"], spec["image_dir"], limit, config_key=key)
-    prompt = spec.get("prompt") or VQA_PROMPT
+    prompt = spec.get("prompt") or getattr(adapter, "vqa_prompt", VQA_PROMPT)
     preds = {}
     for chunk in tqdm(list(_chunks(items, spec.get("batch_size", 8))), desc=f"{ds} answers", unit="batch"):
         images = [vd.open_image(it.image_path) for it in chunk]
@@ -85,24 +84,67 @@ def _retrieval(model, procs, adapter, spec) -> tuple[dict, dict]:
                     model, procs, data.image_paths, bs, "image embeddings")
     texts = _embed(adapter.text_embeddings, model, procs, data.texts, bs, "text embeddings")
     sim = adapter.similarity(images, texts)
-    return M.retrieval_recall(sim, data.img_of_text, data.texts_of_image), {}
+    k = spec.get("rerank_k", 128)
+    if not k or not hasattr(adapter, "match_logits"):
+        return M.retrieval_recall(sim, data.img_of_text, data.texts_of_image), {}
+    # BLIP-2's protocol: re-rank each query's top k by the matching head (score = ITM + ITC)
+    i2t, t2i = _rerank(model, procs, adapter, data, sim, min(k, sim.shape[1]), min(k, sim.shape[0]), bs)
+    tr = M.retrieval_recall(i2t, data.img_of_text, data.texts_of_image)
+    ir = M.retrieval_recall(t2i, data.img_of_text, data.texts_of_image)
+    out = {key: v for key, v in tr.items() if key.startswith("TR")} | {key: v for key, v in ir.items() if key.startswith("IR")}
+    out["mean"] = sum(v for key, v in out.items() if "@" in key) / sum("@" in key for key in out)
+    out["rerank_k"] = k
+    return out, {}
 
 
-def _classification(model, procs, adapter, spec) -> tuple[dict, dict]:
+@torch.no_grad()
+def _rerank(model, procs, adapter, data, sim: torch.Tensor, k_text: int, k_image: int, bs: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    vision = torch.cat([adapter.vision_states(model, procs, [vd.open_image(p) for p in chunk]).cpu()
+                        for chunk in tqdm(list(_chunks(data.image_paths, bs)), desc="vision states", unit="batch")])
+    i2t = torch.full_like(sim, -1e4)
+    t2i = torch.full_like(sim, -1e4)
+    for i in tqdm(range(sim.shape[0]), desc="re-rank texts per image", unit="image"):
+        top = sim[i].topk(k_text).indices.tolist()
+        for chunk in _chunks(top, bs):
+            v = vision[i:i + 1].expand(len(chunk), -1, -1).to(model.device)
+            score = adapter.match_logits(model, procs, v, [data.texts[t] for t in chunk]).cpu()
+            i2t[i, chunk] = score + sim[i, chunk]
+    for t in tqdm(range(sim.shape[1]), desc="re-rank images per text", unit="text"):
+        top = sim[:, t].topk(k_image).indices.tolist()
+        for chunk in _chunks(top, bs):
+            score = adapter.match_logits(model, procs, vision[chunk].to(model.device), [data.texts[t]] * len(chunk)).cpu()
+            t2i[chunk, t] = score + sim[chunk, t]
+    return i2t, t2i
+
+
+def _classification_set(spec) -> tuple[list, list[int], tuple[str, ...], tuple[str, ...]]:
+    """(image loaders, labels, class names, prompt templates) of a classification dataset."""
+    if spec["dataset"] == "fashion_mnist":  # vendored test subset, in memory
+        from ecoflap.data import fashion_mnist as fm
+
+        images, labels = fm.load_split("test")
+        n = spec.get("limit") or len(labels)
+        return [lambda a=a: fm.to_image(a) for a in images[:n]], [int(y) for y in labels[:n]], fm.CLASSES, fm.TEMPLATES
     from ecoflap.data.imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_SIMPLE_TEMPLATES, IMAGENET_TEMPLATES
 
     items = vd.load_imagenet_val(spec["val_dir"], spec.get("limit"), allow_subset=spec.get("limit") is not None,
                                  config_key=_key(spec))
     templates = IMAGENET_TEMPLATES if spec.get("templates", "ensemble") == "ensemble" else IMAGENET_SIMPLE_TEMPLATES
-    bs = spec.get("batch_size", 32)
+    return ([lambda p=i.image_path: vd.open_image(p) for i in items], [i.label for i in items],
+            tuple(IMAGENET_CLASSNAMES), tuple(templates))
+
+
+def _classification(model, procs, adapter, spec) -> tuple[dict, dict]:
+    loaders, labels, classnames, templates = _classification_set(spec)
     classes = []
-    for name in tqdm(IMAGENET_CLASSNAMES, desc="class embeddings (prompt ensemble)", unit="class"):
+    for name in tqdm(classnames, desc="class embeddings (prompt ensemble)", unit="class"):
         emb = adapter.text_embeddings(model, procs, [t.format(name) for t in templates]).mean(0)
         classes.append(torch.nn.functional.normalize(emb, dim=-1).cpu())
-    images = _embed(lambda m, p, its: adapter.image_embeddings(m, p, [vd.open_image(i.image_path) for i in its]),
-                    model, procs, items, bs, "image embeddings")
+    images = _embed(lambda m, p, chunk: adapter.image_embeddings(m, p, [load() for load in chunk]),
+                    model, procs, loaders, spec.get("batch_size", 32), "image embeddings")
     logits = images @ torch.stack(classes).t()
-    return M.topk_accuracy(logits, torch.tensor([i.label for i in items])), {}
+    return M.topk_accuracy(logits, torch.tensor(labels)), {}
 
 
 RUNNERS = {"vqa": _vqa, "caption": _caption, "retrieval": _retrieval, "classification": _classification}

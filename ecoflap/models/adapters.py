@@ -48,6 +48,8 @@ class Stack:
     calls: how many times one forward pass runs the stack (BLIP-2's retrieval model runs
     its Q-Former once on the image queries and once on the text); each run is calibration
     data of its own.
+    mask_key: the batch entry marking the stack's real (non-padding) positions, so padding
+    does not enter the pruners' activation statistics ("labels": those not -100).
     """
 
     name: str
@@ -55,6 +57,7 @@ class Stack:
     submodel: str
     per_block_inputs: bool = False
     calls: int = 1
+    mask_key: str | None = None
 
 
 class Adapter:

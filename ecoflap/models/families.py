@@ -26,4 +26,12 @@ FAMILIES: dict[str, Family] = {
 }
 
 TEXT_SOURCES = ("austen-emma", "c4")
-IMAGE_SOURCES = ("cc3m", "coco")
+IMAGE_SOURCES = ("cc3m", "coco", "fashion-mnist")
+
+# vision-language evaluation datasets: their task, and the files (keys of the evaluation entry) they read
+DATASET_TASK = {"vqav2": "vqa", "okvqa": "vqa", "gqa": "vqa", "nocaps": "caption", "coco_karpathy": "caption",
+                "flickr30k": "retrieval", "imagenet": "classification", "fashion_mnist": "classification"}
+DATASET_FILES = {"vqav2": ("questions", "annotations", "image_dir"), "okvqa": ("questions", "annotations", "image_dir"),
+                 "gqa": ("questions", "image_dir"), "nocaps": ("annotations", "image_dir"),
+                 "coco_karpathy": ("karpathy_json", "image_root"), "flickr30k": ("karpathy_json", "image_dir"),
+                 "imagenet": ("val_dir",), "fashion_mnist": ()}

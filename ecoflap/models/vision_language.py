@@ -98,9 +98,12 @@ def _language_stacks(model: nn.Module) -> list[Stack]:
     """The language model inside BLIP-2 / InstructBLIP: a T5 encoder-decoder or a decoder LM."""
     lm = model.language_model
     if lm.config.is_encoder_decoder:
-        return [Stack("language_encoder", "language_model.encoder.block", "language", per_block_inputs=True),
-                Stack("language_decoder", "language_model.decoder.block", "language", per_block_inputs=True)]
-    return [Stack("language", "language_model." + decoder_adapter(lm).blocks_path, "language")]
+        return [Stack("language_encoder", "language_model.encoder.block", "language", per_block_inputs=True,
+                      mask_key="attention_mask"),
+                Stack("language_decoder", "language_model.decoder.block", "language", per_block_inputs=True,
+                      mask_key="labels")]
+    return [Stack("language", "language_model." + decoder_adapter(lm).blocks_path, "language",
+                  mask_key="attention_mask")]
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class Blip2Adapter(VisionLanguageAdapter):
 
     family: str = "blip2"
     instructed: bool = False  # InstructBLIP: the Q-Former also reads the prompt
+    vqa_prompt: str = "Question: {} Short answer:"  # BLIP-2's zero-shot VQA prompt
 
     def stacks(self, model: nn.Module) -> list[Stack]:
         return [Stack("vision", "vision_model.encoder.layers", "vision"),
@@ -151,7 +155,10 @@ class Blip2Adapter(VisionLanguageAdapter):
         else:
             batch["input_ids"], batch["attention_mask"] = _pad(rows, pad), _mask(rows)
         if self.instructed:
-            qtok = procs.qformer_tokenizer or tok
+            if procs.qformer_tokenizer is None:
+                raise ValueError("InstructBLIP needs its Q-Former tokenizer (qformer_tokenizer/ beside the checkpoint); "
+                                 "the language model's tokenizer gives the Q-Former wrong token ids")
+            qtok = procs.qformer_tokenizer
             qrows = [_ids(qtok, p) for p in prompts]
             batch["qformer_input_ids"] = _pad(qrows, qtok.pad_token_id or 0)
             batch["qformer_attention_mask"] = _mask(qrows)
@@ -181,7 +188,7 @@ class ClipAdapter(VisionLanguageAdapter):
 
     def stacks(self, model):
         return [Stack("vision", "vision_model.encoder.layers", "vision"),
-                Stack("text", "text_model.encoder.layers", "language")]
+                Stack("text", "text_model.encoder.layers", "language", mask_key="attention_mask")]
 
     def _text(self, model, procs, texts):
         return procs.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
@@ -214,6 +221,7 @@ class Blip2RetrievalAdapter(VisionLanguageAdapter):
     contrastive loss; similarity = max over the query embeddings, as BLIP-2 scores ITC."""
 
     family: str = "blip2_retrieval"
+    temperature: float = 0.07
 
     def stacks(self, model):
         # the Q-Former runs twice per forward: on the image queries, then on the caption
@@ -233,8 +241,10 @@ class Blip2RetrievalAdapter(VisionLanguageAdapter):
         return {"pixel_values": procs.pixels(images), "input_ids": ids, "attention_mask": mask}
 
     def loss(self, model, batch):
+        # logits_per_image are raw cosines here; BLIP-2 trains its contrastive loss on
+        # cosine / temperature (learned, initialised at 0.07; the HF class does not keep it)
         out = model(**batch, use_image_text_matching_head=False)
-        return _contrastive(out.logits_per_image)
+        return _contrastive(out.logits_per_image / self.temperature)
 
     @torch.no_grad()
     def image_embeddings(self, model, procs, images):
@@ -243,14 +253,38 @@ class Blip2RetrievalAdapter(VisionLanguageAdapter):
         queries = model.query_tokens.expand(image.shape[0], -1, -1)
         mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
         q = model.qformer(query_embeds=queries, encoder_hidden_states=image, encoder_attention_mask=mask)
-        return F.normalize(at_least_fp32(model.vision_projection(q.last_hidden_state)), dim=-1)
+        proj = model.vision_projection  # the Q-Former stays fp32 when the model loads in fp16
+        return F.normalize(at_least_fp32(proj(q.last_hidden_state.to(proj.weight.dtype))), dim=-1)
 
     @torch.no_grad()
     def text_embeddings(self, model, procs, texts):
         enc = self._text(model, procs, texts).to(model.device)
         emb = model.embeddings(input_ids=enc.input_ids)
         out = model.qformer(query_embeds=emb, query_length=0, attention_mask=enc.attention_mask)
-        return F.normalize(at_least_fp32(model.text_projection(out.last_hidden_state[:, 0])), dim=-1)
+        proj = model.text_projection
+        return F.normalize(at_least_fp32(proj(out.last_hidden_state[:, 0].to(proj.weight.dtype))), dim=-1)
+
+    @torch.no_grad()
+    def vision_states(self, model, procs, images):
+        """The ViT's output for the matching head (kept per image for re-ranking)."""
+        pix = procs.pixels(images).to(model.device, model.dtype)
+        return model.vision_model(pixel_values=pix).last_hidden_state
+
+    @torch.no_grad()
+    def match_logits(self, model, procs, vision, texts):
+        """Image-text matching logit (match minus no-match) of each (vision[i], texts[i]),
+        as the model's use_image_text_matching_head=True path computes it."""
+        enc = self._text(model, procs, texts).to(model.device)
+        queries = model.query_tokens.expand(vision.shape[0], -1, -1)
+        emb = model.embeddings(input_ids=enc.input_ids, query_embeds=queries)
+        mask = torch.cat([torch.ones(queries.shape[:-1], dtype=enc.attention_mask.dtype, device=model.device),
+                          enc.attention_mask], 1)
+        image_mask = torch.ones(vision.shape[:-1], dtype=torch.long, device=vision.device)
+        out = model.qformer(query_embeds=emb, query_length=queries.shape[1], attention_mask=mask,
+                            encoder_hidden_states=vision, encoder_attention_mask=image_mask).last_hidden_state
+        head = model.itm_head
+        logits = at_least_fp32(head(out[:, :queries.shape[1]].to(head.weight.dtype)).mean(1))
+        return logits[:, 1] - logits[:, 0]
 
     def similarity(self, image_emb, text_emb):
         return torch.einsum("iqd,td->itq", image_emb, text_emb).amax(-1)
@@ -264,12 +298,14 @@ class BlipCaptionAdapter(VisionLanguageAdapter):
 
     def stacks(self, model):
         return [Stack("vision", "vision_model.encoder.layers", "vision"),
-                Stack("text_decoder", "text_decoder.bert.encoder.layer", "language")]
+                Stack("text_decoder", "text_decoder.bert.encoder.layer", "language", mask_key="attention_mask")]
 
     def calibration_batch(self, model, procs, images, captions, prompt):
         tok = procs.tokenizer
         n_prompt = len(_ids(tok, prompt)) - 1 if prompt else 1  # minus [SEP]; the first token is BOS
         rows = [_ids(tok, (prompt + " " + c).strip()) for c in captions]
+        for r in rows:  # the decoder starts from [DEC], not [CLS] (as BLIP trains and generates)
+            r[0] = model.config.text_config.bos_token_id
         labels = _pad([[-100] * n_prompt + r[n_prompt:] for r in rows], -100)
         return {"pixel_values": procs.pixels(images), "input_ids": _pad(rows, tok.pad_token_id or 0),
                 "attention_mask": _mask(rows), "labels": labels}
@@ -294,19 +330,25 @@ class BlipVqaAdapter(VisionLanguageAdapter):
 
     family: str = "blip_vqa"
     question: str = "what does the picture show?"
+    vqa_prompt: str = "{}"  # BLIP VQA was trained on bare questions
 
     def stacks(self, model):
         return [Stack("vision", "vision_model.encoder.layers", "vision"),
-                Stack("text_encoder", "text_encoder.encoder.layer", "language"),
-                Stack("text_decoder", "text_decoder.bert.encoder.layer", "language")]
+                Stack("text_encoder", "text_encoder.encoder.layer", "language", mask_key="attention_mask"),
+                Stack("text_decoder", "text_decoder.bert.encoder.layer", "language",
+                      mask_key="decoder_attention_mask")]
 
     def calibration_batch(self, model, procs, images, captions, prompt):
         tok = procs.tokenizer
         q = tok([prompt or self.question] * len(captions), padding=True, return_tensors="pt")
         a = tok(captions, padding=True, return_tensors="pt")
-        labels = a.input_ids.masked_fill(a.attention_mask == 0, -100)
+        # the answer decoder starts from [DEC] (as generate does), and reads these ids as its
+        # inputs, so padding stays a real token id there and is masked only in the labels
+        dec = a.input_ids.clone()
+        dec[:, 0] = model.config.text_config.bos_token_id
         return {"pixel_values": procs.pixels(images), "input_ids": q.input_ids, "attention_mask": q.attention_mask,
-                "labels": labels}
+                "decoder_input_ids": dec, "decoder_attention_mask": a.attention_mask,
+                "labels": dec.masked_fill(a.attention_mask == 0, -100)}
 
     @torch.no_grad()
     def generate(self, model, procs, images, prompts, gen_kwargs):
@@ -326,8 +368,10 @@ class BlipRetrievalAdapter(VisionLanguageAdapter):
     temperature: float = 0.07
 
     def stacks(self, model):
+        # the loss runs the text encoder twice: text only (contrastive), then with
+        # cross-attention to the image (matching); both runs are calibration data
         return [Stack("vision", "vision_model.encoder.layers", "vision"),
-                Stack("text_encoder", "text_encoder.encoder.layer", "language")]
+                Stack("text_encoder", "text_encoder.encoder.layer", "language", calls=2, mask_key="attention_mask")]
 
     def calibration_batch(self, model, procs, images, captions, prompt):
         enc = procs.tokenizer(captions, padding=True, truncation=True, max_length=64, return_tensors="pt")

@@ -28,9 +28,23 @@ class BlockInput:
     args: tuple  # positional arguments after the hidden states
     kwargs: dict[str, Any]
     batch: Batch  # kept for the loss at the end of the model
+    valid: torch.Tensor | None = None  # [batch, positions]: False at padding
 
     def with_hidden(self, hidden: torch.Tensor) -> "BlockInput":
-        return BlockInput(hidden, self.args, self.kwargs, self.batch)
+        return BlockInput(hidden, self.args, self.kwargs, self.batch, self.valid)
+
+    def real_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """A layer input without its padding positions (statistics must not see padding)."""
+        if self.valid is not None and x.shape[:-1] == self.valid.shape:
+            return x[self.valid]
+        return x
+
+
+def valid_positions(stack: Stack, batch: Batch) -> torch.Tensor | None:
+    if stack.mask_key is None or stack.mask_key not in batch:
+        return None
+    mask = batch[stack.mask_key]
+    return mask != -100 if stack.mask_key == "labels" else mask.bool()
 
 
 class _StopForward(Exception):
@@ -83,8 +97,10 @@ def capture_stack_inputs(model: nn.Module, adapter: Adapter, stack: Stack, batch
             if len(calls) != expected:
                 raise RuntimeError(f"the calibration forward made {len(calls)} of {expected} expected block calls "
                                    f"in {stack.path}; the adapter's forward or Stack.calls is wrong")
+            valid = valid_positions(stack, batch)
             for c in range(stack.calls):
-                per_block = [BlockInput(h, a, k, batch) for h, a, k in calls[c * len(watched):(c + 1) * len(watched)]]
+                per_block = [BlockInput(h, a, k, batch, valid)
+                             for h, a, k in calls[c * len(watched):(c + 1) * len(watched)]]
                 out.append(per_block if stack.per_block_inputs else per_block * len(blocks))
     finally:
         for h in handles:

@@ -81,16 +81,18 @@ def _prune_block(block: nn.Module, prefix: str, adapter: Adapter, pruner, layer_
     log.info("%s: %d layers at sparsity %.3f-%.3f", prefix, len(layers), min(ratios), max(ratios))
     stats = {name: pruner.init_stats(layer) for name, layer in layers.items()}
     seen = {name: 0 for name in layers}
+    running: list[BlockInput] = []  # the input being run, so hooks can drop its padding
     if pruner.needs_activations:
         def record(name: str):
             def hook(_m, args, _out):
                 seen[name] += 1
-                pruner.add_batch(stats[name], args[0])
+                pruner.add_batch(stats[name], running[-1].real_positions(args[0]))
             return hook
 
         hooks = [layer.register_forward_hook(record(name)) for name, layer in layers.items()]
         try:
             for inp in inputs:
+                running.append(inp)
                 run_block(block, inp)
         finally:
             for h in hooks:

@@ -151,8 +151,10 @@ def aggregate(results: Path, rows: list[str], out_dir: Path, reference: Path | N
         write_text(out_dir / "comparison.md", f"# {results.name}: ours vs published\n\nPublished: {ref.get('source', '')}\n\n"
                    + _markdown(comparison))
         log.info("ours vs published:\n%s", comparison.to_string(index=False))
+    # one headline panel per vision-language evaluation; the table keeps every metric
+    headline = ("accuracy", "CIDEr", "TR@1", "IR@1", "top1")
     metrics = [c for c in table.columns if c.startswith("perplexity (") or c.endswith(" acc")
-               or (c in quality and not c.endswith(" n") and c != "ppl_tokens")]
+               or (any(c.startswith(f"{e} ") for e in evals) and c.split(" ", 1)[1] in headline)]
     if metrics:
         plot_metrics(table, metrics, out_dir / "metrics.png", results.name)
     layout = read_json(results / "layout.json")["layout"]

@@ -23,9 +23,15 @@ def outlier_ratios(model: nn.Module, adapter: Adapter, batches: list[Batch], dev
         for j, block in enumerate(tqdm(blocks, desc=f"OWL outlier ratios ({stack.name})", unit="block")):
             layers = adapter.prunable_layers(block)
             stats = {n: wanda.init_stats(layer) for n, layer in layers.items()}
-            hooks = [layer.register_forward_hook(lambda _m, a, _o, n=n: wanda.add_batch(stats[n], a[0]))
-                     for n, layer in layers.items()]
-            hidden = [run_block(block, per_block[j].with_hidden(h)) for per_block, h in zip(inputs, hidden)]
+            running = []  # the input being run, so hooks can drop its padding
+            hooks = [layer.register_forward_hook(
+                lambda _m, a, _o, n=n: wanda.add_batch(stats[n], running[-1].real_positions(a[0])))
+                for n, layer in layers.items()]
+            outputs = []
+            for per_block, h in zip(inputs, hidden):
+                running.append(per_block[j].with_hidden(h))
+                outputs.append(run_block(block, running[-1]))
+            hidden = outputs
             for h in hooks:
                 h.remove()
             metric = torch.cat([(layer.weight.abs().float() * stats[n].sqrt().unsqueeze(0)).flatten()

@@ -112,6 +112,30 @@ def sha256_path(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+CHECKSUMS = "ecoflap_checksums.json"
+
+
+def write_checksums(folder: str | os.PathLike) -> None:
+    """Record the SHA-256 of a checkpoint's weight files beside them, so every later load
+    notices a file that changed on disk (a bad copy, a flipped byte) instead of using it."""
+    folder = Path(folder)
+    sums = {f.name: sha256_file(f) for f in sorted(folder.glob("*.safetensors"))}
+    write_json(folder / CHECKSUMS, sums)
+
+
+def verify_checksums(folder: str | os.PathLike) -> None:
+    folder = Path(folder)
+    record = folder / CHECKSUMS
+    if not record.exists():
+        return  # a folder we did not write (e.g. a user's local model before its copy)
+    for name, expected in read_json(record).items():
+        f = folder / name
+        if not f.exists() or sha256_file(f) != expected:
+            raise ValueError(f"{f} differs from when it was written (SHA-256 mismatch or missing); delete {folder} "
+                             "and rerun the rule that writes it (download_model for results/<model>/model, prune "
+                             "for a pruned checkpoint)")
+
+
 def git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:

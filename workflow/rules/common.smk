@@ -34,7 +34,7 @@ def evals_of(model):
 def calibration_args(wc):
     c = model_calibration(config, wc.model)
     args = [f"--source {c['source']}", f"--n-samples {c['n_samples']}", f"--seed {config['seed']}"]
-    if c["source"] in ("cc3m", "coco"):
+    if c["source"] in ("cc3m", "coco", "fashion-mnist"):
         for key in ("pairs", "image_root", "captions", "image_dir", "cache_dir"):
             if c.get(key):
                 args.append(f"--{key.replace('_', '-')} {shlex.quote(str(c[key]))}")
@@ -104,7 +104,7 @@ def model_dir(wc):
 
 def scorer_args(wc):
     s = config["scorers"][wc.scorer]
-    n = s.get("n_samples", config["calibration"]["n_samples"])
+    n = s.get("n_samples", model_calibration(config, wc.model)["n_samples"])
     args = [f"--kind {s['kind']}", f"--n-samples {n}", f"--batch-size {s['batch_size']}"]
     if s["kind"] == "zeroth_order":
         args += [f"--granularity {s['granularity']}", f"--eps {s['eps']}"]
@@ -144,7 +144,7 @@ def allocation_args(wc, input):
 def prune_args(wc):
     p = config["pruning"]
     _target, nm = parse_label(wc.sparsity)
-    n = p.get("n_samples", config["calibration"]["n_samples"])
+    n = p.get("n_samples", model_calibration(config, wc.model)["n_samples"])
     args = [f"--pruner {method(wc)['pruner']}", f"--n-samples {n}", f"--batch-size {p['batch_size']}",
             f"--sparsegpt-damp {p['sparsegpt_damp']}", f"--sparsegpt-block-size {p['sparsegpt_block_size']}"]
     if nm:
