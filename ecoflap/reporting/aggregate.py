@@ -83,8 +83,9 @@ def collect_row(results: Path, row: str) -> dict[str, Any]:
         c = _cost(pruning, d / "benchmarks" / "prune.tsv")
         out["prune_s"], out["prune_mem_mb"] = c["s"], c["mem_mb"]
     for task in ("perplexity", "lm_eval"):
-        c = _cost(d / "eval" / f"{task}.json", d / "benchmarks" / f"{task}.tsv")
-        out[f"{task}_s"], out[f"{task}_mem_mb"] = c["s"], c["mem_mb"]
+        if (d / "eval" / f"{task}.json").exists():  # models without text evaluations get no empty columns
+            c = _cost(d / "eval" / f"{task}.json", d / "benchmarks" / f"{task}.tsv")
+            out[f"{task}_s"], out[f"{task}_mem_mb"] = c["s"], c["mem_mb"]
     return out
 
 
