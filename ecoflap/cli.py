@@ -67,12 +67,13 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from ecoflap.data.calibration import build_calibration, build_image_caption_calibration, save_calibration
+    from ecoflap.models.families import IMAGE_SOURCES
     from ecoflap.utils.io import save_tensors
 
     t0 = time.perf_counter()
     meta = {"source": args.source, "seed": str(args.seed)}
     inputs = {"model": args.model}
-    if args.source in ("cc3m", "coco", "fashion-mnist"):
+    if args.source in IMAGE_SOURCES:
         paths = {k: v for k, v in (("pairs", args.pairs), ("image_root", args.image_root), ("captions", args.captions),
                                    ("image_dir", args.image_dir), ("cache_dir", args.cache_dir)) if v}
         data = build_image_caption_calibration(args.model, args.source, args.n_samples, args.seed, paths, args.prompt)
@@ -146,19 +147,15 @@ def cmd_allocate(args: argparse.Namespace) -> None:
     per_layer = ratios.expand_to_layers(unit, layout)
     layer_sizes = {k: n for v in layout.values() for k, n in v.items()}
     planned = sum(per_layer[k] * layer_sizes[k] for k in layer_sizes) / sum(layer_sizes.values())
-    by_submodel: dict[str, list[float]] = {}
-    for block, layers in layout.items():
-        acc = by_submodel.setdefault(submodel_of_block[block], [0.0, 0.0])
-        acc[0] += sum(per_layer[k] * n for k, n in layers.items())
-        acc[1] += sum(layers.values())
-    submodel_sparsity = {g: z / n for g, (z, n) in by_submodel.items()}
+    submodel_sparsity = ratios.sparsity_by_group(
+        per_layer, layer_sizes, {k: submodel_of_block[b] for b, layers in layout.items() for k in layers})
     log.info("%s allocation (%s budget) at target %.3f: planned sparsity %.5f overall, %s; block range %.3f-%.3f",
              args.kind, args.scope, args.target, planned,
              ", ".join(f"{g} {v:.4f}" for g, v in submodel_sparsity.items()), min(unit.values()), max(unit.values()))
     if args.plot:
         plot_allocation(unit, args.plot, f"{args.kind} allocation, target {args.target}", args.target)
     _finish(args.out, {"kind": args.kind, "target": args.target, "scope": args.scope,
-                       "submodels": sorted(by_submodel), "planned_global_sparsity": planned,
+                       "submodels": sorted(submodel_sparsity), "planned_global_sparsity": planned,
                        "planned_submodel_sparsity": submodel_sparsity, "unit_sparsity": unit,
                        "layer_sparsity": per_layer}, args, inputs, t0)
 

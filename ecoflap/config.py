@@ -12,6 +12,8 @@ import re
 import jsonschema
 import yaml
 
+from ecoflap.models.families import DATASET_FILES, DATASET_TASK, FAMILIES, IMAGE_SOURCES, TEXT_EVALS
+
 SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
 
@@ -145,7 +147,7 @@ def _reference_errors(config: dict[str, Any]) -> list[str]:
 
 
 def evaluation_task(name: str, entry: dict[str, Any]) -> str:
-    return name if name in ("perplexity", "lm_eval") else entry["task"]
+    return name if name in TEXT_EVALS else entry["task"]
 
 
 def model_calibration(config: dict[str, Any], model: str) -> dict[str, Any]:
@@ -155,8 +157,6 @@ def model_calibration(config: dict[str, Any], model: str) -> dict[str, Any]:
 
 def model_evaluations(config: dict[str, Any], model: str) -> list[str]:
     """The evaluation entries a model runs: its `evaluate:` list, else all its family can do."""
-    from ecoflap.models.families import FAMILIES
-
     spec = config["models"][model]
     if "evaluate" in spec:
         return list(spec["evaluate"])
@@ -165,12 +165,10 @@ def model_evaluations(config: dict[str, Any], model: str) -> list[str]:
 
 
 def _family_errors(config: dict[str, Any]) -> list[str]:
-    from ecoflap.models.families import DATASET_FILES, DATASET_TASK, FAMILIES, IMAGE_SOURCES
-
     errors = []
     evaluation = config.get("evaluation", {})
     for name, e in evaluation.items():
-        if name in ("perplexity", "lm_eval"):
+        if name in TEXT_EVALS:
             continue
         if DATASET_TASK[e["dataset"]] != e["task"]:
             errors.append(f"config key evaluation.{name}.dataset: {e['dataset']!r} is a {DATASET_TASK[e['dataset']]} "

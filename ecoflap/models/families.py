@@ -14,8 +14,10 @@ class Family:
     image_calibration: bool = True
 
 
+TEXT_EVALS = ("perplexity", "lm_eval")  # evaluation entries named by their task
+
 FAMILIES: dict[str, Family] = {
-    "causal_lm": Family(("perplexity", "lm_eval"), ("language",), single_stack=True, image_calibration=False),
+    "causal_lm": Family(TEXT_EVALS, ("language",), single_stack=True, image_calibration=False),
     "blip2": Family(("vqa", "caption"), ("vision", "qformer", "language")),
     "instructblip": Family(("vqa", "caption"), ("vision", "qformer", "language")),
     "blip2_retrieval": Family(("retrieval",), ("vision", "qformer")),

@@ -34,13 +34,9 @@ class PruneReport:
 
     def sparsity_by(self, group_of_layer: dict[str, str]) -> dict[str, float]:
         """Achieved sparsity per group (e.g. per sub-model), weighted by layer size."""
-        zeros: dict[str, float] = {}
-        sizes: dict[str, int] = {}
-        for k, n in self.layer_size.items():
-            g = group_of_layer[k]
-            zeros[g] = zeros.get(g, 0.0) + self.layer_sparsity[k] * n
-            sizes[g] = sizes.get(g, 0) + n
-        return {g: zeros[g] / sizes[g] for g in sizes}
+        from ecoflap.allocation.ratios import sparsity_by_group
+
+        return sparsity_by_group(self.layer_sparsity, self.layer_size, group_of_layer)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from ecoflap.models.families import TEXT_EVALS
 from ecoflap.reporting.plots import plot_metrics, plot_profiles
 from ecoflap.utils.io import atomic_path, read_json, write_text
 
@@ -61,7 +62,7 @@ def collect_row(results: Path, row: str) -> dict[str, Any]:
             if vals.get("n") is not None:
                 out[f"{task} n"] = vals["n"]
     for path in sorted((d / "eval").glob("*.json")):
-        if path.stem in ("perplexity", "lm_eval"):
+        if path.stem in TEXT_EVALS:
             continue
         for key, value in read_json(path)["metrics"].items():
             if isinstance(value, (int, float)) and key != "n":
@@ -82,7 +83,7 @@ def collect_row(results: Path, row: str) -> dict[str, Any]:
     if pruning.exists():
         c = _cost(pruning, d / "benchmarks" / "prune.tsv")
         out["prune_s"], out["prune_mem_mb"] = c["s"], c["mem_mb"]
-    for task in ("perplexity", "lm_eval"):
+    for task in TEXT_EVALS:
         if (d / "eval" / f"{task}.json").exists():  # models without text evaluations get no empty columns
             c = _cost(d / "eval" / f"{task}.json", d / "benchmarks" / f"{task}.tsv")
             out[f"{task}_s"], out[f"{task}_mem_mb"] = c["s"], c["mem_mb"]

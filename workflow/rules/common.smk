@@ -4,7 +4,8 @@ import json
 import shlex
 import sys
 
-from ecoflap.config import ConfigError, model_calibration, model_evaluations, validate_config
+from ecoflap.config import ConfigError, evaluation_task, model_calibration, model_evaluations, validate_config
+from ecoflap.models.families import IMAGE_SOURCES, TEXT_EVALS
 
 try:
     validate_config(config)
@@ -15,7 +16,6 @@ validate(config, "../schemas/config.schema.yaml")  # fills schema defaults
 PY = config.get("python") or sys.executable
 GPU = config["resources"]["gpu"]
 MEM = config["resources"]["mem_mb"]
-TEXT_EVALS = ("perplexity", "lm_eval")
 
 
 wildcard_constraints:
@@ -34,7 +34,7 @@ def evals_of(model):
 def calibration_args(wc):
     c = model_calibration(config, wc.model)
     args = [f"--source {c['source']}", f"--n-samples {c['n_samples']}", f"--seed {config['seed']}"]
-    if c["source"] in ("cc3m", "coco", "fashion-mnist"):
+    if c["source"] in IMAGE_SOURCES:
         for key in ("pairs", "image_root", "captions", "image_dir", "cache_dir"):
             if c.get(key):
                 args.append(f"--{key.replace('_', '-')} {shlex.quote(str(c[key]))}")
@@ -154,7 +154,7 @@ def prune_args(wc):
 
 def eval_kind(wc):
     """The CLI task of an evaluation entry: perplexity, lm_eval, or a vision-language task."""
-    return wc.task if wc.task in TEXT_EVALS else config["evaluation"][wc.task]["task"]
+    return evaluation_task(wc.task, config["evaluation"][wc.task])
 
 
 def eval_args(wc):
