@@ -76,8 +76,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     if args.source in IMAGE_SOURCES:
         paths = {k: v for k, v in (("pairs", args.pairs), ("image_root", args.image_root), ("captions", args.captions),
                                    ("image_dir", args.image_dir), ("cache_dir", args.cache_dir)) if v}
-        data = build_image_caption_calibration(args.model, args.source, args.n_samples, args.seed, paths, args.prompt)
-        save_tensors(args.out, data, metadata={**meta, "prompt": args.prompt})
+        data = build_image_caption_calibration(args.model, args.source, args.n_samples, args.seed, paths, args.prompt,
+                                               args.protocol, args.max_txt_len)
+        save_tensors(args.out, data, metadata={**meta, "prompt": args.prompt, "protocol": args.protocol})
         inputs.update({k: v for k, v in paths.items() if k in ("pairs", "captions") and Path(v).is_file()})
     else:
         from transformers import AutoTokenizer
@@ -99,7 +100,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     if args.kind == "zeroth_order":
         from ecoflap.scoring.zeroth_order import zeroth_order_scores
         scores = zeroth_order_scores(model, adapter, batches, device, eps=args.eps, granularity=args.granularity,
-                                     reuse_block_inputs=args.reuse_block_inputs, seed=args.seed)
+                                     reuse_block_inputs=args.reuse_block_inputs, seed=args.seed, perturb=args.perturb)
     elif args.kind == "first_order":
         from ecoflap.scoring.first_order import first_order_scores
         scores = first_order_scores(model, adapter, batches, device, args.granularity, args.reduce)
@@ -175,7 +176,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     batches = _calibration_batches(args, dtype) if pruner.needs_activations else []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    report = prune_sequential(model, adapter, pruner, allocation["layer_sparsity"], batches, device, nm)
+    comparison = dict(item.split("=", 1) for item in args.comparison or [])
+    report = prune_sequential(model, adapter, pruner, allocation["layer_sparsity"], batches, device, nm, comparison)
     submodel_of_layer = {layer: sub for block, sub in adapter.submodel_of_block(model).items()
                          for layer in report.layer_size if layer.startswith(block + ".")}
     submodel_sparsity = report.sparsity_by(submodel_of_layer)
@@ -277,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dir", help="coco: the train2017 image folder")
     p.add_argument("--cache-dir", help="cc3m webdataset: where sampled images are extracted")
     p.add_argument("--prompt", default="", help="text before the caption (image-caption calibration)")
+    p.add_argument("--protocol", default="caption", choices=["caption", "ecoflap"],
+                   help="image-caption calibration: caption (random pairs, prompt + caption as target) or ecoflap "
+                        "(the authors' BLIP-2 pruners: first pairs in file order, random prefix split, crop/flip)")
+    p.add_argument("--max-txt-len", type=int, default=32, help="ecoflap protocol: tokens per prefix and target")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
@@ -290,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=["block", "layer"], default="block")
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--reuse-block-inputs", action="store_true", help="zeroth-order: re-run only from the perturbed block")
+    p.add_argument("--perturb", choices=["unit", "tensor"], default="unit",
+                   help="zeroth-order: one direction per scored unit, or per weight tensor summed into its block "
+                        "(the authors' BLIP-2 runs)")
     p.add_argument("--reduce", choices=["l2", "projection", "abs_g", "abs_wg"], default="abs_wg",
                    help="gradient reduction (first_order: abs_g/abs_wg; checkpointed: any)")
     p.add_argument("--owl-m", type=float, default=5.0)
@@ -318,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", required=True)
     p.add_argument("--pruner", choices=["magnitude", "wanda", "sparsegpt"], required=True)
     p.add_argument("--nm", default=None, help="N:M pattern such as 2:4 (overrides the ratios)")
+    p.add_argument("--comparison", nargs="*", default=None, metavar="SUBMODEL=GROUP",
+                   help="magnitude/Wanda: compare scores within each output row (default) or over the whole matrix "
+                        "for a sub-model, e.g. vision=matrix (the authors' BLIP-2 ViT)")
     p.add_argument("--sparsegpt-damp", type=float, default=0.01)
     p.add_argument("--sparsegpt-block-size", type=int, default=128)
     p.add_argument("--out", required=True, help="checkpoint folder")

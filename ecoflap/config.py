@@ -12,7 +12,8 @@ import re
 import jsonschema
 import yaml
 
-from ecoflap.models.families import DATASET_FILES, DATASET_TASK, FAMILIES, IMAGE_SOURCES, TEXT_EVALS
+from ecoflap.models.families import (DATASET_FILES, DATASET_TASK, FAMILIES, IMAGE_SOURCES, PROTOCOLS_OF_DATASET,
+                                     TEXT_EVALS)
 
 SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -174,6 +175,9 @@ def _family_errors(config: dict[str, Any]) -> list[str]:
             errors.append(f"config key evaluation.{name}.dataset: {e['dataset']!r} is a {DATASET_TASK[e['dataset']]} "
                           f"dataset, not {e['task']} (allowed for {e['task']}: "
                           f"{', '.join(d for d, t in DATASET_TASK.items() if t == e['task'])})")
+        if e.get("protocol") and e["protocol"] not in PROTOCOLS_OF_DATASET.get(e["dataset"], ()):
+            errors.append(f"config key evaluation.{name}.protocol: {e['protocol']!r} does not score {e['dataset']} "
+                          f"(allowed: {', '.join(PROTOCOLS_OF_DATASET.get(e['dataset'], ())) or 'none: leave it out'})")
         for key in DATASET_FILES[e["dataset"]]:
             if not e.get(key):
                 errors.append(f"config key evaluation.{name}.{key}: missing; {e['dataset']} reads "
@@ -205,6 +209,9 @@ def _family_errors(config: dict[str, Any]) -> list[str]:
             want = "image-caption pairs (cc3m or coco)" if fam.image_calibration else "text (austen-emma or c4)"
             errors.append(f"config key models.{model}.calibration.source: {family} calibrates on {want}, "
                           f"not {calib['source']!r}")
+        if calib.get("protocol", "caption") == "ecoflap" and not fam.prefix_calibration:
+            errors.append(f"config key models.{model}.calibration.protocol: ecoflap is the authors' BLIP-2 captioning "
+                          f"loss; {family} has none (allowed: caption)")
         need = {"cc3m": ("pairs",), "coco": ("captions", "image_dir")}.get(calib["source"], ())
         for key in need:
             if not calib.get(key):

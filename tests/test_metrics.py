@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ecoflap.evaluation import metrics
-from ecoflap.evaluation.metrics import (caption_metrics, exact_match_accuracy, normalize_vqa_answer,
-                                        retrieval_recall, simple_tokenize, topk_accuracy, vqa_accuracy,
-                                        vqa_scores)
+from ecoflap.evaluation.metrics import (caption_metrics, gqa_accuracy, lemmatize_answers, normalize_vqa_answer,
+                                        process_punctuation, retrieval_recall, simple_tokenize, topk_accuracy,
+                                        vqa_accuracy, vqa_scores)
 
 HAS_JAVA = shutil.which("java") is not None
 needs_java = pytest.mark.skipif(not HAS_JAVA, reason="PTB tokenizer / METEOR need java on PATH")
@@ -26,47 +26,118 @@ needs_java = pytest.mark.skipif(not HAS_JAVA, reason="PTB tokenizer / METEOR nee
     ("3.5", "3.5"), ("3.", "3"),
     ("1,000", "1000"),  # a digit-comma-digit makes every listed mark vanish, as in vqaEval.py
     ("dont", "don't"), ("isnt", "isn't"), ("oclock", "o'clock"), ("don't", "don't"),
+    ("'ow'sat", "'ow's'at"), ("ow's'at", "'ow's'at"), ("somebody'd", "somebodyd"), ("Im", "im"),
     ("  Yes \n", "yes"), ("red\tand   blue", "red and blue"), ("", ""),
 ])
 def test_normalize_vqa_answer(raw, expected):
     assert normalize_vqa_answer(raw) == expected
 
 
-def test_vqa_accuracy_leave_one_out():
-    others = ["1", "3", "4", "5", "6", "7", "8", "9", "10", "11"]
-    assert vqa_accuracy("2", ["2"] * 3 + others[:7]) == pytest.approx(0.9)       # (3*2/3 + 7*1)/10
-    assert vqa_accuracy("2", ["2"] * 2 + others[:8]) == pytest.approx(0.6)       # (2*1/3 + 8*2/3)/10
-    assert vqa_accuracy("2", ["2"] + others[:9]) == pytest.approx(0.3)           # (1*0 + 9*1/3)/10
-    assert vqa_accuracy("2", others) == 0.0
-    assert vqa_accuracy("2", ["2"] * 4 + others[:6]) == pytest.approx(1.0)
-    # both sides are normalised before matching
-    assert vqa_accuracy("Two!", ["2", "two", "the 2"] + others[:7]) == pytest.approx(0.9)
+def test_process_punctuation_keeps_vqaeval_quirks():
+    assert process_punctuation("yes!") == "yes "          # replaced by a space, not stripped
+    assert process_punctuation("yes !") == "yes "         # touching a space: deleted
+    assert process_punctuation("." * 40) == "." * 8       # re.UNICODE (32) passed as the count
+    assert process_punctuation("a.b.c") == "abc"
 
 
-def test_vqa_accuracy_other_answer_counts():
-    assert vqa_accuracy("cat", ["cat", "cat", "cat", "dog", "dog"]) == pytest.approx((3 * 2 / 3 + 2) / 5)
-    assert vqa_accuracy("Cat.", ["cat"]) == 1.0   # one answer: leave-one-out is empty -> exact match
-    assert vqa_accuracy("dog", ["cat"]) == 0.0
+# (prediction, human answers, accuracy under vqaeval2016 (LAVIS), under vqaeval2021), each derived by
+# hand from the two versions of vqaEval.py: 2016 normalises the prediction fully and the answers'
+# punctuation only when they disagree; 2021 normalises both sides fully when they disagree, neither
+# when they agree. k matching answers of 10 score 0, .3, .6, .9 for k = 0..3 and 1 from 4 on.
+OTHERS = ["1", "3", "4", "5", "6", "7", "8", "9", "10", "11"]
+VQA_CASES = [
+    ("Yes", ["yes"] * 10, 1.0, 0.0),                     # unanimous: 2021 compares raw strings
+    ("yes.", ["yes"] * 10, 1.0, 0.0),                    # period stripped from the prediction only
+    ("two", ["2"] * 10, 1.0, 0.0),                       # number word: prediction side only
+    ("two", ["two"] * 10, 0.0, 1.0),                     # 2016: "2" against the raw unanimous "two"
+    ("yes", ["Yes"] * 10, 0.0, 0.0),                     # a unanimous answer is never lower-cased
+    ("the dog", ["dog"] * 2 + ["a dog"] * 3 + ["puppy"] * 5, 0.6, 1.0),   # articles: 2021 only
+    ("two", ["two"] * 3 + ["2"] * 2 + ["3"] * 5, 0.6, 1.0),               # number words: 2021 only
+    ("dont", ["don't"] * 3 + ["no"] * 7, 0.9, 0.9),      # contraction restored in the prediction
+    ("don't", ["dont"] * 3 + ["no"] * 7, 0.0, 0.9),      # ...and in the answers only in 2021
+    ("yes!", ["yes!"] * 2 + ["yes"] + ["no"] * 7, 0.3, 0.9),  # 2016: "yes!" -> "yes " never matches
+    ("none", ["none"] * 3 + ["0"] + ["nothing"] * 6, 0.3, 1.0),
+    ("t-shirt", ["t-shirt"] * 2 + ["shirt"] * 8, 0.6, 0.6),
+    ("Red", ["red"] + ["blue"] * 9, 0.3, 0.3),
+    ("red", ["red"], 0.0, 0.0),                          # one answer: the leave-one-out subset is empty
+    ("3.", ["3"] * 5 + ["4"] * 5, 1.0, 1.0),
+    ("2", ["2"] * 3 + OTHERS[:7], 0.9, 0.9),
+    ("2", ["2"] * 2 + OTHERS[:8], 0.6, 0.6),
+    ("2", ["2"] + OTHERS[:9], 0.3, 0.3),
+    ("2", OTHERS, 0.0, 0.0),
+    ("cat", ["cat", "cat", "cat", "dog", "dog"], (3 * 2 / 3 + 2) / 5, (3 * 2 / 3 + 2) / 5),
+    ("cat", ["cat", "cat"], 1 / 3, 1 / 3),
+]
+
+
+@pytest.mark.parametrize("pred, gts, acc2016, acc2021", VQA_CASES)
+def test_vqa_accuracy_under_each_protocol(pred, gts, acc2016, acc2021):
+    assert vqa_accuracy(pred, gts, "vqaeval2016") == pytest.approx(acc2016)
+    assert vqa_accuracy(pred, gts, "vqaeval2021") == pytest.approx(acc2021)
+
+
+def test_vqa_accuracy_rejects_bad_input():
     with pytest.raises(ValueError):
         vqa_accuracy("cat", [])
+    with pytest.raises(ValueError, match="protocol"):
+        vqa_accuracy("cat", ["cat"], "exact")
 
 
-def test_exact_match_accuracy():
-    assert exact_match_accuracy("Yes.", "yes") == 1.0
-    assert exact_match_accuracy("a red car", "red car") == 1.0
-    assert exact_match_accuracy("red", "blue") == 0.0
+@pytest.mark.parametrize("pred, answer, published, dec2023", [
+    ("A dog.", "dog", 1.0, 1.0),      # prediction normalised
+    ("two", "2", 1.0, 1.0),
+    ("t-shirt", "t-shirt", 0.0, 1.0),  # the raw answer keeps its hyphen; the prediction does not
+    ("left side", "left", 0.0, 0.0),
+    ("Yes", "yes", 1.0, 1.0),
+])
+def test_gqa_accuracy(pred, answer, published, dec2023):
+    assert gqa_accuracy(pred, answer, "lavis_gqa") == published
+    assert gqa_accuracy(pred, answer, "lavis_gqa_2023_12") == dec2023
 
 
 def test_vqa_scores():
     answers = {1: ["2"] * 3 + ["3"] * 7, 2: ["yes"] * 10, 3: ["no"] * 10}
-    out = vqa_scores({1: "two", 2: "Yes", 3: "yes", 99: "ignored"}, answers, kind="vqa")
-    assert out == {"accuracy": pytest.approx(100 * (0.9 + 1 + 0) / 3), "n": 3}
-    gqa = vqa_scores({"a": "the table", "b": "left"}, {"a": ["table"], "b": ["right"]}, kind="exact")
-    assert gqa == {"accuracy": pytest.approx(50.0), "n": 2}
+    out = vqa_scores({1: "two", 2: "Yes", 3: "yes", 99: "ignored"}, answers)
+    # 2016: "two" -> "2" (k=3: 0.9); "Yes" -> "yes" matches; "yes" vs "no" 0; rounded to 2 decimals
+    assert out == {"accuracy": round(100 * (0.9 + 1 + 0) / 3, 2), "n": 3, "protocol": "vqaeval2016"}
+    # 2021: the two unanimous questions compare raw strings: "Yes" != "yes"
+    assert vqa_scores({1: "two", 2: "Yes", 3: "yes"}, answers, "vqaeval2021")["accuracy"] == round(100 * 0.9 / 3, 2)
+    gqa = vqa_scores({"a": "the table", "b": "left"}, {"a": ["table"], "b": ["right"]}, protocol="lavis_gqa")
+    assert gqa == {"accuracy": pytest.approx(50.0), "n": 2, "protocol": "lavis_gqa"}
     with pytest.raises(ValueError, match="3"):
         vqa_scores({1: "2", 2: "yes"}, answers)
     with pytest.raises(ValueError):
-        vqa_scores({1: "2"}, {1: ["2"]}, kind="bleu")
+        vqa_scores({1: "2"}, {1: ["2"]}, protocol="bleu")
+
+
+def test_lemmatize_answers_joins_tokens_as_blip2():
+    class Token:
+        def __init__(self, text, pos, lemma):
+            self.text, self.pos_, self.lemma_ = text, pos, lemma
+
+    def nlp(text):  # a stand-in tagger: what BLIP-2's _lemmatize does with spaCy's tokens
+        table = {"dogs": ("NOUN", "dog"), "running": ("VERB", "run"), "red": ("ADJ", "red"),
+                 "do": ("AUX", "do"), "n't": ("PART", "not")}
+        words = text.replace("n't", " n't").split()
+        return [Token(w, *table.get(w, ("X", w))) for w in words]
+
+    assert lemmatize_answers({1: "dogs running", 2: "red dogs", 3: "don't"}, nlp) == \
+        {1: "dog run", 2: "red dog", 3: "do n't"}
+
+
+def test_lemmatize_without_spacy_names_the_fix(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_spacy(name, *args, **kwargs):
+        if name == "spacy":
+            raise ImportError("No module named 'spacy'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_spacy)
+    with pytest.raises(RuntimeError, match="en_core_web_sm"):
+        lemmatize_answers({1: "dogs"})
 
 
 # ------------------------------------------------------------------------------------- retrieval

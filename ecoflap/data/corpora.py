@@ -30,7 +30,8 @@ def c4_documents(shard: str = "en/c4-train.00000-of-01024.json.gz") -> list[str]
 
 
 def wikitext2_test() -> str:
-    """WikiText-2 raw test split joined as Wanda does (needs network the first time)."""
+    """WikiText-2 raw test split joined as Wanda's get_wikitext2 does, with blank lines
+    ("\n\n".join; needs network the first time)."""
     from datasets import load_dataset
 
     try:
@@ -38,4 +39,4 @@ def wikitext2_test() -> str:
     except Exception as exc:
         raise RuntimeError(f"could not load wikitext-2-raw-v1 ({exc}). It needs network access once; "
                            "offline, use evaluation.perplexity.dataset: brown-heldout") from exc
-    return " ".join(ds["text"])
+    return "\n\n".join(ds["text"])

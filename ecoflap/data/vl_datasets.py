@@ -406,12 +406,19 @@ def load_imagenet_val(val_dir: PathLike, limit: int | None = None, *, allow_subs
 # ----------------------------------------------------------------------------- calibration pairs
 
 
-def _sample(pairs: Sequence, n: int, seed: int, source: Path, dataset: str) -> list:
+PAIR_ORDERS = ("random", "file")
+
+
+def _sample(pairs: Sequence, n: int, seed: int, source: Path, dataset: str, order: str = "random") -> list:
+    """`n` pairs: drawn with random.Random(seed).sample ("random"), or the first n in the file's
+    order ("file"), as ECoFLaP's pruners read CC3M (an unshuffled loader over cc3m.json)."""
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     if n > len(pairs):
         raise ValueError(f"{dataset}: asked for {n} calibration pairs but {source} holds {len(pairs)}")
-    return random.Random(seed).sample(list(pairs), n)
+    if order not in PAIR_ORDERS:
+        raise ValueError(f"pair order must be one of {PAIR_ORDERS}, got {order!r}")
+    return list(pairs)[:n] if order == "file" else random.Random(seed).sample(list(pairs), n)
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -451,7 +458,7 @@ def _split_member(name: str) -> tuple[str, str]:
 
 
 def _webdataset_pairs(shards: list[Path], n: int, seed: int, cache_dir: PathLike | None,
-                      dataset: str, key: str) -> list[ImageCaption]:
+                      dataset: str, key: str, order: str = "random") -> list[ImageCaption]:
     if cache_dir is None:
         raise ValueError(f"{dataset}: reading webdataset shards needs cache_dir (where the sampled "
                          f"images are extracted; `{key}` in the config)")
@@ -471,7 +478,7 @@ def _webdataset_pairs(shards: list[Path], n: int, seed: int, cache_dir: PathLike
             if img is not None and "txt" in exts:
                 candidates.append((si, k, img, exts["txt"]))
     label = shards[0] if len(shards) == 1 else Path(f"{len(shards)} shards under {shards[0].parent}")
-    chosen = _sample(candidates, n, seed, label, dataset)
+    chosen = _sample(candidates, n, seed, label, dataset, order)
     cache = Path(cache_dir)
     by_shard: dict[int, list[int]] = {}
     for pos, c in enumerate(chosen):
@@ -562,9 +569,10 @@ def _json_pairs(path: Path, image_root: Path, dataset: str) -> list[ImageCaption
 
 
 def load_cc3m_pairs(path: PathLike, image_root: PathLike | None = None, n: int = 128, seed: int = 0, *,
-                    cache_dir: PathLike | None = None,
+                    cache_dir: PathLike | None = None, order: str = "random",
                     config_key: str = "calibration.cc3m") -> list[ImageCaption]:
-    """``n`` image-caption pairs drawn with ``random.Random(seed).sample`` from one of:
+    """``n`` image-caption pairs drawn with ``random.Random(seed).sample`` (or the first ``n`` in file
+    order with ``order="file"``) from one of:
 
     * a ``.tsv``/``.csv`` with a header naming ``caption`` and an image column (``image``,
       ``image_path``, ``filepath``, ...), or no header and the CC3M column order caption, image;
@@ -582,7 +590,7 @@ def load_cc3m_pairs(path: PathLike, image_root: PathLike | None = None, n: int =
     p = Path(spath)
     if p.is_dir() or p.suffix.lower() == ".tar" or any(c in spath for c in "*?[{"):
         shards = _find_shards(spath, dataset, f"{config_key}.path")
-        return _webdataset_pairs(shards, n, seed, cache_dir, dataset, f"{config_key}.cache_dir")
+        return _webdataset_pairs(shards, n, seed, cache_dir, dataset, f"{config_key}.cache_dir", order)
     p = _require_file(p, "image-caption list", dataset, f"{config_key}.path")
     root_key = f"{config_key}.image_root"
     root = _require_dir(image_root, "image", dataset, root_key) if image_root is not None else p.parent
@@ -593,13 +601,13 @@ def load_cc3m_pairs(path: PathLike, image_root: PathLike | None = None, n: int =
         pairs = _delimited_pairs(p, root, dataset, f"{config_key}.path")
     else:
         raise ValueError(f"{dataset}: cannot tell the format of {p}: use .tsv/.csv, .json/.jsonl, or .tar shards")
-    chosen = _sample(pairs, n, seed, p, dataset)
+    chosen = _sample(pairs, n, seed, p, dataset, order)
     _check_images((c.image_path for c in chosen), dataset, root_key)
     return chosen
 
 
 def load_coco_caption_pairs(captions_json: PathLike, image_dir: PathLike, n: int = 128, seed: int = 0, *,
-                            config_key: str = "calibration.coco") -> list[ImageCaption]:
+                            order: str = "random", config_key: str = "calibration.coco") -> list[ImageCaption]:
     """``n`` (image, caption) pairs drawn with ``random.Random(seed).sample`` from the annotations of
     COCO ``captions_train2017.json`` (every caption is a candidate, in file order); images
     ``image_dir/{file_name}``."""
@@ -614,7 +622,7 @@ def load_coco_caption_pairs(captions_json: PathLike, image_dir: PathLike, n: int
     except (KeyError, TypeError) as exc:
         raise _bad_format(path, dataset, '{"images": [{"id", "file_name"}], "annotations": '
                           '[{"image_id", "caption"}]}', exc) from exc
-    chosen = _sample(pairs, n, seed, path, dataset)
+    chosen = _sample(pairs, n, seed, path, dataset, order)
     _check_images((c.image_path for c in chosen), dataset, f"{config_key}.image_dir")
     return chosen
 

@@ -18,8 +18,9 @@ EMBEDDED_TASKS = {"brown_cloze": ASSETS / "evaluation" / "brown_cloze.jsonl"}
 PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 
-def _embedded_task_dir(tasks: list[str], tmp: Path) -> Path:
-    """Copy the embedded task YAMLs with absolute data paths (lm-eval needs them absolute)."""
+def embedded_task_dir(tasks: list[str], tmp: Path) -> Path:
+    """Copy the embedded task YAMLs with absolute data paths (lm-eval needs them absolute);
+    the folder is what `lm_eval --include_path` takes."""
     for task in tasks:
         if task in EMBEDDED_TASKS:
             yaml = (TASK_DIR / f"{task}.yaml").read_text()
@@ -38,7 +39,7 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: list[str], batch_size: 
     with tempfile.TemporaryDirectory() as tmp:
         # indexing lm-eval's ~15k built-in task files takes seconds: skip it when every task is ours
         builtin = any(t not in EMBEDDED_TASKS for t in tasks)
-        manager = TaskManager(include_path=str(_embedded_task_dir(tasks, Path(tmp))), include_defaults=builtin)
+        manager = TaskManager(include_path=str(embedded_task_dir(tasks, Path(tmp))), include_defaults=builtin)
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise ValueError(f"lm-eval does not know the tasks {unknown}; embedded: {sorted(EMBEDDED_TASKS)}, "
@@ -48,6 +49,11 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: list[str], batch_size: 
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                       num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
                                       torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
+    return task_metrics(out, tasks)
+
+
+def task_metrics(out: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, float]]:
+    """lm-eval's result dict ({"results": {task: {"acc,none": ...}}}) as {task: {"acc": ...}}."""
     results = {}
     for task in tasks:
         res = out["results"][task]
@@ -55,3 +61,29 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: list[str], batch_size: 
                          if "," in k and isinstance(v, (int, float))}
         results[task]["n"] = int(out["n-samples"][task]["effective"]) if "n-samples" in out else None
     return results
+
+
+def lm_eval_cli(model_dir: str | Path, tasks: list[str], batch_size: int = 8, limit: int | None = None,
+                num_fewshot: int = 0, seed: int = 0, dtype: str = "float32") -> dict[str, dict[str, float]]:
+    """The same evaluation through lm-eval's own command line on a saved checkpoint, as a user
+    would run it: the reference our in-process numbers must equal (tests/test_lm_eval_parity.py,
+    tools/lm_eval_parity.py)."""
+    import glob
+    import json
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        include = embedded_task_dir(tasks, Path(tmp))
+        cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
+               "--model_args", f"pretrained={model_dir},dtype={dtype}", "--tasks", ",".join(tasks),
+               "--include_path", str(include), "--batch_size", str(batch_size), "--num_fewshot", str(num_fewshot),
+               "--seed", str(seed), "--device", "cpu", "--output_path", str(Path(tmp) / "out")]
+        if limit:
+            cmd += ["--limit", str(limit)]
+        log.info("lm-eval command line: %s", " ".join(cmd))
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"lm_eval exited {done.returncode}: {done.stderr[-2000:]}")
+        (found,) = glob.glob(str(Path(tmp) / "out" / "**" / "results_*.json"), recursive=True)
+        return task_metrics(json.loads(Path(found).read_text()), tasks)

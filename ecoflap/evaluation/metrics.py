@@ -16,11 +16,24 @@ from typing import Any, Hashable, Literal
 import torch
 
 # ----------------------------------------------------------------------------------------------------
-# VQA answer normalisation (the rules of the official VQAv2 evaluation script, vqaEval.py)
+# VQA accuracy, exactly as the code behind the published numbers computes it
+#
+# The rules below are those of GT-Vision-Lab/VQA's PythonEvaluationTools/vqaEvaluation/vqaEval.py.
+# That file exists in two versions that score many answers differently:
+#   * "vqaeval2016" (commit 458a8b2, Oct 2016; LAVIS's lavis/common/vqa_tools/vqa_eval.py is this
+#     logic unchanged, and LAVIS produced BLIP-2's and ECoFLaP's VQAv2 / OK-VQA numbers): the
+#     prediction is always normalised (punctuation, then number words, articles, contractions,
+#     lower case); the human answers only get their punctuation processed, and only when they
+#     disagree, so a unanimous "yes" x10 stays raw and "two" never becomes "2" on that side.
+#   * "vqaeval2021" (commit a013f00, Mar 2021, the repository's HEAD): both sides are stripped;
+#     when the humans disagree both are fully normalised, when they agree neither is, so a
+#     unanimous question is a case-sensitive exact match ("Yes" scores 0 against ten "yes").
+# Both average min(1, matches / 3) over the leave-one-annotator-out subsets; with a single
+# reference answer the only subset is empty, so the question scores 0 (not exact match).
 # ----------------------------------------------------------------------------------------------------
 
-# The official contraction table, entries as published (including its oddities: capitalised keys
-# that can never match lower-cased text, and "somebody'd" mapped to "somebodyd").
+# The published contraction table, entries as in vqaEval.py (capitalised keys that can never match
+# lower-cased text, "somebody'd" -> "somebodyd", and the three "'ow's'at" spellings included).
 _CONTRACTIONS: dict[str, str] = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
     "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
@@ -32,7 +45,7 @@ _CONTRACTIONS: dict[str, str] = {
     "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
     "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
     "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow'sat", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
     "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
     "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
     "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
@@ -67,13 +80,17 @@ _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 # The official script passes re.UNICODE (== 32) positionally as `count`; we keep that limit.
 _PERIOD_STRIP_COUNT = int(re.UNICODE)
 
+VQA_PROTOCOLS = ("vqaeval2016", "vqaeval2021")
+GQA_PROTOCOLS = ("lavis_gqa", "lavis_gqa_2023_12")
 
-def _process_punctuation(text: str) -> str:
+
+def process_punctuation(text: str) -> str:
+    """vqaEval.py's processPunctuation: each listed mark is deleted when it touches a space in the
+    input (or the input has a "1,000"-style number anywhere), else replaced by a space ("yes!" ->
+    "yes " with its trailing space); then periods not followed by a digit go (at most 32)."""
     out = text
     has_number_comma = _COMMA_STRIP.search(text) is not None
     for p in _PUNCT:
-        # removed outright when next to a space (or when the text has a "1,000"-style number),
-        # otherwise replaced by a space so "black/white" becomes two words
         if p + " " in text or " " + p in text or has_number_comma:
             out = out.replace(p, "")
         else:
@@ -81,59 +98,72 @@ def _process_punctuation(text: str) -> str:
     return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
 
 
-def _process_digit_article(text: str) -> str:
+def process_digit_article(text: str) -> str:
+    """vqaEval.py's processDigitArticle: lower case, number words to digits, articles dropped,
+    apostrophe-less contractions restored, words re-joined by single spaces."""
     words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
     return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
+def _clean_whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_vqa_answer(answer: str) -> str:
-    """Official VQAv2 answer normalisation, so that "Two dogs!" and "2 dogs" compare equal.
-
-    Steps: newline/tab to space, strip, lower-case; punctuation rules of vqaEval.py (note: a comma
-    between digits makes every listed punctuation mark be deleted, so "1,000" becomes "1000");
-    number words zero..ten (and "none") to digits; articles dropped; apostrophe-less contractions
-    restored ("dont" -> "don't"); whitespace collapsed.
-    """
-    text = answer.replace("\n", " ").replace("\t", " ").strip().lower()
-    return _process_digit_article(_process_punctuation(text))
+    """The full normalisation vqaEval.py applies to a prediction (always, in the 2016 logic):
+    newline/tab to space, strip, processPunctuation, processDigitArticle."""
+    return process_digit_article(process_punctuation(_clean_whitespace(answer)))
 
 
-def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
-    """VQAv2 soft accuracy in [0, 1]: the mean over the leave-one-annotator-out subsets of
-    min(1, #matches / 3), so an answer given by 3+ of 10 annotators scores 1.
+def _leave_one_out(prediction: str, gts: Sequence[str]) -> float:
+    # every annotator left out in turn (answer ids are unique, so exactly one answer is removed)
+    n_match = sum(g == prediction for g in gts)
+    return sum(min(1.0, (n_match - (g == prediction)) / 3.0) for g in gts) / len(gts)
 
-    Differences from vqaEval.py, on purpose: ground-truth answers are fully normalised here (the
-    official script only strips their punctuation, and only when annotators disagree; VQAv2's stored
-    answers are already normalised, so this does not change VQAv2 numbers). With a single
-    ground-truth answer the leave-one-out subset is empty, so we fall back to exact match.
-    """
+
+def vqa_accuracy(prediction: str, gt_answers: Sequence[str], protocol: str = "vqaeval2016") -> float:
+    """One question's VQA accuracy in [0, 1] under `protocol` (see the module notes above)."""
     if isinstance(gt_answers, str) or len(gt_answers) == 0:
         raise ValueError("gt_answers must be a non-empty list of strings")
-    pred = normalize_vqa_answer(prediction)
-    gts = [normalize_vqa_answer(a) for a in gt_answers]
-    if len(gts) == 1:
-        return float(pred == gts[0])
-    n_match = sum(g == pred for g in gts)
-    # leaving out a matching annotator leaves n_match - 1 matches, any other leaves n_match
-    total = sum(min(1.0, (n_match - (g == pred)) / 3.0) for g in gts)
-    return total / len(gts)
+    gts = list(gt_answers)
+    if protocol == "vqaeval2016":
+        pred = normalize_vqa_answer(prediction)
+        if len(set(gts)) > 1:
+            gts = [process_punctuation(g) for g in gts]
+    elif protocol == "vqaeval2021":
+        gts = [_clean_whitespace(g) for g in gts]
+        pred = _clean_whitespace(prediction)
+        if len(set(gts)) > 1:
+            gts = [process_digit_article(process_punctuation(g)) for g in gts]
+            pred = process_digit_article(process_punctuation(pred))
+    else:
+        raise ValueError(f"unknown VQA protocol {protocol!r} (allowed: {', '.join(VQA_PROTOCOLS)})")
+    return _leave_one_out(pred, gts)
 
 
-def exact_match_accuracy(prediction: str, answer: str) -> float:
-    """GQA accuracy for one question: 1.0 if the normalised strings are equal, else 0.0."""
-    return float(normalize_vqa_answer(prediction) == normalize_vqa_answer(answer))
+def gqa_accuracy(prediction: str, answer: str, protocol: str = "lavis_gqa") -> float:
+    """GQA exact match as LAVIS's GQATask scores generated answers: "lavis_gqa" (the ECoFLaP fork,
+    and LAVIS from Feb to Dec 2023) normalises the prediction only and compares it with the raw
+    answer; "lavis_gqa_2023_12" (LAVIS 71a2da9 on) normalises both."""
+    pred = process_digit_article(process_punctuation(prediction))
+    if protocol == "lavis_gqa":
+        return float(pred == answer)
+    if protocol == "lavis_gqa_2023_12":
+        return float(pred == process_digit_article(process_punctuation(answer)))
+    raise ValueError(f"unknown GQA protocol {protocol!r} (allowed: {', '.join(GQA_PROTOCOLS)})")
 
 
 def vqa_scores(preds: Mapping[Hashable, str], answers: Mapping[Hashable, Sequence[str]],
-               kind: Literal["vqa", "exact"] = "vqa") -> dict[str, float | int]:
-    """Dataset-level accuracy (percent) over the questions in `answers`.
+               protocol: str = "vqaeval2016") -> dict[str, float | int | str]:
+    """Dataset-level accuracy (percent) over the questions in `answers`, as the reference prints it:
+    VQAEval rounds the overall accuracy to 2 decimals; LAVIS's GQATask reports the plain mean.
 
-    kind="vqa": VQAv2/OK-VQA soft accuracy; kind="exact": GQA exact match (correct if the prediction
-    equals any listed answer; GQA lists one). Predictions for questions not in `answers` are ignored;
+    `protocol` is a VQA protocol (soft accuracy over the human answers) or a GQA protocol (exact
+    match against the single answer). Predictions for questions not in `answers` are ignored;
     a question without a prediction is an error, because scoring it as wrong would hide a bug.
     """
-    if kind not in ("vqa", "exact"):
-        raise ValueError(f"kind must be 'vqa' or 'exact', got {kind!r}")
+    if protocol not in VQA_PROTOCOLS + GQA_PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r} (allowed: {', '.join(VQA_PROTOCOLS + GQA_PROTOCOLS)})")
     if not answers:
         raise ValueError("no questions to score (answers is empty)")
     missing = [q for q in answers if q not in preds]
@@ -142,11 +172,34 @@ def vqa_scores(preds: Mapping[Hashable, str], answers: Mapping[Hashable, Sequenc
     scores = []
     for qid, gts in answers.items():
         gts = [gts] if isinstance(gts, str) else list(gts)
-        if kind == "vqa":
-            scores.append(vqa_accuracy(preds[qid], gts))
+        if protocol in GQA_PROTOCOLS:
+            if len(gts) != 1:
+                raise ValueError(f"question {qid!r}: GQA has one answer per question, got {len(gts)}")
+            scores.append(gqa_accuracy(preds[qid], gts[0], protocol))
         else:
-            scores.append(max(exact_match_accuracy(preds[qid], g) for g in gts))
-    return {"accuracy": 100.0 * sum(scores) / len(scores), "n": len(scores)}
+            scores.append(vqa_accuracy(preds[qid], gts, protocol))
+    mean = 100.0 * sum(scores) / len(scores)
+    return {"accuracy": round(mean, 2) if protocol in VQA_PROTOCOLS else mean, "n": len(scores),
+            "protocol": protocol}
+
+
+def lemmatize_answers(answers: Mapping[Hashable, str], nlp: Any = None) -> dict[Hashable, str]:
+    """BLIP-2's `_lemmatize` (apply_lemmatizer, set in LAVIS's OK-VQA FlanT5 eval config): spaCy
+    en_core_web_sm replaces each NOUN and VERB token by its lemma and re-joins all tokens with
+    spaces (so "don't" becomes "do n't"). `nlp` defaults to spacy.load("en_core_web_sm")."""
+    if nlp is None:
+        try:
+            import spacy
+
+            nlp = spacy.load("en_core_web_sm")
+        except (ImportError, OSError) as exc:
+            raise RuntimeError("lemmatize: true needs spaCy and its en_core_web_sm model, as BLIP-2's OK-VQA "
+                               "evaluation used them: pip install spacy && python -m spacy download en_core_web_sm "
+                               f"(or set lemmatize: false and note the difference) ({exc})") from exc
+    out = {}
+    for key, answer in answers.items():
+        out[key] = " ".join(t.lemma_ if t.pos_ in ("NOUN", "VERB") else t.text for t in nlp(answer))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,7 +284,7 @@ def _run_meteor(gts: dict, res: dict) -> float:
 
 
 def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]],
-                    spice: bool = True) -> dict[str, Any]:
+                    spice: bool = True, meteor: bool = True) -> dict[str, Any]:
     """COCO caption metrics (x100): BLEU-1..4, METEOR, ROUGE_L, CIDEr (CIDEr-D, corpus IDF), SPICE.
 
     Tokenisation is pycocoevalcap's Stanford PTBTokenizer when `java` is on PATH, else
@@ -264,7 +317,8 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     for n, b in enumerate(bleu, start=1):
         result[f"BLEU-{n}"] = 100.0 * float(b)
-    result["METEOR"] = 100.0 * _run_meteor(gts, res) if java else {"skipped": METEOR_SKIP}
+    if meteor:
+        result["METEOR"] = 100.0 * _run_meteor(gts, res) if java else {"skipped": METEOR_SKIP}
     result["ROUGE_L"] = 100.0 * float(Rouge().compute_score(gts, res)[0])
     result["CIDEr"] = 100.0 * float(Cider().compute_score(gts, res)[0])
 

@@ -1,4 +1,8 @@
-"""Perplexity over non-overlapping windows of a held-out text (Wanda's protocol)."""
+"""Perplexity over non-overlapping windows of a held-out text, as Wanda's eval_ppl computes it:
+the whole text tokenised once (with the tokenizer's BOS), cut into numel // seq_len windows (the
+tail dropped), each window's mean next-token loss, perplexity = exp(mean over windows). Every
+window has seq_len - 1 predicted tokens, so exp(total loss / tokens) below is the same number;
+batching windows changes only float rounding. The embedded Brown text takes the same path."""
 from __future__ import annotations
 
 import math

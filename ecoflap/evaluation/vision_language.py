@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ecoflap.data import vl_datasets as vd
 from ecoflap.evaluation import metrics as M
-from ecoflap.models.families import DATASET_TASK
+from ecoflap.models.families import DATASET_TASK, DEFAULT_PROTOCOL
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,23 @@ def _vqa(model, procs, adapter, spec) -> tuple[dict, dict]:
         load = vd.load_vqav2 if ds == "vqav2" else vd.load_okvqa
         items = load(spec["questions"], spec["annotations"], spec["image_dir"], limit, config_key=key)
     prompt = spec.get("prompt") or getattr(adapter, "vqa_prompt", VQA_PROMPT)
-    preds = {}
+    raw = {}
     for chunk in tqdm(list(_chunks(items, spec.get("batch_size", 8))), desc=f"{ds} answers", unit="batch"):
         images = [vd.open_image(it.image_path) for it in chunk]
         answers = adapter.generate(model, procs, images, [prompt.format(it.question) for it in chunk],
                                    _gen_kwargs(spec))
-        preds.update({it.question_id: a for it, a in zip(chunk, answers)})
-    scores = M.vqa_scores(preds, {it.question_id: it.answers for it in items}, kind="exact" if ds == "gqa" else "vqa")
+        raw.update({it.question_id: a for it, a in zip(chunk, answers)})
+    # BLIP-2's OK-VQA evaluation lemmatises its answers (LAVIS apply_lemmatizer) before scoring
+    preds = M.lemmatize_answers(raw) if spec.get("lemmatize") else raw
+    scores = M.vqa_scores(preds, {it.question_id: it.answers for it in items}, protocol=vqa_protocol(spec))
+    scores["lemmatized"] = bool(spec.get("lemmatize"))
     return scores, preds
+
+
+def vqa_protocol(spec: dict[str, Any]) -> str:
+    """The accuracy protocol of a VQA entry: its `protocol`, else the one behind the dataset's
+    published numbers (LAVIS's copy of vqaEval.py for VQAv2 / OK-VQA, LAVIS's GQA rule for GQA)."""
+    return spec.get("protocol") or DEFAULT_PROTOCOL[spec["dataset"]]
 
 
 def _caption(model, procs, adapter, spec) -> tuple[dict, dict]:
@@ -66,7 +75,15 @@ def _caption(model, procs, adapter, spec) -> tuple[dict, dict]:
         images = [vd.open_image(it.image_path) for it in chunk]
         caps = adapter.generate(model, procs, images, [prompt] * len(chunk), _gen_kwargs(spec))
         preds.update({it.image_id: c for it, c in zip(chunk, caps)})
-    scores = M.caption_metrics(preds, {it.image_id: it.references for it in items}, spice=spec.get("spice", True))
+    refs = {it.image_id: it.references for it in items}
+    scores = M.caption_metrics(preds, refs, spice=spec.get("spice", True))
+    domains = sorted({it.domain for it in items if it.domain})
+    for domain in domains:  # NoCaps reports in-, near- and out-domain beside the overall figures
+        ids = [it.image_id for it in items if it.domain == domain]
+        # each domain is scored on its own images (CIDEr's document frequencies from that subset)
+        sub = M.caption_metrics({i: preds[i] for i in ids}, {i: refs[i] for i in ids},
+                                spice=spec.get("spice", True), meteor=False)
+        scores.update({f"{domain} {k}": v for k, v in sub.items() if k in ("CIDEr", "SPICE", "n")})
     return scores, preds
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ecoflap.data.captions import blip_pre_caption
 from ecoflap.models.adapters import Adapter, Batch, Stack, at_least_fp32, decoder_adapter
 from ecoflap.models.families import FAMILIES
 
@@ -53,8 +54,11 @@ def _mask(rows: list[list[int]]) -> torch.Tensor:
     return _pad([[1] * len(r) for r in rows], 0)
 
 
-def _ids(tokenizer: Any, text: str, special: bool = True) -> list[int]:
-    return tokenizer(text, add_special_tokens=special).input_ids
+def _ids(tokenizer: Any, text: str, special: bool = True, max_length: int | None = None) -> list[int]:
+    if max_length is None:
+        return tokenizer(text, add_special_tokens=special).input_ids
+    # as LAVIS tokenises with truncation=True, max_length=...: special tokens kept, text cut
+    return tokenizer(text, add_special_tokens=special, truncation=True, max_length=max_length).input_ids
 
 
 def _contrastive(sim: torch.Tensor) -> torch.Tensor:
@@ -129,21 +133,21 @@ class Blip2Adapter(VisionLanguageAdapter):
         return [token] * model.config.num_query_tokens
 
     def _encode(self, model: nn.Module, procs: Processors, images: list, prompts: list[str],
-                targets: list[str] | None) -> Batch:
+                targets: list[str] | None, max_length: int | None = None, joiner: str = " ") -> Batch:
         tok = procs.tokenizer
         image = self._image_tokens(model)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         batch: Batch = {"pixel_values": procs.pixels(images)}
         if model.config.text_config.is_encoder_decoder:
-            rows = [image + _ids(tok, p) for p in prompts]
+            rows = [image + _ids(tok, p, max_length=max_length) for p in prompts]
             if targets is not None:
-                batch["labels"] = _pad([_ids(tok, t) for t in targets], -100)
+                batch["labels"] = _pad([_ids(tok, t, max_length=max_length) for t in targets], -100)
         else:
             prompt_rows = [image + _ids(tok, p) for p in prompts]
             if targets is None:
                 rows = prompt_rows
             else:
-                rows = [image + _ids(tok, (p + " " + t).strip()) for p, t in zip(prompts, targets)]
+                rows = [image + _ids(tok, (p + joiner + t).strip()) for p, t in zip(prompts, targets)]
                 if tok.eos_token_id is not None:
                     rows = [r + [tok.eos_token_id] for r in rows]
                 batch["labels"] = _pad([[-100] * len(pr) + r[len(pr):] for pr, r in zip(prompt_rows, rows)], -100)
@@ -166,6 +170,14 @@ class Blip2Adapter(VisionLanguageAdapter):
 
     def calibration_batch(self, model, procs, images, captions, prompt):
         return self._encode(model, procs, images, [prompt] * len(captions), captions)
+
+    def prefix_calibration_batch(self, model: nn.Module, procs: Processors, images: list, prefixes: list[str],
+                                 continuations: list[str], max_length: int = 32) -> Batch:
+        """ECoFLaP's calibration loss (its LAVIS Blip2T5.forward on prefix CC3M): the image
+        queries and the caption's prefix feed the encoder, the rest of the caption is the
+        target, each tokenised with truncation to `max_length` (LAVIS's max_txt_len, 32). A
+        decoder-only language model reads prefix + continuation and learns the continuation."""
+        return self._encode(model, procs, images, prefixes, continuations, max_length=max_length, joiner="")
 
     @torch.no_grad()
     def generate(self, model, procs, images, prompts, gen_kwargs):
@@ -229,7 +241,9 @@ class Blip2RetrievalAdapter(VisionLanguageAdapter):
                 Stack("qformer", "qformer.encoder.layer", "qformer", calls=2)]
 
     def _text(self, model, procs, texts):
-        return procs.tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        # as LAVIS's compute_sim_matrix: blip_caption text processing, at most 35 tokens
+        return procs.tokenizer([blip_pre_caption(t) for t in texts], padding=True, truncation=True,
+                               max_length=35, return_tensors="pt")
 
     def calibration_batch(self, model, procs, images, captions, prompt):
         enc = self._text(model, procs, captions)
@@ -272,8 +286,8 @@ class Blip2RetrievalAdapter(VisionLanguageAdapter):
 
     @torch.no_grad()
     def match_logits(self, model, procs, vision, texts):
-        """Image-text matching logit (match minus no-match) of each (vision[i], texts[i]),
-        as the model's use_image_text_matching_head=True path computes it."""
+        """Image-text matching score of each (vision[i], texts[i]) as LAVIS's compute_itm gives
+        it for re-ranking: the "match" logit of the ITM head, averaged over the query outputs."""
         enc = self._text(model, procs, texts).to(model.device)
         queries = model.query_tokens.expand(vision.shape[0], -1, -1)
         emb = model.embeddings(input_ids=enc.input_ids, query_embeds=queries)
@@ -283,8 +297,8 @@ class Blip2RetrievalAdapter(VisionLanguageAdapter):
         out = model.qformer(query_embeds=emb, query_length=queries.shape[1], attention_mask=mask,
                             encoder_hidden_states=vision, encoder_attention_mask=image_mask).last_hidden_state
         head = model.itm_head
-        logits = at_least_fp32(head(out[:, :queries.shape[1]].to(head.weight.dtype)).mean(1))
-        return logits[:, 1] - logits[:, 0]
+        logits = at_least_fp32(head(out[:, :queries.shape[1]].to(head.weight.dtype)))
+        return logits[:, :, 1].mean(1)
 
     def similarity(self, image_emb, text_emb):
         return torch.einsum("iqd,td->itq", image_emb, text_emb).amax(-1)
@@ -374,9 +388,15 @@ class BlipRetrievalAdapter(VisionLanguageAdapter):
                 Stack("text_encoder", "text_encoder.encoder.layer", "language", calls=2, mask_key="attention_mask")]
 
     def calibration_batch(self, model, procs, images, captions, prompt):
-        enc = procs.tokenizer(captions, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        enc = self._text(procs, captions)
         return {"pixel_values": procs.pixels(images), "input_ids": enc.input_ids,
                 "attention_mask": enc.attention_mask}
+
+    @staticmethod
+    def _text(procs, texts):
+        # as LAVIS's BLIP retrieval: blip_caption text processing, at most 35 tokens
+        return procs.tokenizer([blip_pre_caption(t) for t in texts], padding=True, truncation=True, max_length=35,
+                               return_tensors="pt")
 
     def loss(self, model, batch):
         itc = model(**batch, use_itm_head=False).itm_score / self.temperature
@@ -392,7 +412,7 @@ class BlipRetrievalAdapter(VisionLanguageAdapter):
 
     @torch.no_grad()
     def text_embeddings(self, model, procs, texts):
-        enc = procs.tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt").to(model.device)
+        enc = self._text(procs, texts).to(model.device)
         out = model.text_encoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
         return F.normalize(at_least_fp32(model.text_proj(out[:, 0])), dim=-1)
 

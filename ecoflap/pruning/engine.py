@@ -41,9 +41,12 @@ class PruneReport:
 
 @torch.no_grad()
 def prune_sequential(model: nn.Module, adapter: Adapter, pruner, layer_sparsity: dict[str, float],
-                     batches: list[Batch], device: torch.device, nm: tuple[int, int] | None = None) -> PruneReport:
+                     batches: list[Batch], device: torch.device, nm: tuple[int, int] | None = None,
+                     comparison: dict[str, str] | None = None) -> PruneReport:
     """Prune in place every layer that `layer_sparsity` names; stacks it does not name at all
-    (a sub-model kept dense) are left untouched. Returns the achieved sparsities."""
+    (a sub-model kept dense) are left untouched. `comparison` maps a sub-model to the group
+    its scores are compared within ("row", the default, or "matrix"). Returns the achieved
+    sparsities."""
     report = PruneReport()
     mask_hash = hashlib.sha256()
     for stack in adapter.stacks(model):
@@ -56,7 +59,8 @@ def prune_sequential(model: nn.Module, adapter: Adapter, pruner, layer_sparsity:
         hidden = [per_block[0].hidden for per_block in inputs]
         for j, block in enumerate(tqdm(blocks, desc=f"pruning {stack.name} blocks", unit="block")):
             block_inputs = [per_block[j].with_hidden(h) for per_block, h in zip(inputs, hidden)]
-            _prune_block(block, names[j], adapter, pruner, layer_sparsity, block_inputs, nm, report, mask_hash)
+            group = (comparison or {}).get(stack.submodel, "row")
+            _prune_block(block, names[j], adapter, pruner, layer_sparsity, block_inputs, nm, report, mask_hash, group)
             if pruner.needs_activations and j + 1 < len(blocks):
                 hidden = [run_block(block, inp) for inp in block_inputs]
                 check_finite(hidden[0], f"{names[j]} outputs", "lower sparsity or use a wider dtype")
@@ -68,7 +72,8 @@ def prune_sequential(model: nn.Module, adapter: Adapter, pruner, layer_sparsity:
 
 
 def _prune_block(block: nn.Module, prefix: str, adapter: Adapter, pruner, layer_sparsity: dict[str, float],
-                 inputs: list[BlockInput], nm: tuple[int, int] | None, report: PruneReport, mask_hash) -> None:
+                 inputs: list[BlockInput], nm: tuple[int, int] | None, report: PruneReport, mask_hash,
+                 group: str = "row") -> None:
     layers = adapter.prunable_layers(block)
     missing = [f"{prefix}.{n}" for n in layers if f"{prefix}.{n}" not in layer_sparsity]
     if missing:
@@ -100,7 +105,7 @@ def _prune_block(block: nn.Module, prefix: str, adapter: Adapter, pruner, layer_
                                "calibration batch, or prune this model with magnitude")
     for name, layer in layers.items():
         full = f"{prefix}.{name}"
-        mask = pruner.prune(layer, stats[name], layer_sparsity[full], nm)
+        mask = pruner.prune(layer, stats[name], layer_sparsity[full], nm, group)
         check_finite(layer.weight, f"{full} after pruning",
                      "the calibration statistics overflowed; use float32 or bfloat16 instead of float16")
         report.layer_size[full] = mask.numel()

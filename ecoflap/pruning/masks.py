@@ -29,8 +29,29 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
-def select_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
-    return nm_mask(score, *nm) if nm else rowwise_mask(score, sparsity)
+def matrix_threshold_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """One threshold over the whole matrix, exactly as ECoFLaP's BLIP-2 Wanda pruner treats the
+    ViT: prune every score <= the int(numel * sparsity)-th smallest (so floor(numel * s) + 1
+    weights, more on ties; wanda_pruner.py in ylsung/ECoFLaP)."""
+    flat = score.flatten()
+    k = min(int(flat.numel() * sparsity), flat.numel() - 1)
+    threshold = torch.kthvalue(flat.float().cpu(), k + 1).values.to(score.device)
+    return score <= threshold
+
+
+COMPARISON_GROUPS = ("row", "matrix")
+
+
+def select_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, group: str = "row") -> torch.Tensor:
+    """N:M groups, else the lowest scores within each output row ("row", Wanda's default) or
+    under one threshold for the whole matrix ("matrix")."""
+    if nm:
+        return nm_mask(score, *nm)
+    if group == "matrix":
+        return matrix_threshold_mask(score, sparsity)
+    if group != "row":
+        raise ValueError(f"comparison group must be one of {COMPARISON_GROUPS}, got {group!r}")
+    return rowwise_mask(score, sparsity)
 
 
 def parse_nm(pattern: str | None) -> tuple[int, int] | None:

@@ -23,8 +23,9 @@ class Magnitude:
         pass
 
     @torch.no_grad()
-    def prune(self, layer: nn.Linear, stats: None, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
-        mask = select_mask(layer.weight.abs().float(), sparsity, nm)
+    def prune(self, layer: nn.Linear, stats: None, sparsity: float, nm: tuple[int, int] | None,
+              group: str = "row") -> torch.Tensor:
+        mask = select_mask(layer.weight.abs().float(), sparsity, nm, group)
         layer.weight[mask] = 0
         return mask
 
@@ -41,9 +42,10 @@ class Wanda:
         sq_norms += x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
 
     @torch.no_grad()
-    def prune(self, layer: nn.Linear, sq_norms: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
+    def prune(self, layer: nn.Linear, sq_norms: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
+              group: str = "row") -> torch.Tensor:
         score = layer.weight.abs().float() * sq_norms.sqrt().unsqueeze(0)
-        mask = select_mask(score, sparsity, nm)
+        mask = select_mask(score, sparsity, nm, group)
         layer.weight[mask] = 0
         return mask
 
@@ -71,7 +73,9 @@ class SparseGPT:
         stats["H"] += x.t() @ x
 
     @torch.no_grad()
-    def prune(self, layer: nn.Linear, stats: dict, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
+    def prune(self, layer: nn.Linear, stats: dict, sparsity: float, nm: tuple[int, int] | None,
+              group: str = "row") -> torch.Tensor:
+        # `group` is not used: SparseGPT has its own rule (one threshold per column block)
         W = layer.weight.detach().float().clone()
         H = stats["H"]
         rows, cols = W.shape

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -52,20 +53,38 @@ def plot_metrics(table: pd.DataFrame, metrics: list[str], path: str | Path, titl
     _save(fig, path)
 
 
-def plot_profiles(profiles: dict[str, dict[str, list[float]]], path: str | Path, title: str) -> None:
-    """profiles[sparsity label][method] = achieved sparsity per block; one panel per sparsity."""
+def plot_profiles(profiles: dict[str, dict[str, list[float]]], path: str | Path, title: str
+                  ) -> list[dict[str, Any]]:
+    """profiles[sparsity label][method] = achieved sparsity per block; one panel per sparsity.
+
+    Each method keeps one colour in every panel. Methods whose profiles are identical in a
+    panel (every uniform one) share a line, drawn in the colour of the first of them and
+    labelled with all their names in that panel's own legend: the panels differ in which
+    methods coincide, so one legend for all panels would mislabel lines. Returns what was
+    drawn, panel by panel ({"title", "lines": [{"label", "color", "values"}]}), read back
+    from the figure itself so a test can check every line against its label."""
+    methods = list(dict.fromkeys(m for per_method in profiles.values() for m in per_method))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {m: cycle[i % len(cycle)] for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, len(profiles), figsize=(5 * len(profiles), 3.4), squeeze=False, sharey=True)
-    for ax, (label, methods) in zip(axes[0], profiles.items()):
-        # methods with the same profile (every uniform one) share a line and a legend entry
+    drawn = []
+    for ax, (label, per_method) in zip(axes[0], profiles.items()):
         same: dict[tuple, list[str]] = {}
-        for method, values in methods.items():
+        for method, values in per_method.items():
             same.setdefault(tuple(round(v, 4) for v in values), []).append(method)
-        for values, names in same.items():
-            ax.plot(range(len(values)), values, marker=".", label=", ".join(names))
+        for names in same.values():
+            values = per_method[names[0]]
+            ax.plot(range(len(values)), values, marker=".", color=colour[names[0]], label=", ".join(names))
         ax.set_title(f"target {label}")
         ax.set_xlabel("block")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        drawn.append({"title": ax.get_title(), "lines": [
+            {"label": line.get_label(), "color": line.get_color(), "values": list(line.get_ydata())}
+            for line in ax.get_lines()], "legend": [
+            {"label": text.get_text(), "color": handle.get_color()}
+            for text, handle in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)]})
     axes[0][0].set_ylabel("achieved sparsity")
-    axes[0][-1].legend(fontsize=8)
     fig.suptitle(title, y=1.03)
     _save(fig, path)
+    return drawn

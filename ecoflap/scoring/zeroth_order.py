@@ -42,7 +42,19 @@ def _direction(shape: torch.Size, seed: int, batch: int, unit: int, tensor: int,
 @torch.no_grad()
 def zeroth_order_scores(model: nn.Module, adapter: Adapter, batches: list[Batch], device: torch.device,
                         eps: float = 1e-3, granularity: str = "layer", reuse_block_inputs: bool = False,
-                        seed: int = 0) -> dict[str, float]:
+                        seed: int = 0, perturb: str = "unit") -> dict[str, float]:
+    """perturb "unit" draws one direction per scored unit; "tensor" with granularity "block"
+    perturbs one weight tensor at a time and sums the |estimates| of a block's tensors, as the
+    authors' BLIP-2 runs do (per-tensor MEZO scores, block-level allocation)."""
+    if perturb not in ("unit", "tensor"):
+        raise ValueError(f"perturb must be 'unit' or 'tensor', got {perturb!r}")
+    if perturb == "tensor" and granularity == "block":
+        per_tensor = zeroth_order_scores(model, adapter, batches, device, eps, "layer", reuse_block_inputs, seed)
+        blocks = [name for name, _ in adapter.named_blocks(model)]
+        out = {b: 0.0 for b in blocks}
+        for unit, value in per_tensor.items():
+            out[next(b for b in blocks if unit.startswith(b + "."))] += value
+        return out
     units = scoring_units(model, adapter, granularity)
     scores = {u.name: 0.0 for u in units}
     bar = tqdm(total=len(batches) * len(units), desc=f"zeroth-order scores ({granularity})", unit="unit")

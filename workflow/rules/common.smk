@@ -39,6 +39,7 @@ def calibration_args(wc):
             if c.get(key):
                 args.append(f"--{key.replace('_', '-')} {shlex.quote(str(c[key]))}")
         args.append(f"--prompt {shlex.quote(c.get('prompt', ''))}")
+        args.append(f"--protocol {c['protocol']} --max-txt-len {c['max_txt_len']}")
     else:
         args.append(f"--seq-len {c['seq_len']}")
     return " ".join(args)
@@ -109,6 +110,7 @@ def scorer_args(wc):
     if s["kind"] == "zeroth_order":
         args += [f"--granularity {s['granularity']}", f"--eps {s['eps']}"]
         args += ["--reuse-block-inputs"] if s["reuse_block_inputs"] else []
+        args += [f"--perturb {s['perturb']}"] if s["perturb"] != "unit" else []
     elif s["kind"] in ("first_order", "checkpointed"):
         args += [f"--granularity {s['granularity']}", f"--reduce {s['reduce']}"]
     else:
@@ -149,6 +151,8 @@ def prune_args(wc):
             f"--sparsegpt-damp {p['sparsegpt_damp']}", f"--sparsegpt-block-size {p['sparsegpt_block_size']}"]
     if nm:
         args.append(f"--nm {nm}")
+    if p["comparison"]:
+        args.append("--comparison " + " ".join(f"{sub}={group}" for sub, group in p["comparison"].items()))
     return " ".join(args)
 
 
