@@ -9,10 +9,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from typing import TYPE_CHECKING
 
 from ecoflap.utils.io import provenance, read_json, write_json
-from ecoflap.utils.runtime import peak_memory_mb, resolve_device, resolve_dtype, seed_everything, setup_logging
+from ecoflap.utils.runtime import (peak_memory_mb, resolve_device, resolve_dtype, seed_everything, setup_logging,
+                                   torch_threads)
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the stages that run a model: allocate and aggregate never need it, and
+# importing it (with transformers) is most of a short job's time.
+MODEL_STAGES = ("calibrate", "score", "prune", "evaluate", "evaluate-text", "download", "benchmark-scoring")
 
 log = logging.getLogger("ecoflap")
 
@@ -37,12 +45,12 @@ def _calibration_batches(args: argparse.Namespace, dtype: torch.dtype) -> list[d
     return batches(data, args.batch_size)
 
 
-def _finish(path: str, result: dict[str, Any], args: argparse.Namespace, inputs: dict[str, str],
+def _finish(path: str, result: dict[str, Any], args: argparse.Namespace | dict[str, Any], inputs: dict[str, str],
             started: float, device: torch.device | None = None) -> None:
-    settings = {k: v for k, v in vars(args).items() if k not in ("func",)}
+    settings = args if isinstance(args, dict) else {k: v for k, v in vars(args).items() if k not in ("func",)}
     result["runtime"] = {"wall_s": round(time.perf_counter() - started, 2),
-                         "peak_mem_mb": round(peak_memory_mb(device or torch.device("cpu")), 1),
-                         "device": str(device) if device else "cpu", "threads": torch.get_num_threads()}
+                         "peak_mem_mb": round(peak_memory_mb(device), 1),
+                         "device": str(device) if device else "cpu", "threads": torch_threads()}
     result["provenance"] = provenance(settings, inputs=inputs)
     write_json(path, result)
     log.info("wrote %s", path)
@@ -96,6 +104,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     model, _tok, adapter, device, dtype = _load(args)
     batches = _calibration_batches(args, dtype)
     if device.type == "cuda":
+        import torch
+
         torch.cuda.reset_peak_memory_stats(device)
     if args.kind == "zeroth_order":
         from ecoflap.scoring.zeroth_order import zeroth_order_scores
@@ -175,6 +185,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     pruner = make_pruner(args.pruner, damp=args.sparsegpt_damp, block_size=args.sparsegpt_block_size)
     batches = _calibration_batches(args, dtype) if pruner.needs_activations else []
     if device.type == "cuda":
+        import torch
+
         torch.cuda.reset_peak_memory_stats(device)
     comparison = dict(item.split("=", 1) for item in args.comparison or [])
     report = prune_sequential(model, adapter, pruner, allocation["layer_sparsity"], batches, device, nm, comparison)
@@ -223,6 +235,32 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _finish(args.out, result, args, {"model": args.model}, t0, device)
 
 
+def cmd_evaluate_text(args: argparse.Namespace) -> None:
+    """Every text evaluation of one checkpoint (perplexity, lm-eval) from one process and one
+    model load; each entry still gets its own result file, settings and wall time."""
+    from ecoflap.evaluation.harness import run_lm_eval
+    from ecoflap.evaluation.perplexity import evaluation_text, perplexity
+
+    seed_everything(args.seed)
+    model, tok, _adapter, device, _dtype = _load(args)
+    for name, entry in json.loads(args.spec).items():
+        t0 = time.perf_counter()
+        seed_everything(args.seed)  # each entry as if run on its own
+        if name == "perplexity":
+            metrics = perplexity(model, tok, evaluation_text(entry["dataset"]), entry["seq_len"], device,
+                                 entry.get("max_windows"), entry["batch_size"])
+            metrics["dataset"] = entry["dataset"]
+        elif name == "lm_eval":
+            metrics = run_lm_eval(model, tok, entry["tasks"], entry["batch_size"], entry.get("limit"),
+                                  entry["num_fewshot"], args.seed)
+        else:
+            raise ValueError(f"evaluate-text runs perplexity and lm_eval entries, not {name!r}")
+        settings = {"command": "evaluate-text", "task": name, "model": args.model, "device": args.device,
+                    "dtype": args.dtype, "seed": args.seed, "threads": torch_threads(), **entry}
+        _finish(str(Path(args.out_dir) / f"{name}.json"), {"task": name, "metrics": metrics}, settings,
+                {"model": args.model}, t0, device)
+
+
 def cmd_aggregate(args: argparse.Namespace) -> None:
     from ecoflap.reporting.aggregate import aggregate
 
@@ -234,7 +272,7 @@ def cmd_benchmark_scoring(args: argparse.Namespace) -> None:
     from ecoflap.benchmark import benchmark_scoring, format_summary, write_summary
 
     summary = benchmark_scoring(args.model, args.n_samples, args.seq_len, args.batch_size, args.seeds,
-                                args.sparsities, args.device, args.threads or torch.get_num_threads(),
+                                args.sparsities, args.device, args.threads or torch_threads(),
                                 args.eval_dataset, args.eval_seq_len, args.eval_windows)
     print(format_summary(summary))
     if args.out:
@@ -352,6 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("evaluate-text", help="all text evaluations of a checkpoint in one process")
+    _model_args(p)
+    p.add_argument("--spec", required=True,
+                   help='JSON of the config\'s text evaluation entries, e.g. {"perplexity": {"dataset": '
+                        '"brown-heldout", "seq_len": 256, "max_windows": 32, "batch_size": 8}, "lm_eval": {"tasks": '
+                        '["brown_cloze"], "limit": null, "num_fewshot": 0, "batch_size": 16}}')
+    p.add_argument("--out-dir", required=True, help="writes {entry}.json here for each entry")
+    p.set_defaults(func=cmd_evaluate_text)
+
     p = sub.add_parser("aggregate", help="tables and plots over methods and sparsities")
     p.add_argument("--results", required=True, help="results/{model}")
     p.add_argument("--rows", nargs="+", required=True, help="method/sparsity folders to include")
@@ -379,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
-    if args.threads:
+    if args.threads and args.command in MODEL_STAGES:
+        import torch
+
         torch.set_num_threads(args.threads)
     log.info("ecoflap %s", args.command)
     try:

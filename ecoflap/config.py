@@ -191,6 +191,11 @@ def _family_errors(config: dict[str, Any]) -> list[str]:
         if not names:
             errors.append(f"config key models.{model}.family: no evaluation entry is a task {family} can do "
                           f"(allowed tasks: {', '.join(fam.tasks)})")
+        text_listed = [n for n in TEXT_EVALS if n in names]
+        text_all = [n for n in TEXT_EVALS if n in evaluation]
+        if text_listed and text_listed != text_all:
+            errors.append(f"config key models.{model}.evaluate: lists {text_listed} but the text evaluations of a row "
+                          f"run together in one job (allowed: all of {text_all}, or none)")
         for n in names:
             if n not in evaluation:
                 errors.append(f"config key models.{model}.evaluate: {n!r} is not a key of evaluation "

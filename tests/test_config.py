@@ -80,7 +80,7 @@ def test_dry_run_paper_config_plans_everything(tmp_path):
     assert "results/llama-7b/ecoflap_zo_wanda/0.7/model" in text
     assert "results/llama-7b/wanda/2of4/pruning.json" in text
     assert "results/llama-7b/ecoflap_zo_wanda/2of4" not in text  # N:M only for uniform methods
-    assert "--dataset wikitext2" in text and "boolq" in text
+    assert '"dataset": "wikitext2"' in text and "boolq" in text
 
 
 def test_bad_config_fails_before_any_job(tmp_path):

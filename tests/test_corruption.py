@@ -3,7 +3,7 @@
 A tiny workflow (dense + wanda at 0.5, perplexity only) runs to completion; then
 
 * the downloaded model's `model.safetensors` is truncated and its consumer rules are forced
-  to rerun (`--forcerun prune evaluate`: a corrupted file inside a `directory()` output does not
+  to rerun (`--forcerun prune evaluate_text`: a corrupted file inside a `directory()` output does not
   change the folder's `.snakemake_timestamp`, so Snakemake would not notice it by itself), and
 * in a copy of the finished run, the calibration file's safetensors header is overwritten in
   place (which makes it newer than its consumers, so Snakemake reruns `prune` on its own).
@@ -131,12 +131,12 @@ def test_truncated_model_weights(finished_run):
     dry = snakemake(work, "-n")  # Snakemake itself does not see a change inside a directory() output
     assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout + dry.stderr
     t0 = time.perf_counter()
-    out = snakemake(work, "--keep-going", "--forcerun", "prune", "evaluate")
+    out = snakemake(work, "--keep-going", "--forcerun", "prune", "evaluate_text")
     print(f"rerun on truncated weights took {time.perf_counter() - t0:.1f}s")
     assert_failed_cleanly(
         work, before, out, RES / "model/model.safetensors",
         failed_outputs=[PRUNED, PRUNE_REPORT, DENSE_PPL],
-        failed_logs=[RES / "wanda/0.5/logs/prune.log", RES / "dense/0/logs/perplexity.log"],
+        failed_logs=[RES / "wanda/0.5/logs/prune.log", RES / "dense/0/logs/evaluate_text.log"],
         # downstream of the failed jobs: never ran
         untouched=[WANDA_PPL, SUMMARY, RES / "calibration.safetensors", RES / "wanda/0.5/allocation.json"])
     assert "download_model" in (work / RES / "wanda/0.5/logs/prune.log").read_text()  # what to rerun, by name

@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import nn
 
+from ecoflap.evaluation.intervals import LEVEL, RESAMPLES, mean_interval
+
 from ecoflap.data.corpora import ASSETS
 
 log = logging.getLogger(__name__)
@@ -48,8 +50,17 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: list[str], batch_size: 
         log.info("lm-eval on %s (limit %s, %d-shot)", tasks, limit, num_fewshot)
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                       num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
-                                      torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
-    return task_metrics(out, tasks)
+                                      torch_random_seed=seed, fewshot_random_seed=seed, log_samples=True)
+    results = task_metrics(out, tasks)
+    for task in tasks:  # per-item correctness, in document order, for the bootstrap interval
+        samples = sorted(out.get("samples", {}).get(task, []), key=lambda d: d["doc_id"])
+        if "acc" in results[task] and len(samples) > 1 and all("acc" in d for d in samples):
+            items = [float(d["acc"]) for d in samples]
+            results[task]["item_acc"] = items
+            results[task]["interval"] = list(mean_interval(items))
+            results[task]["interval_note"] = (f"{LEVEL:.0%} percentile bootstrap over the {len(items)} items "
+                                              f"({RESAMPLES} resamples)")
+    return results
 
 
 def task_metrics(out: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, float]]:

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ecoflap.data.corpora import embedded_text, wikitext2_test
+from ecoflap.evaluation.intervals import LEVEL, RESAMPLES, perplexity_interval
 from ecoflap.utils.runtime import check_finite
 
 
@@ -32,11 +33,19 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str, seq_len: int, device
         raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
     windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
     nll, count = 0.0, 0
+    window_nll: list[float] = []  # mean loss of each window, for the bootstrap interval
     for i in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch"):
         batch = windows[i:i + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
         check_finite(loss, f"perplexity window {i}", "the pruned model diverged; check the pruning log")
-        nll += loss.item()
+        per_window = loss.reshape(batch.shape[0], -1).sum(1)
+        nll += per_window.sum().item()
         count += batch[:, 1:].numel()
-    return {"perplexity": math.exp(nll / count), "tokens": count, "windows": n_windows, "seq_len": seq_len}
+        window_nll += (per_window / (seq_len - 1)).tolist()
+    out = {"perplexity": math.exp(nll / count), "tokens": count, "windows": n_windows, "seq_len": seq_len,
+           "window_nll": window_nll}
+    if n_windows > 1:
+        out["interval"] = list(perplexity_interval(window_nll))
+        out["interval_note"] = f"{LEVEL:.0%} percentile bootstrap over the {n_windows} windows ({RESAMPLES} resamples)"
+    return out

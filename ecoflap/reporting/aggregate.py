@@ -53,12 +53,15 @@ def collect_row(results: Path, row: str) -> dict[str, Any]:
     ppl = d / "eval" / "perplexity.json"
     if ppl.exists():
         m = read_json(ppl)["metrics"]
-        out[f"perplexity ({m['dataset']})"] = m["perplexity"]
+        name = f"perplexity ({m['dataset']})"
+        out[name] = m["perplexity"]
+        _interval(out, name, m.get("interval"))
         out["ppl_tokens"] = m["tokens"]
     lm = d / "eval" / "lm_eval.json"
     if lm.exists():
         for task, vals in read_json(lm)["metrics"].items():
             out[f"{task} acc"] = vals.get("acc")
+            _interval(out, f"{task} acc", vals.get("interval"))
             if vals.get("n") is not None:
                 out[f"{task} n"] = vals["n"]
     for path in sorted((d / "eval").glob("*.json")):
@@ -85,20 +88,102 @@ def collect_row(results: Path, row: str) -> dict[str, Any]:
         out["prune_s"], out["prune_mem_mb"] = c["s"], c["mem_mb"]
     for task in TEXT_EVALS:
         if (d / "eval" / f"{task}.json").exists():  # models without text evaluations get no empty columns
+            # the text evaluations share one job: each entry's own wall time and peak, from its record
             c = _cost(d / "eval" / f"{task}.json", d / "benchmarks" / f"{task}.tsv")
             out[f"{task}_s"], out[f"{task}_mem_mb"] = c["s"], c["mem_mb"]
+    job = _benchmark(d / "benchmarks" / "evaluate_text.tsv")
+    if job:  # the whole job: process start, imports, model load and every text evaluation
+        out["evaluate_text_s"], out["evaluate_text_mem_mb"] = job["s"], job["mem_mb"]
     return out
 
 
-def _markdown(df: pd.DataFrame) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return "" if pd.isna(v) else (f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}")
-        return str(v)
+LO, HI = " lo95", " hi95"  # suffixes of a metric's interval columns
 
+
+def _interval(out: dict[str, Any], name: str, interval: list[float] | None) -> None:
+    if interval:
+        out[name + LO], out[name + HI] = interval
+
+
+def _per_item(results: Path, row: str) -> dict[str, list[float]]:
+    """The per-window losses and per-item scores behind a row's metrics (for paired comparisons)."""
+    d = results / row / "eval"
+    items: dict[str, list[float]] = {}
+    if (d / "perplexity.json").exists():
+        m = read_json(d / "perplexity.json")["metrics"]
+        if m.get("window_nll"):
+            items[f"perplexity ({m['dataset']})"] = m["window_nll"]
+    if (d / "lm_eval.json").exists():
+        for task, vals in read_json(d / "lm_eval.json")["metrics"].items():
+            if vals.get("item_acc"):
+                items[f"{task} acc"] = vals["item_acc"]
+    return items
+
+
+def pairwise_differences(table: pd.DataFrame, results: Path, rows: list[str]) -> pd.DataFrame:
+    """Every pair of pruned methods at the same sparsity, per metric with per-item values: the
+    paired bootstrap interval of the perplexity ratio (or accuracy difference) over the same
+    windows (items), and whether the two rows' own intervals overlap."""
+    from ecoflap.evaluation.intervals import paired_difference_interval, paired_ratio_interval
+
+    per_item = {r: _per_item(results, r) for r in rows}
+    lines = []
+    for label in sorted({r.split("/")[1] for r in rows if not r.startswith("dense/")}):
+        methods = [r for r in rows if r.split("/")[1] == label]
+        for i, a in enumerate(methods):
+            for b in methods[i + 1:]:
+                for metric in sorted(set(per_item[a]) & set(per_item[b])):
+                    x, y = per_item[a][metric], per_item[b][metric]
+                    if len(x) != len(y):
+                        continue
+                    ppl = metric.startswith("perplexity")
+                    lo, hi = (paired_ratio_interval if ppl else paired_difference_interval)(x, y)
+                    ra = table[(table["method"] == a.split("/")[0]) & (table["sparsity"].astype(str) == label)].iloc[0]
+                    rb = table[(table["method"] == b.split("/")[0]) & (table["sparsity"].astype(str) == label)].iloc[0]
+                    apart = ra[metric + HI] < rb[metric + LO] or rb[metric + HI] < ra[metric + LO] \
+                        if metric + LO in table else float("nan")
+                    point = ra[metric] / rb[metric] if ppl else ra[metric] - rb[metric]
+                    lines.append({"sparsity": label, "metric": metric, "a": a.split("/")[0], "b": b.split("/")[0],
+                                  "statistic": "a / b" if ppl else "a - b", "value": point, "paired lo95": lo,
+                                  "paired hi95": hi, "beyond paired interval": not (lo <= (1.0 if ppl else 0.0) <= hi),
+                                  "own intervals apart": apart})
+    return pd.DataFrame(lines)
+
+
+def _with_intervals(table: pd.DataFrame) -> pd.DataFrame:
+    """For reading: each metric as "value [lo, hi]", its interval columns folded in."""
+    shown = table.copy()
+    for col in [c for c in table.columns if c + LO in table.columns]:
+        def cell(row, col=col):
+            if pd.isna(row[col]):
+                return ""
+            if pd.isna(row[col + LO]):
+                return _fmt(row[col])
+            return f"{_fmt(row[col])} [{_fmt(row[col + LO])}, {_fmt(row[col + HI])}]"
+        shown[col] = table.apply(cell, axis=1)
+    return shown.drop(columns=[c for c in table.columns if c.endswith((LO, HI))])
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "" if pd.isna(v) else (f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}")
+    return str(v)
+
+
+def _markdown(df: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+def _interval_notes(eval_dir: Path) -> list[str]:
+    notes = []
+    for path in eval_dir.glob("*.json"):
+        metrics = read_json(path)["metrics"]
+        for vals in [metrics, *[v for v in metrics.values() if isinstance(v, dict)]]:
+            if vals.get("interval_note"):
+                notes.append(f"{path.stem}: {vals['interval_note'].split(' (')[0]}")
+    return notes
 
 
 def block_profile(layer_sparsity: dict[str, float], layout: dict[str, dict[str, int]]) -> list[float]:
@@ -127,9 +212,9 @@ def aggregate(results: Path, rows: list[str], out_dir: Path, reference: Path | N
     # identity and quality first, then stage costs in pipeline order, the mask hash last
     first = ["method", "sparsity", "target", "achieved_sparsity"]
     evals = sorted({p.stem for r in rows for p in (results / r / "eval").glob("*.json")} - {"perplexity", "lm_eval"})
-    quality = [c for c in table.columns if c.startswith("perplexity (") or c.endswith((" acc", " n")) or c == "ppl_tokens"
-               or any(c.startswith(f"{e} ") for e in evals)]
-    stages = [c for st in ("score", "allocate", "prune", "perplexity", "lm_eval", *evals)
+    quality = [c for c in table.columns if c.startswith("perplexity (") or c.endswith((" acc", " n", LO, HI))
+               or c == "ppl_tokens" or any(c.startswith(f"{e} ") for e in evals)]
+    stages = [c for st in ("score", "allocate", "prune", "evaluate_text", "perplexity", "lm_eval", *evals)
               for c in (f"{st}_s", f"{st}_mem_mb") if c in table.columns]
     table = table[first + quality + stages + [c for c in table.columns if c not in first + quality + stages]]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,8 +226,21 @@ def aggregate(results: Path, rows: list[str], out_dir: Path, reference: Path | N
     for col in table.columns:
         if col.endswith(" n"):
             notes.append(f"{col[:-2]}: {int(table[col].max())} items.")
-    write_text(out_dir / "summary.md", f"# {results.name}: methods x sparsity\n\n" + _markdown(table)
-               + "\n" + " ".join(notes) + "\nTimes in seconds, memory as peak RSS (CPU) in MB per stage job.\n")
+    interval_notes = sorted({n for r in rows for n in _interval_notes(results / r / "eval")})
+    if interval_notes:
+        notes.append("In brackets: " + "; ".join(interval_notes) + ".")
+    write_text(out_dir / "summary.md", f"# {results.name}: methods x sparsity\n\n" + _markdown(_with_intervals(table))
+               + "\n" + " ".join(notes) + "\nTimes in seconds, memory as peak RSS (CPU) in MB per stage job "
+               "(evaluate_text: the one job that runs every text evaluation of a row; perplexity_s and lm_eval_s: "
+               "each evaluation's own share of it).\n")
+    differences = pairwise_differences(table, results, rows)
+    if not differences.empty:
+        with atomic_path(out_dir / "differences.csv") as tmp:
+            differences.to_csv(tmp, index=False)
+        write_text(out_dir / "differences.md", f"# {results.name}: which differences are beyond the noise\n\n"
+                   "Each pair of methods at one sparsity: the ratio of perplexities (or the difference of "
+                   "accuracies) with its 95 % paired bootstrap interval over the same evaluation windows (items), "
+                   "and whether the two rows' own 95 % intervals are apart.\n\n" + _markdown(differences))
     if reference is not None:
         import yaml
 
@@ -155,8 +253,8 @@ def aggregate(results: Path, rows: list[str], out_dir: Path, reference: Path | N
         log.info("ours vs published:\n%s", comparison.to_string(index=False))
     # one headline panel per vision-language evaluation; the table keeps every metric
     headline = ("accuracy", "CIDEr", "TR@1", "IR@1", "top1")
-    metrics = [c for c in table.columns if c.startswith("perplexity (") or c.endswith(" acc")
-               or (any(c.startswith(f"{e} ") for e in evals) and c.split(" ", 1)[1] in headline)]
+    metrics = [c for c in table.columns if (c.startswith("perplexity (") and not c.endswith((LO, HI)))
+               or c.endswith(" acc") or (any(c.startswith(f"{e} ") for e in evals) and c.split(" ", 1)[1] in headline)]
     if metrics:
         plot_metrics(table, metrics, out_dir / "metrics.png", results.name)
     layout = read_json(results / "layout.json")["layout"]

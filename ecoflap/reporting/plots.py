@@ -38,11 +38,18 @@ def plot_metrics(table: pd.DataFrame, metrics: list[str], path: str | Path, titl
     dense = table[table["method"] == "dense"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
+        lo, hi = metric + " lo95", metric + " hi95"
         for method, rows in pruned.groupby("method", sort=False):
             rows = rows.dropna(subset=["target", metric]).sort_values("target")
-            ax.plot(rows["target"], rows[metric], marker="o", label=method)
+            if lo in rows and rows[lo].notna().all():  # 95 % bootstrap interval as error bars
+                err = [rows[metric] - rows[lo], rows[hi] - rows[metric]]
+                ax.errorbar(rows["target"], rows[metric], yerr=err, marker="o", capsize=3, label=method)
+            else:
+                ax.plot(rows["target"], rows[metric], marker="o", label=method)
         if not dense.empty and metric in dense and pd.notna(dense[metric].iloc[0]):
             ax.axhline(dense[metric].iloc[0], color="k", ls="--", lw=1, label="dense")
+            if lo in dense and pd.notna(dense[lo].iloc[0]):
+                ax.axhspan(dense[lo].iloc[0], dense[hi].iloc[0], color="k", alpha=0.08)
         if metric.startswith("perplexity"):
             ax.set_yscale("log")
         ax.set_xlabel("target sparsity")

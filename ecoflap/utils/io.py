@@ -18,8 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch and safetensors load inside the tensor helpers: the stages that write
+    import torch   # only JSON (allocate, aggregate) start without them
 
 
 @contextlib.contextmanager
@@ -68,11 +70,15 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: only .safetensors files are read (no pickle loads)")
@@ -85,19 +91,30 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, torch.Tensor):
+    if "torch" in sys.modules and isinstance(obj, sys.modules["torch"].Tensor):
         return obj.tolist()
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
+_HASHED: dict[tuple[int, int, int, int], str] = {}  # (device, inode, size, mtime) -> SHA-256, in one process
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """SHA-256 of a file. A job verifies a checkpoint's weights on load and hashes them again
+    for its provenance, and `prune` hashes what it saved before and after renaming it into
+    place: the second time is answered from memory while the file (inode, size, modification
+    time) is unchanged."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+        _HASHED[key] = h.hexdigest()
+    return _HASHED[key]
 
 
 def sha256_path(path: str | os.PathLike) -> str:
@@ -115,12 +132,14 @@ def sha256_path(path: str | os.PathLike) -> str:
 CHECKSUMS = "ecoflap_checksums.json"
 
 
-def write_checksums(folder: str | os.PathLike) -> None:
+def write_checksums(folder: str | os.PathLike) -> dict[str, str]:
     """Record the SHA-256 of a checkpoint's weight files beside them, so every later load
-    notices a file that changed on disk (a bad copy, a flipped byte) instead of using it."""
+    notices a file that changed on disk (a bad copy, a flipped byte) instead of using it.
+    Returns the recorded hashes."""
     folder = Path(folder)
     sums = {f.name: sha256_file(f) for f in sorted(folder.glob("*.safetensors"))}
     write_json(folder / CHECKSUMS, sums)
+    return sums
 
 
 def verify_checksums(folder: str | os.PathLike) -> None:
@@ -158,7 +177,8 @@ def package_versions() -> dict[str, str]:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             continue
-    versions["cuda"] = torch.version.cuda or "none"
+    if "torch" in sys.modules:  # stages that never load torch do not record its CUDA build
+        versions["cuda"] = sys.modules["torch"].version.cuda or "none"
     return versions
 
 

@@ -1,18 +1,24 @@
-"""Device, dtype, seeding, logging and peak-memory helpers."""
+"""Device, dtype, seeding, logging and peak-memory helpers.
+
+torch and numpy are imported inside the functions that need them: the stages that never run a
+model (allocate, aggregate) share this module and start in a fraction of a second without them."""
 from __future__ import annotations
 
 import logging
 import random
 import resource
 import sys
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -22,16 +28,21 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on GPU (fp16 when the GPU lacks bf16), fp32 on CPU."""
+    import torch
+
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} unknown; use one of auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype {name!r} unknown; use one of auto, {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -48,17 +59,26 @@ def setup_logging(verbose: bool = True) -> logging.Logger:
     return logging.getLogger("ecoflap")
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device | None = None) -> float:
     """Peak resident memory of this process (CPU) or peak allocated CUDA memory, in MB."""
-    if device.type == "cuda":
+    if device is not None and device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 2**20
     return peak_rss_mb()
 
 
 def check_finite(t: torch.Tensor, what: str, hint: str) -> None:
     """Stop with a message naming the stage/block instead of letting NaN/Inf reach a mask."""
+    import torch
+
     if not torch.isfinite(t).all():
         raise FloatingPointError(f"non-finite values in {what}; {hint}")
+
+
+def torch_threads() -> int | None:
+    """torch's intra-op threads, or None in a process that never imported torch."""
+    return sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
 
 
 def reset_peak_rss() -> None:

@@ -14,8 +14,17 @@ except ConfigError as err:
 validate(config, "../schemas/config.schema.yaml")  # fills schema defaults
 
 PY = config.get("python") or sys.executable
+# torch threads per job of each model-running stage (Snakemake runs jobs side by side while
+# their threads fit in --cores): `threads`, unless `stage_threads` says otherwise
+THREADS = {stage: config["stage_threads"].get(stage, config["threads"]) for stage in ("score", "prune", "evaluate")}
 GPU = config["resources"]["gpu"]
 MEM = config["resources"]["mem_mb"]
+
+
+# Text evaluations (perplexity, lm-eval) of a row run together in one job (one process, one
+# model load); each vision-language entry is a job of its own.
+TEXT_ENTRIES = [name for name in TEXT_EVALS if name in config["evaluation"]]
+VL_ENTRIES = [name for name in config["evaluation"] if name not in TEXT_EVALS]
 
 
 wildcard_constraints:
@@ -23,7 +32,7 @@ wildcard_constraints:
     method="[A-Za-z0-9_\-]+",
     sparsity="[0-9.]+|[0-9]+of[0-9]+",
     scorer="[A-Za-z0-9_\-]+",
-    task="|".join(config["evaluation"]),
+    task="|".join(VL_ENTRIES) or "(?!)",
 
 
 def evals_of(model):
@@ -152,7 +161,8 @@ def prune_args(wc):
     if nm:
         args.append(f"--nm {nm}")
     if p["comparison"]:
-        args.append("--comparison " + " ".join(f"{sub}={group}" for sub, group in p["comparison"].items()))
+        groups = " ".join(f"{sub}={group}" for sub, group in p["comparison"].items())
+        args.append(f"--comparison {groups}")
     return " ".join(args)
 
 
@@ -162,18 +172,12 @@ def eval_kind(wc):
 
 
 def eval_args(wc):
-    e = config["evaluation"][wc.task]
-    if wc.task not in TEXT_EVALS:
-        spec = shlex.quote(json.dumps({"name": wc.task, **e}))
-        return f"--spec {spec}"
-    if wc.task == "perplexity":
-        args = [f"--dataset {e['dataset']}", f"--seq-len {e['seq_len']}", f"--batch-size {e['batch_size']}"]
-        if e.get("max_windows"):
-            args.append(f"--max-windows {e['max_windows']}")
-    else:
-        tasks = " ".join(shlex.quote(t) for t in e["tasks"])
-        args = [f"--tasks {tasks}", f"--num-fewshot {e['num_fewshot']}",
-                f"--batch-size {e['batch_size']}"]
-        if e.get("limit"):
-            args.append(f"--limit {e['limit']}")
-    return " ".join(args)
+    """A vision-language entry, as JSON."""
+    spec = json.dumps({"name": wc.task, **config["evaluation"][wc.task]})
+    return f"--spec {shlex.quote(spec)}"
+
+
+def text_eval_args(wc):
+    """Every text entry of the config, as JSON: one process evaluates them all."""
+    spec = json.dumps({name: config["evaluation"][name] for name in TEXT_ENTRIES})
+    return f"--spec {shlex.quote(spec)}"

@@ -1,6 +1,6 @@
 rule evaluate:
-    """One evaluation entry of one row's model: perplexity or lm-eval for language models;
-    VQA, captioning, retrieval or zero-shot classification for vision-language models."""
+    """One vision-language evaluation entry of one row's model: VQA, captioning, retrieval or
+    zero-shot classification."""
     input:
         model=model_dir,
     output:
@@ -10,7 +10,7 @@ rule evaluate:
         model=model_args,
         args=eval_args,
         kind=eval_kind,
-    threads: config["threads"]
+    threads: THREADS["evaluate"]
     resources:
         gpu=GPU,
         mem_mb=MEM,
@@ -23,3 +23,32 @@ rule evaluate:
     shell:
         "{params.py} -m ecoflap --threads {threads} evaluate --model {input.model} --task {params.kind} "
         "{params.model} {params.args} --out {output} > {log} 2>&1"
+
+
+if TEXT_ENTRIES:
+
+    rule evaluate_text:
+        """Every text evaluation of one row's model (perplexity, lm-eval) from one process and one
+        model load; each entry still writes its own result file."""
+        input:
+            model=model_dir,
+        output:
+            [f"results/{{model}}/{{method}}/{{sparsity}}/eval/{name}.json" for name in TEXT_ENTRIES],
+        params:
+            py=PY,
+            model=model_args,
+            args=text_eval_args,
+            out_dir=lambda wc: f"results/{wc.model}/{wc.method}/{wc.sparsity}/eval",
+        threads: THREADS["evaluate"]
+        resources:
+            gpu=GPU,
+            mem_mb=MEM,
+        log:
+            "results/{model}/{method}/{sparsity}/logs/evaluate_text.log",
+        benchmark:
+            "results/{model}/{method}/{sparsity}/benchmarks/evaluate_text.tsv"
+        conda:
+            "../../envs/ecoflap.yaml"
+        shell:
+            "{params.py} -m ecoflap --threads {threads} evaluate-text --model {input.model} {params.model} "
+            "{params.args} --out-dir {params.out_dir} > {log} 2>&1"

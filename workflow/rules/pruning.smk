@@ -12,7 +12,7 @@ rule prune:
         py=PY,
         model=model_args,
         prune=prune_args,
-    threads: config["threads"]
+    threads: THREADS["prune"]
     resources:
         gpu=GPU,
         mem_mb=MEM,

@@ -9,7 +9,7 @@ rule score:
         py=PY,
         model=model_args,
         scorer=scorer_args,
-    threads: config["threads"]
+    threads: THREADS["score"]
     resources:
         gpu=GPU,
         mem_mb=MEM,
