@@ -12,6 +12,7 @@ from typing import Any
 from typing import TYPE_CHECKING
 
 from ecoflap.utils.io import provenance, read_json, write_json
+from ecoflap.utils.validate import check_allocation, check_layout, check_scores
 from ecoflap.utils.runtime import (peak_memory_mb, resolve_device, resolve_dtype, seed_everything, setup_logging,
                                    torch_threads)
 
@@ -131,7 +132,7 @@ def cmd_allocate(args: argparse.Namespace) -> None:
     from ecoflap.reporting.plots import plot_allocation
 
     t0 = time.perf_counter()
-    laid_out = read_json(args.layout)
+    laid_out = check_layout(read_json(args.layout), args.layout)
     submodel_of_block = laid_out.get("submodel_of_block") or {b: "language" for b in laid_out["layout"]}
     layout = ratios.select_submodels(laid_out["layout"], submodel_of_block, args.submodels)
     inputs = {"layout": args.layout}
@@ -141,6 +142,8 @@ def cmd_allocate(args: argparse.Namespace) -> None:
             raise SystemExit(f"allocation {args.kind} needs --scores")
         inputs["scores"] = args.scores
         scored = read_json(args.scores)
+        units = set(ratios.unit_sizes(laid_out["layout"], scored.get("granularity", "block")))
+        check_scores(scored, args.scores, units)
     sizes = ratios.unit_sizes(layout, scored["granularity"])
     scores = {u: scored["scores"][u] for u in sizes} if args.kind != "uniform" else {u: 0.0 for u in sizes}
     block_of_unit = {u: next(b for b in layout if u == b or u.startswith(b + ".")) for u in sizes}
@@ -181,7 +184,10 @@ def cmd_prune(args: argparse.Namespace) -> None:
     seed_everything(args.seed)
     model, tok, adapter, device, dtype = _load(args)
     nm = parse_nm(args.nm)
-    allocation = read_json(args.allocation)
+    from ecoflap.models.adapters import model_layout
+
+    layers = {layer for block in model_layout(model, adapter).values() for layer in block}
+    allocation = check_allocation(read_json(args.allocation), args.allocation, layers)
     pruner = make_pruner(args.pruner, damp=args.sparsegpt_damp, block_size=args.sparsegpt_block_size)
     batches = _calibration_batches(args, dtype) if pruner.needs_activations else []
     if device.type == "cuda":
@@ -195,7 +201,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
     submodel_sparsity = report.sparsity_by(submodel_of_layer)
     log.info("achieved sparsity by sub-model: %s", submodel_sparsity)
     log.info("saving pruned checkpoint to %s", args.out)
-    with atomic_path(args.out, is_dir=True) as tmp:
+    # bytes the weights take on disk (a tied tensor counted once), for a full disk's message
+    weight_bytes = sum({t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
+    with atomic_path(args.out, is_dir=True, expected_bytes=weight_bytes) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_checksums(tmp)

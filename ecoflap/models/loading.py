@@ -158,6 +158,24 @@ def load_processors(path: Path, trust_remote_code: bool = False) -> Any:
     return Processors(tok, image, qtok)
 
 
+def check_loading_info(path: Path, info: dict[str, Any]) -> None:
+    """Strict loading: a weight the config expects but the files lack would be left at its random
+    initialisation, and a weight the files hold but the config does not use would be dropped;
+    either means config.json and the weights disagree (an edited config, a wrong folder), and
+    any number computed from that model is meaningless. Tied weights (a tied LM head) are not
+    reported here by transformers, since they are filled from the tensor they share."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+            problems.append(f"{len(keys)} {kind.replace('_', ' ')} ({shown})")
+    if problems:
+        raise ValueError(f"{path}: config.json and the weights disagree: {'; '.join(problems)}. Nothing was "
+                         "evaluated. Restore the checkpoint's own config.json, or delete the folder and rerun the "
+                         "rule that writes it (download_model for results/<model>/model, prune for a pruned one)")
+
+
 def _unreadable_weights(path: Path, exc: Exception) -> str:
     """Which weight files of a checkpoint folder cannot be opened, and what to rerun."""
     bad = []
@@ -182,9 +200,11 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype,
     verify_checksums(path)
     cls = model_class(path, trust_remote_code)
     try:
-        model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+        model, info = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                          use_safetensors=True, output_loading_info=True)
     except SafetensorError as exc:  # truncated / overwritten weights: name the file, say what to rerun
         raise ValueError(_unreadable_weights(path, exc)) from exc
+    check_loading_info(path, info)
     procs = load_processors(path, trust_remote_code)
     model.to(device).eval()
     for module in model.modules():  # sub-models (BLIP-2's language model) carry their own config

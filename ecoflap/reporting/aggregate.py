@@ -12,6 +12,7 @@ import pandas as pd
 from ecoflap.models.families import TEXT_EVALS
 from ecoflap.reporting.plots import plot_metrics, plot_profiles
 from ecoflap.utils.io import atomic_path, read_json, write_text
+from ecoflap.utils.validate import check_pruning_report
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def collect_row(results: Path, row: str) -> dict[str, Any]:
     out: dict[str, Any] = {"method": method, "sparsity": label}
     pruning = d / "pruning.json"
     if pruning.exists():
-        rep = read_json(pruning)
+        rep = check_pruning_report(read_json(pruning), pruning)
         out["target"] = rep["target"]
         out["achieved_sparsity"] = rep["global_sparsity"]
         out["mask_sha256"] = rep["mask_sha256"][:12]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -20,21 +21,67 @@ from typing import Any, Iterator
 
 from typing import TYPE_CHECKING
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:  # torch and safetensors load inside the tensor helpers: the stages that write
     import torch   # only JSON (allocate, aggregate) start without them
 
 
+def _human(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} TB"
+
+
+class StorageError(RuntimeError):
+    """The disk said no (full, quota, read-only, permission): which path, and what to do."""
+
+
+def _storage_error(exc: BaseException, final: Path, expected_bytes: int | None) -> StorageError | None:
+    """Turn a full disk or a refused write, however the writer reports it (OSError, or
+    safetensors' own error carrying the OS message), into a message naming the path, the space
+    needed and the space free."""
+    import errno
+
+    chain, cur = [], exc
+    while cur is not None and len(chain) < 8:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    codes = {getattr(e, "errno", None) for e in chain}
+    text = " ".join(str(e) for e in chain).lower()
+    where = final.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if codes & {errno.ENOSPC, errno.EDQUOT} or "no space left" in text or "quota exceeded" in text:
+        free = shutil.disk_usage(where).free
+        need = f"about {_human(expected_bytes)}" if expected_bytes else "more space"
+        return StorageError(f"no space left writing {final}: it needs {need}, {_human(free)} are free on "
+                            f"the file system of {where}. Nothing was written under the final name. Free space (or "
+                            "set pruning.keep_checkpoints: false, or run from a larger disk) and rerun")
+    if codes & {errno.EACCES, errno.EPERM, errno.EROFS} or "permission denied" in text or "read-only" in text:
+        return StorageError(f"cannot write {final}: permission denied or read-only file system under {where} "
+                            f"(running as uid {os.getuid()}); make it writable or run from another folder, then rerun")
+    return None
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds."""
+def atomic_path(path: str | os.PathLike, is_dir: bool = False, expected_bytes: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds. A full
+    or read-only disk ends in a StorageError naming the path (and, with `expected_bytes`, the
+    space needed), with the temporary removed."""
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        os.close(fd)
-        tmp = Path(name)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if is_dir:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as exc:
+        raise (_storage_error(exc, final, expected_bytes) or exc) from exc
     try:
         yield tmp
         umask = os.umask(0)
@@ -44,11 +91,14 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
             if final.exists():
                 shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        storage = _storage_error(exc, final, expected_bytes) if isinstance(exc, Exception) else None
+        if storage is not None:
+            raise storage from exc
         raise
 
 
@@ -130,29 +180,54 @@ def sha256_path(path: str | os.PathLike) -> str:
 
 
 CHECKSUMS = "ecoflap_checksums.json"
+CHECKSUMS_VERSION = 2
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    """Every file a load of this checkpoint reads (weights, config.json, generation config,
+    tokenizer, processor, InstructBLIP's qformer_tokenizer/), hidden files and the record aside."""
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.name != CHECKSUMS
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
 
 
 def write_checksums(folder: str | os.PathLike) -> dict[str, str]:
-    """Record the SHA-256 of a checkpoint's weight files beside them, so every later load
-    notices a file that changed on disk (a bad copy, a flipped byte) instead of using it.
-    Returns the recorded hashes."""
+    """Record the SHA-256 of every file of a checkpoint beside them, so every later load
+    notices a file that changed on disk (a bad copy, a flipped byte, an edited config.json)
+    instead of using it. Returns the recorded hashes."""
     folder = Path(folder)
-    sums = {f.name: sha256_file(f) for f in sorted(folder.glob("*.safetensors"))}
-    write_json(folder / CHECKSUMS, sums)
+    sums = {str(f.relative_to(folder)): sha256_file(f) for f in _checkpoint_files(folder)}
+    write_json(folder / CHECKSUMS, {"version": CHECKSUMS_VERSION, "files": sums})
     return sums
 
 
-def verify_checksums(folder: str | os.PathLike) -> None:
+def verify_checksums(folder: str | os.PathLike, rule: str = "the rule that writes it (download_model for "
+                     "results/<model>/model, prune for a pruned checkpoint)") -> None:
+    """Every recorded file present and unchanged, and no file that was not recorded; the
+    message names the file and what to rerun. Folders without a record (a user's local
+    model before its copy) pass."""
     folder = Path(folder)
     record = folder / CHECKSUMS
     if not record.exists():
-        return  # a folder we did not write (e.g. a user's local model before its copy)
-    for name, expected in read_json(record).items():
+        return
+    data = read_json(record)
+    fix = f"delete {folder} and rerun {rule}"
+    if "version" not in data:  # written before every file was recorded: weights only
+        log.warning("%s records the weight files only (written by an older version); its config and tokenizer "
+                    "are not verified. To verify them too, %s", record, fix)
+        expected, complete = data, False
+    else:
+        expected, complete = data["files"], True
+    for name, digest in expected.items():
         f = folder / name
-        if not f.exists() or sha256_file(f) != expected:
-            raise ValueError(f"{f} differs from when it was written (SHA-256 mismatch or missing); delete {folder} "
-                             "and rerun the rule that writes it (download_model for results/<model>/model, prune "
-                             "for a pruned checkpoint)")
+        if not f.exists():
+            raise ValueError(f"{f} is missing (it was part of the checkpoint when it was written); {fix}")
+        if sha256_file(f) != digest:
+            raise ValueError(f"{f} differs from when it was written (SHA-256 mismatch); {fix}")
+    if complete:
+        extra = [str(f.relative_to(folder)) for f in _checkpoint_files(folder) if str(f.relative_to(folder)) not in expected]
+        if extra:
+            raise ValueError(f"{folder} holds files that were not part of the checkpoint when it was written: "
+                             f"{', '.join(extra)}; remove them, or {fix}")
 
 
 def git_commit() -> str | None:

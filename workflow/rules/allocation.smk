@@ -16,4 +16,5 @@ rule allocate:
         "../../envs/ecoflap.yaml"
     shell:
         "{params.py} -m ecoflap allocate --layout {input.layout} {params.args} "
-        "--out {output.allocation} --plot {output.plot} > {log} 2>&1"
+        "--out {output.allocation} --plot {output.plot} > {log} 2>&1 "
+        f"{EXPLAIN_EXIT}"

@@ -16,4 +16,5 @@ rule calibration:
     conda:
         "../../envs/ecoflap.yaml"
     shell:
-        "{params.py} -m ecoflap calibrate --model {input.model} {params.args} --out {output.windows} > {log} 2>&1"
+        "{params.py} -m ecoflap calibrate --model {input.model} {params.args} --out {output.windows} > {log} 2>&1 "
+        f"{EXPLAIN_EXIT}"

@@ -14,6 +14,9 @@ except ConfigError as err:
 validate(config, "../schemas/config.schema.yaml")  # fills schema defaults
 
 PY = config.get("python") or sys.executable
+# appended to every model-running rule's shell: on failure the log ends with what the exit
+# status means (a job killed by a memory limit or the scheduler says so), and the job still fails
+EXPLAIN_EXIT = "|| {{{{ rc=$?; {py} -m ecoflap.utils.exits $rc >> {{log}}; exit $rc; }}}}".format(py=PY)
 # torch threads per job of each model-running stage (Snakemake runs jobs side by side while
 # their threads fit in --cores): `threads`, unless `stage_threads` says otherwise
 THREADS = {stage: config["stage_threads"].get(stage, config["threads"]) for stage in ("score", "prune", "evaluate")}

@@ -15,4 +15,5 @@ rule download_model:
         "../../envs/ecoflap.yaml"
     shell:
         "{params.py} -m ecoflap download --spec {params.spec} --out {output.model} "
-        "--layout {output.layout} > {log} 2>&1"
+        "--layout {output.layout} > {log} 2>&1 "
+        f"{EXPLAIN_EXIT}"

@@ -22,7 +22,8 @@ rule evaluate:
         "../../envs/ecoflap.yaml"
     shell:
         "{params.py} -m ecoflap --threads {threads} evaluate --model {input.model} --task {params.kind} "
-        "{params.model} {params.args} --out {output} > {log} 2>&1"
+        "{params.model} {params.args} --out {output} > {log} 2>&1 "
+        f"{EXPLAIN_EXIT}"
 
 
 if TEXT_ENTRIES:
@@ -51,4 +52,5 @@ if TEXT_ENTRIES:
             "../../envs/ecoflap.yaml"
         shell:
             "{params.py} -m ecoflap --threads {threads} evaluate-text --model {input.model} {params.model} "
-            "{params.args} --out-dir {params.out_dir} > {log} 2>&1"
+            "{params.args} --out-dir {params.out_dir} > {log} 2>&1 "
+            f"{EXPLAIN_EXIT}"

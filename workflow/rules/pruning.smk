@@ -25,4 +25,5 @@ rule prune:
     shell:
         "{params.py} -m ecoflap --threads {threads} prune --model {input.model} --calibration {input.calibration} "
         "--allocation {input.allocation} {params.model} {params.prune} "
-        "--out {output.model} --report {output.report} > {log} 2>&1"
+        "--out {output.model} --report {output.report} > {log} 2>&1 "
+        f"{EXPLAIN_EXIT}"

@@ -22,4 +22,5 @@ rule aggregate:
         "../../envs/ecoflap.yaml"
     shell:
         "{params.py} -m ecoflap aggregate --results results/{wildcards.model} --rows {params.rows} "
-        "--out-dir results/{wildcards.model}/summary {params.reference} > {log} 2>&1"
+        "--out-dir results/{wildcards.model}/summary {params.reference} > {log} 2>&1 "
+        f"{EXPLAIN_EXIT}"

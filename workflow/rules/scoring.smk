@@ -21,4 +21,5 @@ rule score:
         "../../envs/ecoflap.yaml"
     shell:
         "{params.py} -m ecoflap --threads {threads} score --model {input.model} --calibration {input.calibration} "
-        "{params.model} {params.scorer} --out {output} > {log} 2>&1"
+        "{params.model} {params.scorer} --out {output} > {log} 2>&1 "
+        f"{EXPLAIN_EXIT}"
