@@ -177,3 +177,57 @@ def test_every_model_running_rule_explains_its_exit():
     for rule in ("download", "calibration", "scoring", "pruning", "evaluation", "allocation", "report"):
         text = (REPO / "workflow" / "rules" / f"{rule}.smk").read_text()
         assert text.count("2>&1") == text.count("{EXPLAIN_EXIT}"), rule
+
+
+def test_a_job_killed_by_its_memory_cgroup_says_so(tmp_path):
+    """A job over its memory limit (a cgroup v1 memory group, as the machines have and as SLURM
+    and the memory benchmark use): the kernel kills it, and the log says out-of-memory."""
+    group = f"/sys/fs/cgroup/memory/ecoflap-test-{uuid.uuid4().hex[:8]}"
+    os.mkdir(group)
+    try:
+        with open(f"{group}/memory.limit_in_bytes", "w") as fh:
+            fh.write(str(64 * 2**20))
+        log = tmp_path / "job.log"
+        job = (f"echo $$ > {group}/cgroup.procs && exec {sys.executable} -c "
+               f"'import sys; print(\"allocating\", flush=True); x = bytearray(512 * 2**20); x[::4096] = "
+               f"b\"1\" * len(x[::4096])'")
+        cmd = f"bash -c '{job.replace(chr(39), chr(39) + chr(92) + chr(39) + chr(39))}' > {log} 2>&1 " \
+              f"|| {{ rc=$?; {sys.executable} -m ecoflap.utils.exits $rc >> {log}; exit $rc; }}"
+        done = subprocess.run(["bash", "-c", cmd], cwd=REPO)
+        assert done.returncode == 137
+        assert "out-of-memory" in log.read_text()
+        with open(f"{group}/memory.failcnt") as fh:
+            assert int(fh.read()) > 0  # the limit was hit: the kill came from the cgroup
+    finally:
+        os.rmdir(group)
+
+
+def test_two_workflows_on_one_results_folder(tmp_path):
+    """Snakemake's lock: a second run on the same folder while one is running is refused and
+    names the lock; the first is not disturbed."""
+    import time
+
+    import yaml
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "models": {"m": {"source": "embedded", "name": "smollm2-135m"}}, "sparsities": [0.5],
+        "calibration": {"source": "austen-emma", "n_samples": 4}, "methods": {"dense": {"pruner": "none"}},
+        "evaluation": {"perplexity": {"dataset": "brown-heldout"}}}))
+    base = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+            "--configfile", str(tmp_path / "c.yaml"), "--cores", "1"]
+    (tmp_path / ".snakemake" / "locks").mkdir(parents=True)
+    # a real run holds the lock while it works (the embedded model's download takes seconds)
+    runner = subprocess.Popen(base + ["--until", "download_model"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        for _ in range(200):
+            if any((tmp_path / ".snakemake" / "locks").iterdir()):
+                break
+            time.sleep(0.1)
+        second = subprocess.run(base + ["--until", "download_model"], capture_output=True, text=True, timeout=120)
+        assert runner.poll() is None  # the first run was still working when the second was refused
+        assert second.returncode != 0
+        assert "LockException" in second.stderr + second.stdout or "cannot be locked" in second.stderr + second.stdout
+    finally:
+        runner.kill()
+        runner.wait()
