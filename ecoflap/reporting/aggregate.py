@@ -227,6 +227,11 @@ def aggregate(results: Path, rows: list[str], out_dir: Path, reference: Path | N
     for col in table.columns:
         if col.endswith(" n"):
             notes.append(f"{col[:-2]}: {int(table[col].max())} items.")
+    where = sorted({f"{m['cpu']} ({m['cores']} cores)" for r in rows for p in (results / r / "eval").glob("*.json")
+                    if (m := read_json(p)["provenance"].get("machine"))})
+    if where:
+        notes.append(f"Evaluated on {', '.join(where)}; masks and metrics are bit-identical on the same machine and "
+                     "seed, and move in the last digits (a few percent for perplexity at high sparsity) across CPUs.")
     interval_notes = sorted({n for r in rows for n in _interval_notes(results / r / "eval")})
     if interval_notes:
         notes.append("In brackets: " + "; ".join(interval_notes) + ".")

@@ -257,6 +257,18 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def machine() -> dict[str, Any]:
+    """Where a result was computed: float rounding, and so the last digits of masks and metrics,
+    differs between CPU models."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count()}
+
+
 def provenance(config: dict[str, Any], inputs: dict[str, str | os.PathLike] | None = None,
                input_hashes: dict[str, str] | None = None) -> dict[str, Any]:
     """What produced a result: the stage's settings, versions, commit, and input hashes."""
@@ -267,6 +279,7 @@ def provenance(config: dict[str, Any], inputs: dict[str, str | os.PathLike] | No
         "config": config,
         "versions": package_versions(),
         "git_commit": git_commit(),
+        "machine": machine(),
         "input_sha256": hashes,
         "command": " ".join(sys.argv),
     }
