@@ -69,7 +69,8 @@ def collect_row(results: Path, row: str) -> dict[str, Any]:
         if path.stem in TEXT_EVALS:
             continue
         for key, value in read_json(path)["metrics"].items():
-            if isinstance(value, (int, float)) and key != "n":
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "n" \
+                    and not key.endswith(" n"):
                 out[f"{path.stem} {key}"] = value
             elif isinstance(value, dict) and "skipped" in value:
                 out[f"{path.stem} {key}"] = float("nan")  # shown empty; the reason is in the eval JSON
