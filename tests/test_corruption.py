@@ -85,7 +85,10 @@ def assert_failed_cleanly(work, before, out, corrupt, failed_outputs, failed_log
     after = snapshot(work)
     for log in failed_logs:
         msg = (work / log).read_text()
-        last = [line for line in msg.splitlines() if line.strip()][-1]
+        lines = [line for line in msg.splitlines() if line.strip()]
+        # the rule's shell appends what the exit status means; the line before is the CLI's own
+        assert lines[-1] == "ecoflap: the job exited with status 1: the error above says what failed and what to do."
+        last = lines[-2]
         # the CLI's own error line, not an uncaught exception's traceback
         assert " ERROR ecoflap: " in last and " failed: " in last, f"{log} does not end in an error message:\n{msg[-2000:]}"
         assert str(corrupt) in last, f"{log}: last line does not name {corrupt}:\n{msg[-2000:]}"
