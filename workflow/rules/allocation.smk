@@ -8,6 +8,7 @@ rule allocate:
     params:
         py=PY,
         args=allocation_args,
+    priority: 1  # before evaluations: they then run in pairs of single-threaded jobs (common.smk)
     log:
         "results/{model}/{method}/{sparsity}/logs/allocate.log",
     benchmark:

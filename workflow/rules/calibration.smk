@@ -9,6 +9,7 @@ rule calibration:
     params:
         py=PY,
         args=calibration_args,
+    priority: 1  # before evaluations: they then run in pairs of single-threaded jobs (common.smk)
     log:
         "results/{model}/logs/calibration.log",
     benchmark:

@@ -7,6 +7,7 @@ rule download_model:
     params:
         py=PY,
         spec=lambda wc: shlex.quote(json.dumps(model_spec(wc))),
+    priority: 1  # before evaluations: they then run in pairs of single-threaded jobs (common.smk)
     log:
         "results/{model}/logs/download.log",
     benchmark:

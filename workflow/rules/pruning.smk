@@ -16,6 +16,7 @@ rule prune:
     resources:
         gpu=GPU,
         mem_mb=MEM,
+    priority: 1  # before evaluations: they then run in pairs of single-threaded jobs (common.smk)
     log:
         "results/{model}/{method}/{sparsity}/logs/prune.log",
     benchmark:

@@ -13,6 +13,7 @@ rule score:
     resources:
         gpu=GPU,
         mem_mb=MEM,
+    priority: 1  # before evaluations: they then run in pairs of single-threaded jobs (common.smk)
     log:
         "results/{model}/scores/logs/{scorer}.log",
     benchmark:
