@@ -128,7 +128,7 @@ def test_ecoflap_split_points_are_seeded_and_in_the_first_half(blip2_t5, monkeyp
     assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same batch (pixels included)
 
 
-def test_train_crop_flip_matches_torchvision_rules():
+def test_train_crop_flip_gives_square_crops_of_the_processor_size():
     from PIL import Image
 
     from ecoflap.data.calibration import _train_crop_flip

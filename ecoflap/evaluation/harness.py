@@ -2,16 +2,19 @@
 the embedded offline tasks shipped as JSONL + YAML under ecoflap/evaluation/tasks."""
 from __future__ import annotations
 
+import glob
+import json
 import logging
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ecoflap.evaluation.intervals import LEVEL, RESAMPLES, mean_interval
-
 from ecoflap.data.corpora import ASSETS
+from ecoflap.evaluation.intervals import LEVEL, RESAMPLES, mean_interval
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +82,6 @@ def lm_eval_cli(model_dir: str | Path, tasks: list[str], batch_size: int = 8, li
     """The same evaluation through lm-eval's own command line on a saved checkpoint, as a user
     would run it: the reference our in-process numbers must equal (tests/test_lm_eval_parity.py,
     tools/lm_eval_parity.py)."""
-    import glob
-    import json
-    import subprocess
-    import sys
-
     with tempfile.TemporaryDirectory() as tmp:
         include = embedded_task_dir(tasks, Path(tmp))
         cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf",

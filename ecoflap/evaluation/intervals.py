@@ -3,7 +3,6 @@ evaluation windows for perplexity, over the items for accuracy. Seeded, so the s
 values always give the same interval."""
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -46,7 +45,3 @@ def paired_difference_interval(a: Sequence[float], b: Sequence[float], **kw) -> 
     """Interval of mean(a) - mean(b) over the same items resampled together."""
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     return bootstrap_interval(diff, lambda d: d.mean(axis=1), **kw)
-
-
-def is_finite_interval(lo: float, hi: float) -> bool:
-    return math.isfinite(lo) and math.isfinite(hi) and lo <= hi
