@@ -32,8 +32,9 @@ def _load(args: argparse.Namespace):
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    log.info("loading %s on %s as %s", args.model, device, dtype)
-    model, tok = load_model(args.model, device, dtype, trust_remote_code=args.trust_remote_code)
+    log.info("loading %s on %s as %s (offload %s)", args.model, device, dtype, args.offload)
+    model, tok = load_model(args.model, device, dtype, trust_remote_code=args.trust_remote_code,
+                            offload=args.offload)
     return model, tok, adapter_for(model), device, dtype
 
 
@@ -294,7 +295,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--offload", default="none", choices=["auto", "none", "cpu"],
+                   help="none: the whole model on the device; cpu: blocks wait in host memory and visit the "
+                        "device one at a time; auto: none when the model fits the device, else cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpus", type=int, default=0,
+                   help="lease this many GPUs of those visible before starting (a lock per device, so concurrent "
+                        "jobs never share one) and narrow CUDA_VISIBLE_DEVICES to them; 0: no lease")
 
 
 def _calib_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -431,15 +438,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _take_gpu_lease(args: argparse.Namespace) -> None:
+    """Before torch is imported: the lease narrows CUDA_VISIBLE_DEVICES to this job's devices."""
+    if not getattr(args, "gpus", 0):
+        return
+    from ecoflap.utils.leases import lease_for_job
+
+    if lease_for_job(args.gpus, args.device, what=f"{args.command} {getattr(args, 'out', '')}"):
+        if args.device.startswith("cuda:"):
+            log.info("device %s: the lease renumbers the job's devices from 0; using cuda:0", args.device)
+            args.device = "cuda:0"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
-    if args.threads and args.command in MODEL_STAGES:
-        import torch
-
-        torch.set_num_threads(args.threads)
     log.info("ecoflap %s", args.command)
     try:
+        _take_gpu_lease(args)
+        if args.threads and args.command in MODEL_STAGES:
+            import torch
+
+            torch.set_num_threads(args.threads)
         args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError, KeyError, FloatingPointError) as exc:
         # expected failures (bad input, missing prerequisite, numerical guard): the traceback goes

@@ -11,6 +11,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from ecoflap.models.adapters import adapter_for
+from ecoflap.models.offload import choose_offload, place_model
 from ecoflap.utils.io import atomic_path, verify_checksums, write_checksums, write_json
 
 log = logging.getLogger(__name__)
@@ -191,9 +193,10 @@ def _unreadable_weights(path: Path, exc: Exception) -> str:
 
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype,
-               trust_remote_code: bool = False) -> tuple[PreTrainedModel, Any]:
+               trust_remote_code: bool = False, offload: str = "none") -> tuple[PreTrainedModel, Any]:
     """The model (eval mode, no KV cache) and what prepares its inputs: a tokenizer for
-    language models, `Processors` for vision-language models."""
+    language models, `Processors` for vision-language models. `offload` (models/offload.py)
+    says whether the blocks live on `device` or wait in host memory between uses."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} holds no config.json; run the download rule first")
@@ -206,7 +209,9 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype,
         raise ValueError(_unreadable_weights(path, exc)) from exc
     check_loading_info(path, info)
     procs = load_processors(path, trust_remote_code)
-    model.to(device).eval()
+    mode = choose_offload(offload, model, device)
+    place_model(model, adapter_for(model).blocks(model), device, mode)
+    model.eval()
     for module in model.modules():  # sub-models (BLIP-2's language model) carry their own config
         if hasattr(getattr(module, "config", None), "use_cache"):
             module.config.use_cache = False  # calibration re-runs blocks; a KV cache would grow

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ecoflap.models.adapters import Adapter, Batch
+from ecoflap.models.offload import resident
 from ecoflap.pruning.capture import BlockInput, capture_stack_inputs, run_block
 from ecoflap.utils.runtime import check_finite
 
@@ -60,10 +61,12 @@ def prune_sequential(model: nn.Module, adapter: Adapter, pruner, layer_sparsity:
         for j, block in enumerate(tqdm(blocks, desc=f"pruning {stack.name} blocks", unit="block")):
             block_inputs = [per_block[j].with_hidden(h) for per_block, h in zip(inputs, hidden)]
             group = (comparison or {}).get(stack.submodel, "row")
-            _prune_block(block, names[j], adapter, pruner, layer_sparsity, block_inputs, nm, report, mask_hash, group)
-            if pruner.needs_activations and j + 1 < len(blocks):
-                hidden = [run_block(block, inp) for inp in block_inputs]
-                check_finite(hidden[0], f"{names[j]} outputs", "lower sparsity or use a wider dtype")
+            with resident(block):  # with offload: cpu, the block visits the device for all three steps
+                _prune_block(block, names[j], adapter, pruner, layer_sparsity, block_inputs, nm, report, mask_hash,
+                             group)
+                if pruner.needs_activations and j + 1 < len(blocks):
+                    hidden = [run_block(block, inp) for inp in block_inputs]
+                    check_finite(hidden[0], f"{names[j]} outputs", "lower sparsity or use a wider dtype")
     if not report.layer_size:
         raise KeyError("the allocation names no layer of this model; was it made for another model?")
     report.mask_sha256 = mask_hash.hexdigest()

@@ -8,6 +8,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ecoflap.models.adapters import Adapter, Batch, batch_to
+from ecoflap.models.offload import is_offloaded
 from ecoflap.scoring.units import first_order_term, scoring_units
 from ecoflap.utils.runtime import check_finite
 
@@ -16,6 +17,11 @@ def first_order_scores(model: nn.Module, adapter: Adapter, batches: list[Batch],
                        granularity: str = "block", reduce: str = "abs_wg") -> dict[str, float]:
     if reduce not in ("abs_g", "abs_wg"):
         raise ValueError(f"first-order reduce must be abs_g or abs_wg, got {reduce!r}")
+    if is_offloaded(adapter.blocks(model)):
+        raise ValueError("first_order runs one backward pass over the whole model, so every block's weights and "
+                         "activations are on the device at once and offload: cpu cannot apply. Use offload: none, "
+                         "or the scorer kind checkpointed with the same reduce (abs_wg: the same first-order score "
+                         "computed block by block, one block on the device)")
     units = scoring_units(model, adapter, granularity)
     scored = {id(w) for u in units for w in u.weights}
     saved = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ecoflap.models.adapters import Adapter, Batch, batch_to
+from ecoflap.models.offload import BlockHolder
 from ecoflap.pruning.capture import inputs_of_every_block, run_from
 from ecoflap.scoring.units import scoring_units
 from ecoflap.utils.runtime import check_finite
@@ -58,6 +59,7 @@ def zeroth_order_scores(model: nn.Module, adapter: Adapter, batches: list[Batch]
     units = scoring_units(model, adapter, granularity)
     scores = {u.name: 0.0 for u in units}
     bar = tqdm(total=len(batches) * len(units), desc=f"zeroth-order scores ({granularity})", unit="unit")
+    held = BlockHolder(adapter.blocks(model))
     for bi, batch in enumerate(batches):
         batch = batch_to(batch, device)
         if reuse_block_inputs:
@@ -69,6 +71,7 @@ def zeroth_order_scores(model: nn.Module, adapter: Adapter, batches: list[Batch]
             return value.item()
 
         for ui, unit in enumerate(units):
+            held.hold(unit.block_index)  # offload: cpu moves the perturbed block to the device once per batch
             backup = [w.detach().clone() for w in unit.weights]
             dirs = [_direction(w.shape, seed, bi, ui, ti, device) for ti, w in enumerate(unit.weights)]
             for w, z in zip(unit.weights, dirs):
@@ -84,5 +87,6 @@ def zeroth_order_scores(model: nn.Module, adapter: Adapter, batches: list[Batch]
                          "lower scoring eps, or score in float32 (dtype: float32)")
             scores[unit.name] += abs(grad.item())
             bar.update()
+        held.hold(None)
     bar.close()
     return scores

@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from ecoflap.utils import leases
+
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch and safetensors load inside the tensor helpers: the stages that write
@@ -264,7 +266,39 @@ def machine() -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count()}
+    where = {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
+             "executor": "slurm" if os.environ.get("SLURM_JOB_ID") else "local"}
+    if os.environ.get("SLURM_JOB_ID"):
+        where["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+        where["slurm_node"] = os.environ.get("SLURMD_NODENAME", platform.node())
+    if leases.CURRENT is not None:
+        where["gpu_lease"] = leases.CURRENT.record()
+    gpus = cuda_devices()
+    if gpus:
+        where["gpus"] = gpus
+    return where
+
+
+def cuda_devices() -> list[dict[str, Any]]:
+    """The GPUs this process used (name, memory, driver), when it initialised CUDA."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return []
+    driver = None
+    try:
+        import subprocess
+
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        driver = out.stdout.splitlines()[0].strip() if out.returncode == 0 and out.stdout else None
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    devices = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        devices.append({"index": i, "name": props.name, "memory_gb": round(props.total_memory / 1e9, 1),
+                        "driver": driver, "cuda": torch.version.cuda})
+    return devices
 
 
 def provenance(config: dict[str, Any], inputs: dict[str, str | os.PathLike] | None = None,

@@ -102,6 +102,9 @@ def model_spec(wc):
 def model_args(wc):
     """Arguments every model-loading CLI call shares."""
     args = f"--device {config['device']} --dtype {config['dtype']} --seed {config['seed']}"
+    args += f" --offload {model_spec(wc).get('offload', config['offload'])}"
+    if GPU:  # each job leases its own device(s): Snakemake's gpu resource only counts them
+        args += f" --gpus {GPU}"
     if model_spec(wc).get("trust_remote_code"):
         args += " --trust-remote-code"
     return args

@@ -1,0 +1,201 @@
+"""offload: cpu on a machine without a GPU. The "device" is the CPU itself, so nothing really
+moves; each block's `to` is instrumented to record where the block was sent, which checks
+the schedule: a block reaches the device only while it runs or is held, at most one block
+(two during a backward) is there at a time, every block is back in host memory after each
+stage, and results equal those of the model placed whole. The real copies to a GPU are
+checked by tools/device_check.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ecoflap.models import offload
+from ecoflap.models.adapters import adapter_for, model_layout
+from ecoflap.models.loading import load_model
+
+CPU = torch.device("cpu")
+FIX = Path(__file__).parent / "fixtures" / "vl"
+
+
+class Tracker:
+    """Where each block is, as far as offload's calls to `block.to` say."""
+
+    def __init__(self, blocks):
+        self.on_device: set[int] = set()
+        self.most = 0
+        self.visits = 0
+        for i, block in enumerate(blocks):
+            plain = block.to
+
+            def to(target, *a, _i=i, _plain=plain, **k):
+                if target is offload.HOST:
+                    self.on_device.discard(_i)
+                else:
+                    self.visits += 1
+                    self.on_device.add(_i)
+                    self.most = max(self.most, len(self.on_device))
+                return _plain(target, *a, **k)
+            block.to = to
+
+
+def _offloaded(tiny_dir):
+    model, tok = load_model(tiny_dir, CPU, torch.float32)
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    tracker = Tracker(blocks)
+    offload.place_model(model, blocks, CPU, "cpu")  # force the cpu mode on the CPU "device"
+    tracker.on_device.clear()
+    return model, tok, adapter, tracker
+
+
+def _batches(tok):
+    from ecoflap.data.calibration import batches, build_calibration
+
+    return batches(build_calibration(tok, "austen-emma", n_samples=8, seq_len=32, seed=0), 4)
+
+
+def test_choose_offload_on_cpu_is_none(tiny):
+    model, _tok, _adapter = tiny
+    assert offload.choose_offload("cpu", model, CPU) == "none"
+    assert offload.choose_offload("auto", model, CPU) == "none"
+    with pytest.raises(ValueError, match="offload must be one of"):
+        offload.choose_offload("disk-ish", model, CPU)
+
+
+@pytest.mark.parametrize("pruner_name", ["wanda", "sparsegpt", "magnitude"])
+def test_pruning_with_offload_visits_one_block_at_a_time(tiny_dir, pruner_name):
+    from ecoflap.allocation import ratios
+    from ecoflap.pruning.engine import prune_sequential
+    from ecoflap.pruning.methods import make_pruner
+
+    results = []
+    for mode in ("none", "cpu"):
+        if mode == "none":
+            model, tok = load_model(tiny_dir, CPU, torch.float32)
+            adapter, tracker = adapter_for(model), None
+        else:
+            model, tok, adapter, tracker = _offloaded(tiny_dir)
+        layout = model_layout(model, adapter)
+        per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.6), layout)
+        report = prune_sequential(model, adapter, make_pruner(pruner_name), per_layer, _batches(tok), CPU)
+        results.append(report.mask_sha256)
+        if tracker:
+            assert tracker.most == 1 and tracker.on_device == set()
+            assert tracker.visits >= len(adapter.blocks(model))
+    assert results[0] == results[1]
+
+
+def test_scores_with_offload_equal_the_whole_model(tiny_dir):
+    from ecoflap.scoring.checkpointed import checkpointed_gradient_scores
+    from ecoflap.scoring.outliers import outlier_ratios
+    from ecoflap.scoring.zeroth_order import zeroth_order_scores
+
+    def run(model, adapter, batches):
+        return {
+            "zo": zeroth_order_scores(model, adapter, batches, CPU, granularity="layer", reuse_block_inputs=True),
+            "zo_full": zeroth_order_scores(model, adapter, batches, CPU, granularity="block"),
+            "fast": checkpointed_gradient_scores(model, adapter, batches, CPU, "block", "l2"),
+            "abs_wg": checkpointed_gradient_scores(model, adapter, batches, CPU, "layer", "abs_wg"),
+            "owl": outlier_ratios(model, adapter, batches, CPU),
+        }
+
+    model, tok = load_model(tiny_dir, CPU, torch.float32)
+    whole = run(model, adapter_for(model), _batches(tok))
+    model, tok, adapter, tracker = _offloaded(tiny_dir)
+    held = run(model, adapter, _batches(tok))
+    assert held == whole  # bit-identical
+    assert tracker.on_device == set()
+    assert tracker.most <= 2  # a backward recomputes block j while block j+1's gradients are reduced
+    # the checkpointed scorer restored the onloading forward it wrapped
+    assert all("forward" in b.__dict__ for b in adapter.blocks(model))
+
+
+def test_perplexity_with_offload_is_identical(tiny_dir):
+    from ecoflap.evaluation.perplexity import evaluation_text, perplexity
+
+    model, tok = load_model(tiny_dir, CPU, torch.float32)
+    whole = perplexity(model, tok, evaluation_text("brown-heldout")[:20_000], 64, CPU, 8, 4)
+    model, tok, _adapter, tracker = _offloaded(tiny_dir)
+    held = perplexity(model, tok, evaluation_text("brown-heldout")[:20_000], 64, CPU, 8, 4)
+    assert held["perplexity"] == whole["perplexity"]
+    assert tracker.most == 1 and tracker.on_device == set()
+
+
+def test_first_order_refuses_offload_naming_the_alternative(tiny_dir):
+    from ecoflap.scoring.first_order import first_order_scores
+
+    model, tok, adapter, _tracker = _offloaded(tiny_dir)
+    with pytest.raises(ValueError, match="checkpointed"):
+        first_order_scores(model, adapter, _batches(tok), CPU)
+
+
+@pytest.mark.parametrize("kind", ["blip2_opt", "clip"])
+def test_vision_language_pruning_with_offload(tmp_path, kind):
+    """Several stacks (vision, Q-Former, language), and modules outside the blocks on every side
+    (BLIP-2's query tokens and projection, CLIP's projections): the language model's inputs are
+    captured through the already pruned, offloaded vision side."""
+    import vl_models
+
+    from ecoflap.allocation import ratios
+    from ecoflap.cli import main
+    from ecoflap.data.calibration import batches, load_calibration
+    from ecoflap.pruning.engine import prune_sequential
+    from ecoflap.pruning.methods import Wanda
+
+    folder = vl_models.build(kind, tmp_path / "model")
+    main(["calibrate", "--model", str(folder), "--source", "cc3m", "--pairs", str(FIX / "cc3m/pairs.tsv"),
+          "--image-root", str(FIX / "cc3m"), "--n-samples", "4", "--prompt", "a photo of",
+          "--out", str(tmp_path / "calib.safetensors")])
+    data = batches(load_calibration(str(tmp_path / "calib.safetensors"), None), 2)
+    hashes = []
+    for mode in ("none", "cpu"):
+        model, _procs = load_model(folder, CPU, torch.float32)
+        adapter = adapter_for(model)
+        tracker = None
+        if mode == "cpu":
+            tracker = Tracker(adapter.blocks(model))
+            offload.place_model(model, adapter.blocks(model), CPU, "cpu")
+        layout = model_layout(model, adapter)
+        per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
+        hashes.append(prune_sequential(model, adapter, Wanda(), per_layer, data, CPU).mask_sha256)
+        if tracker:
+            assert tracker.most == 1 and tracker.on_device == set()
+    assert hashes[0] == hashes[1]
+
+
+@pytest.mark.parametrize("kind", ["llama", "blip2_opt", "clip"])
+def test_gradient_scores_release_a_block_only_after_its_backward(tiny_dir, tmp_path, monkeypatch, kind):
+    """A CPU stand-in for a second device: "host memory" is float64 and "the device" float32
+    (the round trip is exact). A block sent back too early during the backward then fails as
+    it would on a GPU: autograd meets a weight of the other dtype (device) in the block's
+    remaining backward, or a gradient that does not match its parameter."""
+    from ecoflap.scoring.checkpointed import checkpointed_gradient_scores
+
+    if kind == "llama":
+        folder, data = tiny_dir, _batches(load_model(tiny_dir, CPU, torch.float32)[1])
+    else:
+        import vl_models
+
+        from ecoflap.cli import main
+        from ecoflap.data.calibration import batches, load_calibration
+
+        folder = vl_models.build(kind, tmp_path / "model")
+        main(["calibrate", "--model", str(folder), "--source", "cc3m", "--pairs", str(FIX / "cc3m/pairs.tsv"),
+              "--image-root", str(FIX / "cc3m"), "--n-samples", "4", "--prompt", "a photo of",
+              "--out", str(tmp_path / "calib.safetensors")])
+        data = batches(load_calibration(str(tmp_path / "calib.safetensors"), None), 2)
+    model, _ = load_model(folder, CPU, torch.float32)
+    adapter = adapter_for(model)
+    whole = checkpointed_gradient_scores(model, adapter, data, CPU, "layer", "abs_wg")
+    model, _ = load_model(folder, CPU, torch.float32)
+    adapter = adapter_for(model)
+    monkeypatch.setattr(offload, "HOST", torch.float64)
+    offload.place_model(model, adapter.blocks(model), CPU, "cpu")
+    for block in adapter.blocks(model):
+        block._ecoflap_home.device = torch.float32  # "onloading" converts the block back to float32
+    assert all(p.dtype == torch.float64 for b in adapter.blocks(model) for p in b.parameters())
+    held = checkpointed_gradient_scores(model, adapter, data, CPU, "layer", "abs_wg")
+    assert held == whole
+    assert all(p.dtype == torch.float64 for b in adapter.blocks(model) for p in b.parameters())
