@@ -1,6 +1,7 @@
 # Shared helpers: config validation before any job is planned, the interpreter, the rows
 # (method x sparsity) the config asks for, and per-rule CLI arguments.
 import json
+from pathlib import Path
 import shlex
 import sys
 
@@ -23,7 +24,43 @@ EXPLAIN_EXIT = "|| {{{{ rc=$?; {py} -m ecoflap.utils.exits $rc >> {{log}}; exit 
 # single-threaded evaluation while a two-threaded prune waits: evaluations gather and run in pairs.
 THREADS = {stage: config["stage_threads"].get(stage, config["threads"]) for stage in ("score", "prune", "evaluate")}
 GPU = config["resources"]["gpu"]
-MEM = config["resources"]["mem_mb"]
+
+
+def estimated(stage, key):
+    """A resource (mem_mb or runtime) of a model-running job, estimated from the model's size
+    (ecoflap/utils/resources.py) once the download exists; Snakemake evaluates it again just
+    before the job runs. An explicit value in config (resources.mem_mb / runtime, or
+    resources.by_rule.<stage>) wins; before the download, the fallback is that value or 0."""
+    explicit = config["resources"]["by_rule"].get(stage, {}).get(key) or config["resources"].get(key)
+
+    def value(wildcards, attempt):
+        if explicit:
+            return explicit * attempt
+        folder = Path(f"results/{wildcards.model}")
+        if not (folder / "layout.json").exists() or not (folder / "model" / "config.json").exists():
+            return 0  # not downloaded yet: re-evaluated before the job runs
+        from ecoflap.utils.resources import estimate, model_size
+
+        params, prunable, blocks = model_size(folder / "model", folder / "layout.json")
+        on_gpu = config["device"] != "cpu" and GPU > 0
+        dtype = config["dtype"] if config["dtype"] != "auto" else ("bfloat16" if on_gpu else "float32")
+        offload = config["models"][wildcards.model].get("offload", config["offload"])
+        pruner = method(wildcards)["pruner"] if stage == "prune" else None
+        return estimate(stage, params, prunable, blocks, dtype, on_gpu, offload, stage_tokens(stage, wildcards),
+                        pruner, attempt)[key]
+    return value
+
+
+def stage_tokens(stage, wc):
+    """Tokens a job pushes through the model, for its runtime estimate."""
+    calib = model_calibration(config, wc.model)
+    seq = calib.get("seq_len", 128)
+    if stage == "score":
+        return config["scorers"][wc.scorer].get("n_samples", calib["n_samples"]) * seq
+    if stage == "prune":
+        return config["pruning"].get("n_samples", calib["n_samples"]) * seq
+    ppl = config["evaluation"].get("perplexity") or {}
+    return (ppl.get("max_windows") or 256) * ppl.get("seq_len", 2048) + 1_000_000  # + lm-eval / VL tasks
 
 
 # Text evaluations (perplexity, lm-eval) of a row run together in one job (one process, one

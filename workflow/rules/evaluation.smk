@@ -13,7 +13,8 @@ rule evaluate:
     threads: THREADS["evaluate"]
     resources:
         gpu=GPU,
-        mem_mb=MEM,
+        mem_mb=estimated("evaluate", "mem_mb"),
+        runtime=estimated("evaluate", "runtime"),
     log:
         "results/{model}/{method}/{sparsity}/logs/{task}.log",
     benchmark:
@@ -43,7 +44,8 @@ if TEXT_ENTRIES:
         threads: THREADS["evaluate"]
         resources:
             gpu=GPU,
-            mem_mb=MEM,
+            mem_mb=estimated("evaluate", "mem_mb"),
+            runtime=estimated("evaluate", "runtime"),
         log:
             "results/{model}/{method}/{sparsity}/logs/evaluate_text.log",
         benchmark:

@@ -15,7 +15,8 @@ rule prune:
     threads: THREADS["prune"]
     resources:
         gpu=GPU,
-        mem_mb=MEM,
+        mem_mb=estimated("prune", "mem_mb"),
+        runtime=estimated("prune", "runtime"),
     priority: 1  # before evaluations: they then run in pairs of single-threaded jobs (common.smk)
     log:
         "results/{model}/{method}/{sparsity}/logs/prune.log",

@@ -12,7 +12,8 @@ rule score:
     threads: THREADS["score"]
     resources:
         gpu=GPU,
-        mem_mb=MEM,
+        mem_mb=estimated("score", "mem_mb"),
+        runtime=estimated("score", "runtime"),
     priority: 1  # before evaluations: they then run in pairs of single-threaded jobs (common.smk)
     log:
         "results/{model}/scores/logs/{scorer}.log",
