@@ -5,6 +5,9 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
+report: "workflow/report/workflow.rst"  # snakemake --report report.html, after a run
+
+
 # --configfile replaces the default config instead of being merged into it, so a config
 # listing two methods runs two methods.
 if not config:

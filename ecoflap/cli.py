@@ -274,7 +274,7 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
     from ecoflap.reporting.aggregate import aggregate
 
     aggregate(Path(args.results), args.rows, Path(args.out_dir), Path(args.reference) if args.reference else None,
-              args.model_name)
+              args.model_name, read_json(args.run_config) if args.run_config else None)
 
 
 def cmd_benchmark_scoring(args: argparse.Namespace) -> None:
@@ -420,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--reference", help="YAML of published numbers to print beside ours")
     p.add_argument("--model-name", help="the model's key in the reference YAML (default: the results folder name)")
+    p.add_argument("--run-config", help="JSON of the workflow configuration, copied into environment.txt")
     p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser("benchmark-scoring", help="paper vs fast coarse stage: time, memory, quality ratios")

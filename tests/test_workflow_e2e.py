@@ -99,3 +99,51 @@ def test_rerun_has_nothing_to_do(workflow_run, tiny_dir):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_html_report_holds_every_table_and_plot(workflow_run, tmp_path):
+    """snakemake --report: one self-contained HTML with the results table, every plot and the
+    provenance, captioned and grouped by model and stage."""
+    work, _ = workflow_run
+    report = work / "report.html"
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
+                          "--configfile", str(work / "tiny.yaml"), "--report", str(report)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    html = report.read_text()
+    for name in ("summary.csv", "metrics.png", "profiles.png", "environment.txt", "allocation.png"):
+        assert name in html, name
+    for caption in ("one row per method and sparsity", "95 % bootstrap intervals as error bars",
+                    "Achieved sparsity of every block", "provenance of every result file"):
+        assert caption in html, caption
+    assert "This run: models tiny; target sparsities" in html  # the run's settings, in the description
+    _render_in_chromium(report, tmp_path)
+
+
+def _render_in_chromium(report, tmp_path):
+    """Open the report in headless Chromium (Debian's package; installed here when missing and
+    root) and take a screenshot of its first page; fail if the page does not render."""
+    import os
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, timeout=600)
+        browser = shutil.which("chromium")
+    if browser is None:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium) and cannot be installed here")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,1000",
+             "--virtual-time-budget=10000"]
+    shot = tmp_path / "report.png"
+    run = subprocess.run([*flags, f"--screenshot={shot}", report.as_uri()], capture_output=True, text=True,
+                         timeout=180)
+    assert shot.exists() and shot.stat().st_size > 10_000, run.stderr[-2000:]
+    dom = subprocess.run([*flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=180).stdout
+    assert "ECoFLaP pruning run" in dom and "tiny" in dom, dom[:2000]  # the app rendered the description and category
+    from PIL import Image
+
+    colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 50  # not a blank page
+    keep = os.environ.get("ECOFLAP_KEEP_REPORT_SCREENSHOT")
+    if keep:
+        shutil.copy(shot, keep)

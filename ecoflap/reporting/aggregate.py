@@ -208,7 +208,7 @@ def compare_with_reference(table: pd.DataFrame, reference: dict[str, Any], model
 
 
 def aggregate(results: Path, rows: list[str], out_dir: Path, reference: Path | None = None,
-              model: str | None = None) -> pd.DataFrame:
+              model: str | None = None, run_config: dict[str, Any] | None = None) -> pd.DataFrame:
     table = pd.DataFrame([collect_row(results, r) for r in rows])
     table = table.sort_values(["target", "method"], kind="stable").reset_index(drop=True)
     # identity and quality first, then stage costs in pipeline order, the mask hash last
@@ -273,5 +273,41 @@ def aggregate(results: Path, rows: list[str], out_dir: Path, reference: Path | N
             profiles.setdefault(label, {})[method] = block_profile(read_json(pruning)["layer_sparsity"], layout)
     if profiles:
         plot_profiles(profiles, out_dir / "profiles.png", f"{results.name}: achieved sparsity per block")
+    write_text(out_dir / "environment.txt", environment_text(results, rows, run_config))
     log.info("aggregated %d rows into %s", len(table), out_dir)
     return table
+
+
+def environment_text(results: Path, rows: list[str], run_config: dict[str, Any] | None = None) -> str:
+    """Versions, commits, machines and seeds of every result a summary is built from, and the
+    workflow configuration that asked for them."""
+    seen: dict[str, set[str]] = {"versions": set(), "git commit": set(), "machine": set(), "seed": set()}
+    for path in sorted(p for r in rows for p in (results / r / "eval").glob("*.json")) + \
+            sorted(results.glob("scores/*.json")) + [results / r / "pruning.json" for r in rows]:
+        if not path.exists():
+            continue
+        prov = read_json(path).get("provenance", {})
+        seen["versions"].add(", ".join(f"{k} {v}" for k, v in sorted(prov.get("versions", {}).items()) if v))
+        seen["git commit"].add(str(prov.get("git_commit")))
+        m = prov.get("machine") or {}
+        where = f"{m.get('host')}: {m.get('cpu')} ({m.get('cores')} cores), executor {m.get('executor', 'local')}"
+        if m.get("slurm_job_id"):
+            where += f", SLURM job {m['slurm_job_id']}"
+        if m.get("gpus"):
+            where += ", " + "; ".join(f"{g['name']} ({g['memory_gb']} GB, driver {g['driver']}, CUDA {g['cuda']})"
+                                      for g in m["gpus"])
+        if m.get("gpu_lease"):
+            where += f", GPU lease {m['gpu_lease']['devices']}"
+        seen["machine"].add(where)
+        settings = prov.get("config") or {}
+        if "seed" in settings:
+            seen["seed"].add(str(settings["seed"]))
+    lines = [f"{results.name}: provenance of the {len(rows)} rows' results", ""]
+    for key, values in seen.items():
+        lines.append(f"{key}:")
+        lines += [f"  {v}" for v in sorted(values) if v]
+    if run_config is not None:
+        import yaml
+
+        lines += ["", "workflow configuration:", yaml.safe_dump(run_config, sort_keys=False)]
+    return "\n".join(lines) + "\n"

@@ -4,7 +4,9 @@ rule allocate:
         unpack(allocation_inputs),
     output:
         allocation="results/{model}/{method}/{sparsity}/allocation.json",
-        plot=report("results/{model}/{method}/{sparsity}/allocation.png", category="allocation"),
+        plot=report("results/{model}/{method}/{sparsity}/allocation.png", category="{model}", subcategory="allocation",
+                    caption="../report/allocation.rst",
+                    labels={"method": "{method}", "sparsity": "{sparsity}"}),
     params:
         py=PY,
         args=allocation_args,
