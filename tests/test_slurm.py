@@ -20,6 +20,8 @@ import yaml
 from conftest import REPO
 
 SCRIPT = REPO / "workflow/scripts/slurm_local.sh"
+# the profile sends the stages without a GPU to a "cpu" partition; this cluster has one, "debug"
+DEBUG_PARTITION = [f"{rule}:slurm_partition=debug" for rule in ("download_model", "calibration", "allocate", "aggregate")]
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("apt-get") is None and shutil.which("slurmctld") is None,
@@ -58,8 +60,7 @@ def snakemake_slurm(work: Path, *extra: str, wait: bool = True):
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
            "--profile", str(REPO / "profiles/slurm"), "--configfile", str(work / "tiny.yaml"),
            "--default-resources", "slurm_partition=debug", "mem_mb=1000", "runtime=10", "cpus_per_task=1",
-           "--set-resources", *(f"{rule}:slurm_partition=debug" for rule in
-                                ("download_model", "calibration", "allocate", "aggregate")),
+           "--set-resources", *DEBUG_PARTITION,
            "--slurm-init-seconds-before-status-checks", "1", "--latency-wait", "5", "--jobs", "4", *extra]
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -158,3 +159,43 @@ def test_a_cancelled_job_fails_the_run_and_a_rerun_completes(slurm, tiny_dir, tm
     rerun = snakemake_slurm(work, "--retries", "0")
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert (work / "results/tiny/summary/summary.csv").exists()
+
+
+def test_a_job_over_its_time_limit_is_reported_and_a_rerun_completes(slurm, tiny_dir, tmp_path):
+    """A real pipeline job outlives its one-minute SLURM limit: its GPU lease (a simulated
+    device) is held by this test, so the job waits for it; SLURM ends it at the limit,
+    Snakemake reports the timeout, and once the device is free a rerun completes."""
+    from ecoflap.utils.leases import take_lease
+
+    work = tmp_path
+    cfg = slurm_config(tiny_dir)
+    cfg["resources"] = {"gpu": 1, "runtime": 1}  # the CLI leases one GPU; SLURM gives the job 1 minute
+    cfg["device"] = "auto"  # (device: cpu takes no lease; auto with a simulated GPU does, then runs on the CPU)
+    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    locks = tmp_path / "locks"
+    env = {**os.environ, "ECOFLAP_GPU_IDS": "0", "ECOFLAP_LEASE_DIR": str(locks)}
+    os.environ.update(ECOFLAP_GPU_IDS="0")
+    try:
+        held = take_lease(1, lock_dir=str(locks), what="the test, holding the only device")
+    finally:
+        os.environ.pop("ECOFLAP_GPU_IDS", None)
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    # the node has no GPUs: SLURM is asked for none (gpu=0), while the CLI still takes a lease
+    no_gpu = [f"{rule}:gpu=0" for rule in ("score", "prune", "evaluate_text")]
+    target = "results/tiny/scores/fo.json"  # one job that leases a GPU (and the two before it)
+    run = _snakemake_env(work, env, target, "--retries", "0", "--set-resources", *no_gpu, *DEBUG_PARTITION)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0, out[-3000:]
+    assert "SLURM status is: 'TIMEOUT'" in out, out[-3000:]
+    held.release()
+    rerun = _snakemake_env(work, env, target, "--retries", "0", "--set-resources", *no_gpu, *DEBUG_PARTITION)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads((work / target).read_text())["provenance"]["machine"]["gpu_lease"]["devices"] == ["0"]
+
+
+def _snakemake_env(work: Path, env: dict, *extra: str):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
+           "--profile", str(REPO / "profiles/slurm"), "--configfile", str(work / "tiny.yaml"),
+           "--default-resources", "slurm_partition=debug", "mem_mb=1000", "runtime=10", "cpus_per_task=1",
+           "--slurm-init-seconds-before-status-checks", "1", "--latency-wait", "5", "--jobs", "4", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)

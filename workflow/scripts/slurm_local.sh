@@ -33,14 +33,21 @@ start_munge() {
   echo "munged did not start" >&2; exit 1
 }
 
+MARK="# written by workflow/scripts/slurm_local.sh"
+
 write_config() {
   local host node
+  # never touch a real cluster's configuration
+  if [[ -f "$CONF/slurm.conf" ]] && ! grep -qF "$MARK" "$CONF/slurm.conf"; then
+    echo "slurm_local.sh: $CONF/slurm.conf exists and was not written by this script; not touching it" >&2
+    exit 1
+  fi
   host=$(hostname -s)
   # the node's real CPUs, sockets and memory, as slurmd sees them ("NodeName=... RealMemory=...")
   node=$(slurmd -C | head -1)
   mkdir -p "$CONF" "$STATE"/{spool,state,log}
   cat > "$CONF/slurm.conf" <<EOF
-# written by workflow/scripts/slurm_local.sh: one node, no accounting, no cgroup enforcement
+$MARK: one node, no accounting, no cgroup enforcement
 ClusterName=ecoflap-test
 SlurmctldHost=$host
 SlurmUser=root
@@ -68,6 +75,7 @@ PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
   # 22.05 has no "disabled" cgroup plugin (slurmd refuses it): v1 with nothing constrained
   cat > "$CONF/cgroup.conf" <<EOF
+$MARK
 CgroupPlugin=cgroup/v1
 CgroupAutomount=yes
 ConstrainCores=no
@@ -99,7 +107,12 @@ stop() {
   scancel --user=root 2>/dev/null || true
   pkill -x slurmd 2>/dev/null || true
   pkill -x slurmctld 2>/dev/null || true
-  for _ in $(seq 50); do pgrep -x 'slurmd|slurmctld' >/dev/null || break; sleep 0.1; done
+  for _ in $(seq 50); do { pgrep -x slurmd || pgrep -x slurmctld; } >/dev/null || break; sleep 0.1; done
+  # remove our configuration too: with a slurm.conf naming a stopped controller, every squeue
+  # (the SLURM executor plugin runs one when Snakemake starts) retries for about 9 s
+  for f in "$CONF/slurm.conf" "$CONF/cgroup.conf"; do
+    [[ -f "$f" ]] && grep -qF "$MARK" "$f" && rm -f "$f"
+  done
   echo "SLURM stopped"
 }
 
