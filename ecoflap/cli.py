@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
 
             torch.set_num_threads(args.threads)
         args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError, KeyError, FloatingPointError) as exc:
+    except (ValueError, RuntimeError, FileNotFoundError, KeyError, FloatingPointError, MemoryError) as exc:
         # expected failures (bad input, missing prerequisite, numerical guard): the traceback goes
         # to the log for debugging, the last line says what to do
         log.debug("traceback", exc_info=True)

@@ -199,3 +199,14 @@ def test_gradient_scores_release_a_block_only_after_its_backward(tiny_dir, tmp_p
     held = checkpointed_gradient_scores(model, adapter, data, CPU, "layer", "abs_wg")
     assert held == whole
     assert all(p.dtype == torch.float64 for b in adapter.blocks(model) for p in b.parameters())
+
+
+def test_what_does_not_fit_the_device_is_named_before_loading():
+    gb = 10**9
+    blocks = {"model.layers.0": 1 * gb, "model.layers.1": 3 * gb}
+    offload.check_fits("none", 10 * gb, 6 * gb, blocks, 12 * gb, "cuda:0")  # fits
+    with pytest.raises(MemoryError, match="10.00 GB of weights do not fit the 8.00 GB free on cuda:0; set offload: cpu"):
+        offload.check_fits("none", 10 * gb, 6 * gb, blocks, 8 * gb, "cuda:0")
+    offload.check_fits("cpu", 10 * gb, 6 * gb, blocks, 9 * gb, "cuda:0")  # outside + largest block = 9 GB
+    with pytest.raises(MemoryError, match="block model.layers.1 is 3.00 GB.*6.00 GB.*9.00 GB in all, with 8.50 GB free"):
+        offload.check_fits("cpu", 10 * gb, 6 * gb, blocks, int(8.5 * gb), "cuda:0")

@@ -1,6 +1,7 @@
 """A pruning job killed mid-way leaves nothing behind, and its rerun equals an uninterrupted
 run bit for bit (same mask hash); two runs with the same seed give the same masks."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def test_killed_prune_reruns_to_the_same_result(tiny_dir, prune_inputs, marker):
     """SIGKILL right after the job announces `marker` (mid-prune, mid-save), then rerun."""
     work = prune_inputs
     subprocess.run(_cmd(tiny_dir, work, "ref"), check=True, capture_output=True, timeout=300)
-    proc = subprocess.Popen(_cmd(tiny_dir, work, "run"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # the markers are progress bars
+    proc = subprocess.Popen(_cmd(tiny_dir, work, "run"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     seen = b""
     deadline = time.time() + 120
     while marker.encode() not in seen and time.time() < deadline:

@@ -210,7 +210,9 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype,
     check_loading_info(path, info)
     procs = load_processors(path, trust_remote_code)
     mode = choose_offload(offload, model, device)
-    place_model(model, adapter_for(model).blocks(model), device, mode)
+    adapter = adapter_for(model)
+    named = adapter.named_blocks(model)
+    place_model(model, [b for _, b in named], device, mode, [n for n, _ in named])
     model.eval()
     for module in model.modules():  # sub-models (BLIP-2's language model) carry their own config
         if hasattr(getattr(module, "config", None), "use_cache"):

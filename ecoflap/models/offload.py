@@ -67,9 +67,32 @@ def choose_offload(requested: str, model: nn.Module, device: torch.device) -> st
     return mode
 
 
-def place_model(model: nn.Module, blocks: list[nn.Module], device: torch.device, mode: str) -> None:
+def check_fits(mode: str, total: int, outside: int, block_sizes: dict[str, int], free: int, device: str) -> None:
+    """Stop before loading anything onto a device it cannot fit: the whole model ("none"), or
+    the modules outside the blocks plus the largest block ("cpu"). Sizes in bytes."""
+    gb = 1e9
+    if mode == "none" and total > free:
+        raise MemoryError(f"the model's {total / gb:.2f} GB of weights do not fit the {free / gb:.2f} GB free on "
+                          f"{device}; set offload: cpu (one block on the device at a time) or auto")
+    if mode == "cpu":
+        name, largest = max(block_sizes.items(), key=lambda kv: kv[1])
+        if outside + largest > free:
+            raise MemoryError(
+                f"even one block does not fit {device}: block {name} is {largest / gb:.2f} GB and the modules "
+                f"outside the blocks (embeddings, heads) {outside / gb:.2f} GB, {(outside + largest) / gb:.2f} GB "
+                f"in all, with {free / gb:.2f} GB free. Use a smaller dtype (bfloat16 halves float32), a device "
+                "with more memory, or free the device (other processes hold memory on it)")
+
+
+def place_model(model: nn.Module, blocks: list[nn.Module], device: torch.device, mode: str,
+                names: list[str] | None = None) -> None:
     """Put `model` (loaded in host memory) where `mode` says. For "cpu" the blocks stay in
-    host memory and their forward moves them to the device for the call."""
+    host memory and their forward moves them to the device for the call. On CUDA, first
+    checks that what must sit on the device fits its free memory."""
+    if device.type == "cuda":
+        sizes = {(names[i] if names else f"block {i}"): model_bytes(b) for i, b in enumerate(blocks)}
+        total = model_bytes(model)
+        check_fits(mode, total, total - sum(sizes.values()), sizes, torch.cuda.mem_get_info(device)[0], str(device))
     if mode == "none":
         model.to(device)
         return

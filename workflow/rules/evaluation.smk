@@ -15,6 +15,7 @@ rule evaluate:
         gpu=GPU,
         mem_mb=estimated("evaluate", "mem_mb"),
         runtime=estimated("evaluate", "runtime"),
+        gpu_mem_mb=estimated("evaluate", "gpu_mem_mb"),  # estimate, shown with the job; SLURM has no request for it
     log:
         "results/{model}/{method}/{sparsity}/logs/{task}.log",
     benchmark:
@@ -46,6 +47,7 @@ if TEXT_ENTRIES:
             gpu=GPU,
             mem_mb=estimated("evaluate", "mem_mb"),
             runtime=estimated("evaluate", "runtime"),
+            gpu_mem_mb=estimated("evaluate", "gpu_mem_mb"),  # estimate, shown with the job; SLURM has no request for it
         log:
             "results/{model}/{method}/{sparsity}/logs/evaluate_text.log",
         benchmark:

@@ -17,6 +17,7 @@ rule prune:
         gpu=GPU,
         mem_mb=estimated("prune", "mem_mb"),
         runtime=estimated("prune", "runtime"),
+        gpu_mem_mb=estimated("prune", "gpu_mem_mb"),  # estimate, shown with the job; SLURM has no request for it
     priority: 1  # before evaluations: they then run in pairs of single-threaded jobs (common.smk)
     log:
         "results/{model}/{method}/{sparsity}/logs/prune.log",

@@ -14,6 +14,7 @@ rule score:
         gpu=GPU,
         mem_mb=estimated("score", "mem_mb"),
         runtime=estimated("score", "runtime"),
+        gpu_mem_mb=estimated("score", "gpu_mem_mb"),  # estimate, shown with the job; SLURM has no request for it
     priority: 1  # before evaluations: they then run in pairs of single-threaded jobs (common.smk)
     log:
         "results/{model}/scores/logs/{scorer}.log",
