@@ -89,10 +89,11 @@ def place_model(model: nn.Module, blocks: list[nn.Module], device: torch.device,
     """Put `model` (loaded in host memory) where `mode` says. For "cpu" the blocks stay in
     host memory and their forward moves them to the device for the call. On CUDA, first
     checks that what must sit on the device fits its free memory."""
+    block_bytes = [model_bytes(b) for b in blocks]
+    outside = model_bytes(model) - sum(block_bytes)
     if device.type == "cuda":
-        sizes = {(names[i] if names else f"block {i}"): model_bytes(b) for i, b in enumerate(blocks)}
-        total = model_bytes(model)
-        check_fits(mode, total, total - sum(sizes.values()), sizes, torch.cuda.mem_get_info(device)[0], str(device))
+        sizes = {(names[i] if names else f"block {i}"): n for i, n in enumerate(block_bytes)}
+        check_fits(mode, outside + sum(block_bytes), outside, sizes, torch.cuda.mem_get_info(device)[0], str(device))
     if mode == "none":
         model.to(device)
         return
@@ -109,8 +110,7 @@ def place_model(model: nn.Module, blocks: list[nn.Module], device: torch.device,
         block._ecoflap_home = _Home(device)  # read by resident(); absent means "always on the device"
         block.forward = _onloading_forward(block)
     log.info("offload cpu: %d blocks (%.2f GB) wait in host memory; %.2f GB outside them on %s",
-             len(blocks), sum(model_bytes(b) for b in blocks) / 1e9,
-             (model_bytes(model) - sum(model_bytes(b) for b in blocks)) / 1e9, device)
+             len(blocks), sum(block_bytes) / 1e9, outside / 1e9, device)
 
 
 def _onloading_forward(block: nn.Module):
@@ -143,9 +143,10 @@ def resident(block: nn.Module) -> Iterator[None]:
 @contextmanager
 def keep_on_device(blocks: list[nn.Module]) -> Iterator[None]:
     """For a backward pass with recomputation: a block the backward recomputes must stay on the
-    device until its weights' gradients have been accumulated (autograd checks that a gradient
-    lands on its parameter's device). Call `release(block)` once they have; whatever is still
-    held goes back to host memory at the end."""
+    device until its part of the backward is over (autograd checks that a gradient lands on its
+    parameter's device, and a block's last backward steps use its unscored weights). The caller
+    calls `release(block)` then (scoring/checkpointed.py's BackwardProgress decides when);
+    whatever is still held goes back to host memory at the end."""
     homes = [getattr(b, "_ecoflap_home", None) for b in blocks]
     for home in homes:
         if home is not None:

@@ -128,7 +128,7 @@ def checkpointed_gradient_scores(model: nn.Module, adapter: Adapter, batches: li
                 progress.new_batch()
                 loss = adapter.loss(model, batch_to(batch, device))
                 check_finite(loss.detach(), f"calibration loss (batch {batch_index})", "use float32 or bfloat16")
-                with keep_on_device(blocks):  # a recomputed block stays until its gradients are reduced
+                with keep_on_device(blocks):  # a recomputed block stays until `progress` releases it
                     loss.backward()
                 del loss
                 for ui, unit in enumerate(units):
