@@ -55,16 +55,18 @@ def slurm_config(model_dir: Path) -> dict:
     }
 
 
-def snakemake_slurm(work: Path, *extra: str, wait: bool = True):
-    """The profile as users run it, with this one-node cluster's partition and sizes."""
+def snakemake_slurm(work: Path, *extra: str, wait: bool = True, env: dict | None = None,
+                    set_resources: tuple[str, ...] = ()):
+    """The profile as users run it, with this one-node cluster's partition and sizes
+    (`set_resources` joins the partition overrides: a second --set-resources would replace them)."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
            "--profile", str(REPO / "profiles/slurm"), "--configfile", str(work / "tiny.yaml"),
            "--default-resources", "slurm_partition=debug", "mem_mb=1000", "runtime=10", "cpus_per_task=1",
-           "--set-resources", *DEBUG_PARTITION,
+           "--set-resources", *DEBUG_PARTITION, *set_resources,
            "--slurm-init-seconds-before-status-checks", "1", "--latency-wait", "5", "--jobs", "4", *extra]
     if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
 
 
 def result_files(work: Path) -> list[Path]:
@@ -183,19 +185,12 @@ def test_a_job_over_its_time_limit_is_reported_and_a_rerun_completes(slurm, tiny
     # the node has no GPUs: SLURM is asked for none (gpu=0), while the CLI still takes a lease
     no_gpu = [f"{rule}:gpu=0" for rule in ("score", "prune", "evaluate_text")]
     target = "results/tiny/scores/fo.json"  # one job that leases a GPU (and the two before it)
-    run = _snakemake_env(work, env, target, "--retries", "0", "--set-resources", *no_gpu, *DEBUG_PARTITION)
+    run = snakemake_slurm(work, target, "--retries", "0", env=env, set_resources=no_gpu)
     out = run.stdout + run.stderr
     assert run.returncode != 0, out[-3000:]
     assert "SLURM status is: 'TIMEOUT'" in out, out[-3000:]
     held.release()
-    rerun = _snakemake_env(work, env, target, "--retries", "0", "--set-resources", *no_gpu, *DEBUG_PARTITION)
+    rerun = snakemake_slurm(work, target, "--retries", "0", env=env, set_resources=no_gpu)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads((work / target).read_text())["provenance"]["machine"]["gpu_lease"]["devices"] == ["0"]
 
-
-def _snakemake_env(work: Path, env: dict, *extra: str):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
-           "--profile", str(REPO / "profiles/slurm"), "--configfile", str(work / "tiny.yaml"),
-           "--default-resources", "slurm_partition=debug", "mem_mb=1000", "runtime=10", "cpus_per_task=1",
-           "--slurm-init-seconds-before-status-checks", "1", "--latency-wait", "5", "--jobs", "4", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)

@@ -1,5 +1,6 @@
 # Shared helpers: config validation before any job is planned, the interpreter, the rows
 # (method x sparsity) the config asks for, and per-rule CLI arguments.
+import functools
 import json
 from pathlib import Path
 import shlex
@@ -39,9 +40,9 @@ def estimated(stage, key):
         folder = Path(f"results/{wildcards.model}")
         if not (folder / "layout.json").exists() or not (folder / "model" / "config.json").exists():
             return 0  # not downloaded yet: re-evaluated before the job runs
-        from ecoflap.utils.resources import estimate, model_size
+        from ecoflap.utils.resources import estimate
 
-        params, prunable, blocks = model_size(folder / "model", folder / "layout.json")
+        params, prunable, blocks = downloaded_size(str(folder))
         on_gpu = config["device"] != "cpu" and GPU > 0
         dtype = config["dtype"] if config["dtype"] != "auto" else ("bfloat16" if on_gpu else "float32")
         offload = config["models"][wildcards.model].get("offload", config["offload"])
@@ -49,6 +50,15 @@ def estimated(stage, key):
         return estimate(stage, params, prunable, blocks, dtype, on_gpu, offload, stage_tokens(stage, wildcards),
                         pruner, attempt)[key]
     return value
+
+
+@functools.lru_cache(maxsize=None)
+def downloaded_size(folder):
+    """(parameters, prunable parameters, blocks) of results/<model>: read once per Snakemake run,
+    not once per job and resource (only called once the download exists)."""
+    from ecoflap.utils.resources import model_size
+
+    return model_size(Path(folder) / "model", Path(folder) / "layout.json")
 
 
 def stage_tokens(stage, wc):
