@@ -23,7 +23,8 @@ def _phase(kind: str, model_dir: str, ids: torch.Tensor, batch_size: int, device
     """Runs in a child process: load, reset the peak counter, run one phase, report."""
     from ecoflap.allocation import ratios
     from ecoflap.data.calibration import batches
-    from ecoflap.models.adapters import adapter_for, batch_to, model_layout
+    from ecoflap.models.base import batch_to, model_layout
+    from ecoflap.models.registry import adapter_for
     from ecoflap.models.loading import load_model
     from ecoflap.pruning.engine import prune_sequential
     from ecoflap.pruning.methods import Wanda

@@ -7,10 +7,11 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from typing import TYPE_CHECKING
-
+from ecoflap import catalog
+from ecoflap.allocation.plan import plan_allocation
+from ecoflap.allocation.ratios import unit_sizes
 from ecoflap.utils.io import provenance, read_json, write_json
 from ecoflap.utils.validate import check_allocation, check_layout, check_scores
 from ecoflap.utils.runtime import (peak_memory_mb, resolve_device, resolve_dtype, seed_everything, setup_logging,
@@ -19,32 +20,49 @@ from ecoflap.utils.runtime import (peak_memory_mb, resolve_device, resolve_dtype
 if TYPE_CHECKING:
     import torch
 
-# torch is imported inside the stages that run a model: allocate and aggregate never need it, and
-# importing it (with transformers) is most of a short job's time.
+# torch is imported inside the stages that run a model (the function-local imports below):
+# allocate and aggregate never need it, and importing it (with transformers) is most of a
+# short job's time.
 MODEL_STAGES = ("calibrate", "score", "prune", "evaluate", "evaluate-text", "download", "benchmark-scoring")
 
 log = logging.getLogger("ecoflap")
 
 
+def _spec(args: argparse.Namespace, **flags: Any) -> dict[str, Any]:
+    """A stage's config entry: --spec (JSON, or @file holding JSON), then the flags given by
+    hand on top (a flag left out is None). Defaults come from the catalog, not from here."""
+    text = args.spec or "{}"
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--spec is not JSON ({exc}); pass the config entry as JSON, or @file") from None
+    if not isinstance(spec, dict):
+        raise ValueError("--spec must be a JSON object (the stage's config entry)")
+    return {**spec, **{k: v for k, v in flags.items() if v is not None}}
+
+
 def _load(args: argparse.Namespace):
-    from ecoflap.models.adapters import adapter_for
     from ecoflap.models.loading import load_model
+    from ecoflap.models.registry import adapter_for
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     log.info("loading %s on %s as %s (offload %s)", args.model, device, dtype, args.offload)
     model, tok = load_model(args.model, device, dtype, trust_remote_code=args.trust_remote_code,
-                            offload=args.offload)
-    return model, tok, adapter_for(model), device, dtype
+                            offload=args.offload, family=args.family)
+    return model, tok, adapter_for(model, args.family), device, dtype
 
 
-def _calibration_batches(args: argparse.Namespace, dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
+def _calibration_batches(path: str, n_samples: int | None, batch_size: int, dtype: torch.dtype
+                         ) -> list[dict[str, torch.Tensor]]:
     """Batches of model keyword arguments; pixel values in the model's dtype."""
     from ecoflap.data.calibration import batches, load_calibration
 
-    data = load_calibration(args.calibration, args.n_samples)
+    data = load_calibration(path, n_samples)
     data = {k: v.to(dtype) if v.is_floating_point() else v for k, v in data.items()}
-    return batches(data, args.batch_size)
+    return batches(data, batch_size)
 
 
 def _finish(path: str, result: dict[str, Any], args: argparse.Namespace | dict[str, Any], inputs: dict[str, str],
@@ -68,6 +86,11 @@ def cmd_download(args: argparse.Namespace) -> None:
     spec = json.loads(args.spec)
     fetch_model(spec, args.out)
     laid_out = layout_of_folder(args.out, spec.get("trust_remote_code", False))
+    declared = spec.get("family")  # the workflow always states it (the config's, or causal_lm)
+    if declared and laid_out["family"] != declared:  # checked before any job runs on the model
+        raise ValueError(f"the config says family {declared!r}, but {args.out} is a {laid_out['architecture']}, "
+                         f"family {laid_out['family']!r}; set `family: {laid_out['family']}` for this model in "
+                         "config.yaml (or point the model entry at the checkpoint you meant)")
     layout = laid_out["layout"]
     n = sum(sum(v.values()) for v in layout.values())
     log.info("%s: %d blocks, %d prunable layers, %.1f M prunable weights", laid_out["family"], len(layout),
@@ -77,125 +100,131 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from ecoflap.data.calibration import build_calibration, build_image_caption_calibration, save_calibration
-    from ecoflap.models.families import IMAGE_SOURCES
     from ecoflap.utils.io import save_tensors
 
     t0 = time.perf_counter()
-    meta = {"source": args.source, "seed": str(args.seed)}
+    spec = _spec(args, source=args.source, n_samples=args.n_samples, seq_len=args.seq_len, prompt=args.prompt,
+                 protocol=args.protocol, max_txt_len=args.max_txt_len,
+                 **{k: getattr(args, k) for k in catalog.PAIR_FILE_KEYS})
+    c = {**catalog.CALIBRATION_DEFAULTS, **spec}
+    source = catalog.CALIBRATION_SOURCES.get(c["source"])
+    if source is None:
+        raise ValueError(f"unknown calibration source {c['source']!r} (allowed: {', '.join(catalog.CALIBRATION_SOURCES)})")
+    meta = {"source": c["source"], "seed": str(args.seed)}
     inputs = {"model": args.model}
-    if args.source in IMAGE_SOURCES:
-        paths = {k: v for k, v in (("pairs", args.pairs), ("image_root", args.image_root), ("captions", args.captions),
-                                   ("image_dir", args.image_dir), ("cache_dir", args.cache_dir)) if v}
-        data = build_image_caption_calibration(args.model, args.source, args.n_samples, args.seed, paths, args.prompt,
-                                               args.protocol, args.max_txt_len)
-        save_tensors(args.out, data, metadata={**meta, "prompt": args.prompt, "protocol": args.protocol})
+    if source.image:
+        paths = {k: c[k] for k in catalog.PAIR_FILE_KEYS if c.get(k)}
+        data = build_image_caption_calibration(args.model, c["source"], c["n_samples"], args.seed, paths, c["prompt"],
+                                               c["protocol"], c["max_txt_len"])
+        save_tensors(args.out, data, metadata={**meta, "prompt": c["prompt"], "protocol": c["protocol"]})
         inputs.update({k: v for k, v in paths.items() if k in ("pairs", "captions") and Path(v).is_file()})
     else:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(args.model)
-        data = {"input_ids": build_calibration(tok, args.source, args.n_samples, args.seq_len, args.seed)}
-        save_calibration(args.out, data["input_ids"], {**meta, "seq_len": str(args.seq_len)})
+        data = {"input_ids": build_calibration(tok, c["source"], c["n_samples"], c["seq_len"], args.seed)}
+        save_calibration(args.out, data["input_ids"], {**meta, "seq_len": str(c["seq_len"])})
     inputs["calibration"] = args.out
-    _finish(args.out + ".json", {"shapes": {k: list(v.shape) for k, v in data.items()}}, args, inputs, t0)
+    _finish(args.out + ".json", {"shapes": {k: list(v.shape) for k, v in data.items()}},
+            {**_settings(args), "calibration": c}, inputs, t0)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k != "func"}
 
 
 def cmd_score(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
-    seed_everything(args.seed)
+    spec = _spec(args, kind=args.kind, granularity=args.granularity, eps=args.eps,
+                 reuse_block_inputs=args.reuse_block_inputs, perturb=args.perturb, reduce=args.reduce, m=args.owl_m,
+                 n_samples=args.n_samples, batch_size=args.batch_size)
+    if "kind" not in spec:
+        raise ValueError(f"score needs a kind (in --spec or --kind; allowed: {', '.join(catalog.SCORERS)})")
+    scorer = catalog.SCORERS.get(spec["kind"])
+    if scorer is None:
+        raise ValueError(f"unknown scorer kind {spec['kind']!r} (allowed: {', '.join(catalog.SCORERS)})")
+    options = catalog.settings(catalog.SCORERS, spec["kind"], spec, catalog.SCORER_COMMON)
+    seed = options["seed"] if options["seed"] is not None else args.seed
+    seed_everything(seed)
     model, _tok, adapter, device, dtype = _load(args)
-    batches = _calibration_batches(args, dtype)
+    batches = _calibration_batches(args.calibration, options["n_samples"], options["batch_size"], dtype)
     if device.type == "cuda":
         import torch
 
         torch.cuda.reset_peak_memory_stats(device)
-    if args.kind == "zeroth_order":
-        from ecoflap.scoring.zeroth_order import zeroth_order_scores
-        scores = zeroth_order_scores(model, adapter, batches, device, eps=args.eps, granularity=args.granularity,
-                                     reuse_block_inputs=args.reuse_block_inputs, seed=args.seed, perturb=args.perturb)
-    elif args.kind == "first_order":
-        from ecoflap.scoring.first_order import first_order_scores
-        scores = first_order_scores(model, adapter, batches, device, args.granularity, args.reduce)
-    elif args.kind == "checkpointed":
-        from ecoflap.scoring.checkpointed import checkpointed_gradient_scores
-        scores = checkpointed_gradient_scores(model, adapter, batches, device, args.granularity, args.reduce,
-                                              seed=args.seed)
-    else:
-        from ecoflap.scoring.outliers import outlier_ratios
-        scores = outlier_ratios(model, adapter, batches, device, m=args.owl_m)
-    granularity = "block" if args.kind == "outliers" else args.granularity
-    _finish(args.out, {"kind": args.kind, "granularity": granularity, "scores": scores}, args,
-            {"model": args.model, "calibration": args.calibration}, t0, device)
+    log.info("scorer %s: %s", spec["kind"], scorer.arguments(options))
+    extra = {"seed": seed} if scorer.seeded else {}
+    scores = scorer.load()(model, adapter, batches, device, **scorer.arguments(options), **extra)
+    _finish(args.out, {"kind": spec["kind"], "granularity": options.get("granularity", "block"), "scores": scores},
+            {**_settings(args), "scorer": {**options, "seed": seed}}, {"model": args.model, "calibration": args.calibration},
+            t0, device)
 
 
 def cmd_allocate(args: argparse.Namespace) -> None:
-    from ecoflap.allocation import ratios
-    from ecoflap.reporting.plots import plot_allocation
+    from ecoflap.reporting.plots import plot_allocation  # matplotlib: only this stage needs it
 
     t0 = time.perf_counter()
+    method = _spec(args, allocation=args.kind, max_sparsity_offset=args.max_sparsity_offset,
+                   aggregation=args.aggregation, scope=args.scope, submodels=args.submodels,
+                   **{"lambda": args.owl_lambda})
+    kind = method.setdefault("allocation", "uniform")
+    if kind not in catalog.ALLOCATIONS:
+        raise ValueError(f"unknown allocation {kind!r} (allowed: {', '.join(catalog.ALLOCATIONS)})")
     laid_out = check_layout(read_json(args.layout), args.layout)
-    submodel_of_block = laid_out.get("submodel_of_block") or {b: "language" for b in laid_out["layout"]}
-    layout = ratios.select_submodels(laid_out["layout"], submodel_of_block, args.submodels)
     inputs = {"layout": args.layout}
-    scored = {"granularity": "block", "scores": {}}
-    if args.kind != "uniform":
+    scored = None
+    if catalog.ALLOCATION_SCORERS[kind]:
         if not args.scores:
-            raise SystemExit(f"allocation {args.kind} needs --scores")
+            raise ValueError(f"allocation {kind} needs --scores (a scorer of kind "
+                             f"{' or '.join(catalog.ALLOCATION_SCORERS[kind])})")
         inputs["scores"] = args.scores
         scored = read_json(args.scores)
-        units = set(ratios.unit_sizes(laid_out["layout"], scored.get("granularity", "block")))
+        units = set(unit_sizes(laid_out["layout"], scored.get("granularity", "block")))
         check_scores(scored, args.scores, units)
-    sizes = ratios.unit_sizes(layout, scored["granularity"])
-    scores = {u: scored["scores"][u] for u in sizes} if args.kind != "uniform" else {u: 0.0 for u in sizes}
-    block_of_unit = {u: next(b for b in layout if u == b or u.startswith(b + ".")) for u in sizes}
-    group_of_unit = {u: submodel_of_block[block_of_unit[u]] if args.scope == "submodel" else "all" for u in sizes}
-
-    def allocate(sc: dict[str, float], sz: dict[str, int]) -> dict[str, float]:
-        if args.kind == "uniform":
-            return ratios.uniform(sz, args.target)
-        if args.kind == "ecoflap":
-            max_sparsity = min(args.target + args.max_sparsity_offset, 1.0)
-            return ratios.ecoflap(sc, sz, args.target, max_sparsity, args.aggregation)
-        return ratios.owl(sc, args.target, args.owl_lambda)
-
-    unit = ratios.per_group(allocate, scores, sizes, group_of_unit)
-    per_layer = ratios.expand_to_layers(unit, layout)
-    layer_sizes = {k: n for v in layout.values() for k, n in v.items()}
-    planned = sum(per_layer[k] * layer_sizes[k] for k in layer_sizes) / sum(layer_sizes.values())
-    submodel_sparsity = ratios.sparsity_by_group(
-        per_layer, layer_sizes, {k: submodel_of_block[b] for b, layers in layout.items() for k in layers})
+    plan = plan_allocation(laid_out, scored, method, args.target)
+    unit = plan["unit_sparsity"]
     log.info("%s allocation (%s budget) at target %.3f: planned sparsity %.5f overall, %s; block range %.3f-%.3f",
-             args.kind, args.scope, args.target, planned,
-             ", ".join(f"{g} {v:.4f}" for g, v in submodel_sparsity.items()), min(unit.values()), max(unit.values()))
+             kind, plan["scope"], args.target, plan["planned_global_sparsity"],
+             ", ".join(f"{g} {v:.4f}" for g, v in plan["planned_submodel_sparsity"].items()), min(unit.values()),
+             max(unit.values()))
     if args.plot:
-        plot_allocation(unit, args.plot, f"{args.kind} allocation, target {args.target}", args.target)
-    _finish(args.out, {"kind": args.kind, "target": args.target, "scope": args.scope,
-                       "submodels": sorted(submodel_sparsity), "planned_global_sparsity": planned,
-                       "planned_submodel_sparsity": submodel_sparsity, "unit_sparsity": unit,
-                       "layer_sparsity": per_layer}, args, inputs, t0)
+        plot_allocation(unit, args.plot, f"{kind} allocation, target {args.target}", args.target)
+    _finish(args.out, plan, {**_settings(args), "method": method}, inputs, t0)
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
+    from ecoflap.models.base import model_layout
     from ecoflap.pruning.engine import prune_sequential
     from ecoflap.pruning.masks import parse_nm
     from ecoflap.pruning.methods import make_pruner
-    from ecoflap.utils.io import atomic_path, write_checksums
+    from ecoflap.utils.io import atomic_path, sha256_path, write_checksums
 
     t0 = time.perf_counter()
+    spec = _spec(args, pruner=args.pruner, n_samples=args.n_samples, batch_size=args.batch_size,
+                 sparsegpt_damp=args.sparsegpt_damp, sparsegpt_block_size=args.sparsegpt_block_size)
+    if spec.get("pruner") not in catalog.PRUNERS:
+        raise ValueError(f"prune needs a pruner (in --spec or --pruner; allowed: {', '.join(catalog.PRUNERS)}), "
+                         f"got {spec.get('pruner')!r}")
+    # the pruner's options from the `pruning:` entry (sparsegpt_damp -> sparsegpt's damp), catalog defaults else
+    own = {option: spec[key] for key, (name, option) in catalog.PRUNER_CONFIG_KEYS.items()
+           if name == spec["pruner"] and spec.get(key) is not None}
+    options = catalog.settings(catalog.PRUNERS, spec["pruner"], own)
+    batch_size = spec.get("batch_size") or catalog.PRUNING_COMMON["batch_size"].default
+    comparison = dict(item.split("=", 1) for item in args.comparison) if args.comparison else spec.get("comparison")
     seed_everything(args.seed)
     model, tok, adapter, device, dtype = _load(args)
     nm = parse_nm(args.nm)
-    from ecoflap.models.adapters import model_layout
-
     layers = {layer for block in model_layout(model, adapter).values() for layer in block}
     allocation = check_allocation(read_json(args.allocation), args.allocation, layers)
-    pruner = make_pruner(args.pruner, damp=args.sparsegpt_damp, block_size=args.sparsegpt_block_size)
-    batches = _calibration_batches(args, dtype) if pruner.needs_activations else []
+    pruner = make_pruner(spec["pruner"], **options)
+    if pruner.needs_activations and not args.calibration:
+        raise ValueError(f"{spec['pruner']} needs calibration activations: pass --calibration")
+    batches = _calibration_batches(args.calibration, spec.get("n_samples"), batch_size, dtype) \
+        if pruner.needs_activations else []
     if device.type == "cuda":
         import torch
 
         torch.cuda.reset_peak_memory_stats(device)
-    comparison = dict(item.split("=", 1) for item in args.comparison or [])
     report = prune_sequential(model, adapter, pruner, allocation["layer_sparsity"], batches, device, nm, comparison)
     submodel_of_layer = {layer: sub for block, sub in adapter.submodel_of_block(model).items()
                          for layer in report.layer_size if layer.startswith(block + ".")}
@@ -211,61 +240,61 @@ def cmd_prune(args: argparse.Namespace) -> None:
     inputs = {"model": args.model, "allocation": args.allocation}
     if pruner.needs_activations:
         inputs["calibration"] = args.calibration
-    from ecoflap.utils.io import sha256_path
-
-    _finish(args.report, {"pruner": args.pruner, "nm": args.nm, "target": allocation["target"],
+    _finish(args.report, {"pruner": spec["pruner"], "nm": args.nm, "target": allocation["target"],
                           "global_sparsity": report.global_sparsity, "submodel_sparsity": submodel_sparsity,
                           "mask_sha256": report.mask_sha256,
                           "checkpoint_sha256": sha256_path(args.out),
-                          "layer_sparsity": report.layer_sparsity}, args, inputs, t0, device)
+                          "layer_sparsity": report.layer_sparsity},
+            {**_settings(args), "pruning": {**spec, "options": options, "comparison": comparison}}, inputs, t0, device)
+
+
+def _text_evaluation(name: str, entry: dict[str, Any], model, tok, device, seed: int) -> dict[str, Any]:
+    """One text evaluation entry (perplexity or lm_eval), catalog defaults under it."""
+    from ecoflap.evaluation.harness import run_lm_eval
+    from ecoflap.evaluation.perplexity import evaluation_text, perplexity
+
+    e = {**catalog.TEXT_EVAL_DEFAULTS[name], **entry}
+    if name == "perplexity":
+        metrics = perplexity(model, tok, evaluation_text(e["dataset"]), e["seq_len"], device, e["max_windows"],
+                             e["batch_size"])
+        metrics["dataset"] = e["dataset"]
+        return metrics
+    return run_lm_eval(model, tok, e["tasks"], e["batch_size"], e["limit"], e["num_fewshot"], seed)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     seed_everything(args.seed)
+    spec = _spec(args, dataset=args.dataset, seq_len=args.seq_len, max_windows=args.max_windows, tasks=args.tasks,
+                 limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size)
     model, tok, adapter, device, _dtype = _load(args)
     predictions = None
-    if args.task in ("vqa", "caption", "retrieval", "classification"):
+    if args.task in catalog.VL_TASKS:
         from ecoflap.evaluation.vision_language import evaluate_vision_language
 
-        spec = {**json.loads(args.spec or "{}"), "task": args.task}
-        metrics, predictions = evaluate_vision_language(model, tok, adapter, spec)
-    elif args.task == "perplexity":
-        from ecoflap.evaluation.perplexity import evaluation_text, perplexity
-        metrics = perplexity(model, tok, evaluation_text(args.dataset), args.seq_len, device,
-                             args.max_windows, args.batch_size)
-        metrics["dataset"] = args.dataset
+        metrics, predictions = evaluate_vision_language(model, tok, adapter, {**spec, "task": args.task})
     else:
-        from ecoflap.evaluation.harness import run_lm_eval
-        metrics = run_lm_eval(model, tok, args.tasks, args.batch_size, args.limit, args.num_fewshot, args.seed)
+        metrics = _text_evaluation(args.task, spec, model, tok, device, args.seed)
     result = {"task": args.task, "metrics": metrics}
     if predictions:
         result["predictions"] = predictions
-    _finish(args.out, result, args, {"model": args.model}, t0, device)
+    _finish(args.out, result, {**_settings(args), "evaluation": spec}, {"model": args.model}, t0, device)
 
 
 def cmd_evaluate_text(args: argparse.Namespace) -> None:
     """Every text evaluation of one checkpoint (perplexity, lm-eval) from one process and one
     model load; each entry still gets its own result file, settings and wall time."""
-    from ecoflap.evaluation.harness import run_lm_eval
-    from ecoflap.evaluation.perplexity import evaluation_text, perplexity
-
     seed_everything(args.seed)
     model, tok, _adapter, device, _dtype = _load(args)
-    for name, entry in json.loads(args.spec).items():
+    for name, entry in _spec(args).items():
+        if name not in catalog.TEXT_EVALS:
+            raise ValueError(f"evaluate-text runs {' and '.join(catalog.TEXT_EVALS)} entries, not {name!r}")
         t0 = time.perf_counter()
         seed_everything(args.seed)  # each entry as if run on its own
-        if name == "perplexity":
-            metrics = perplexity(model, tok, evaluation_text(entry["dataset"]), entry["seq_len"], device,
-                                 entry.get("max_windows"), entry["batch_size"])
-            metrics["dataset"] = entry["dataset"]
-        elif name == "lm_eval":
-            metrics = run_lm_eval(model, tok, entry["tasks"], entry["batch_size"], entry.get("limit"),
-                                  entry["num_fewshot"], args.seed)
-        else:
-            raise ValueError(f"evaluate-text runs perplexity and lm_eval entries, not {name!r}")
+        metrics = _text_evaluation(name, entry, model, tok, device, args.seed)
         settings = {"command": "evaluate-text", "task": name, "model": args.model, "device": args.device,
-                    "dtype": args.dtype, "seed": args.seed, "threads": torch_threads(), **entry}
+                    "dtype": args.dtype, "seed": args.seed, "threads": torch_threads(),
+                    **catalog.TEXT_EVAL_DEFAULTS[name], **entry}
         _finish(str(Path(args.out_dir) / f"{name}.json"), {"task": name, "metrics": metrics}, settings,
                 {"model": args.model}, t0, device)
 
@@ -275,6 +304,15 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
 
     aggregate(Path(args.results), args.rows, Path(args.out_dir), Path(args.reference) if args.reference else None,
               args.model_name, read_json(args.run_config) if args.run_config else None)
+
+
+def cmd_catalog(args: argparse.Namespace) -> None:
+    if args.schema:
+        from ecoflap.config import schema
+
+        print(json.dumps(schema(), indent=1))
+    else:
+        print(catalog.describe())
 
 
 def cmd_benchmark_scoring(args: argparse.Namespace) -> None:
@@ -295,7 +333,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--offload", default="none", choices=["auto", "none", "cpu"],
+    p.add_argument("--family", default=None, choices=list(catalog.FAMILIES),
+                   help="the config's family for this model: checked against the checkpoint before anything runs")
+    p.add_argument("--offload", default="none", choices=list(catalog.OFFLOAD_MODES),
                    help="none: the whole model on the device; cpu: blocks wait in host memory and visit the "
                         "device one at a time; auto: none when the model fits the device, else cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -304,10 +344,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "jobs never share one) and narrow CUDA_VISIBLE_DEVICES to them; 0: no lease")
 
 
+SPEC_HELP = ("the stage's config entry as JSON (or @file): %s. Flags given by hand override its keys; what "
+             "neither sets takes the catalog's default (python -m ecoflap catalog)")
+
+
 def _calib_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--calibration", required=required, help="calibration .safetensors")
     p.add_argument("--n-samples", type=int, default=None, help="use the first N windows (default all)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="build seeded calibration windows")
     p.add_argument("--model", required=True)
-    p.add_argument("--source", default="austen-emma",
+    p.add_argument("--spec", help=SPEC_HELP % "calibration:, with the model's overrides merged")
+    p.add_argument("--source", choices=list(catalog.CALIBRATION_SOURCES),
                    help="text: c4 or an embedded text (austen-emma); image-caption pairs: cc3m, coco or the "
                         "embedded fashion-mnist")
     p.add_argument("--pairs", help="cc3m: TSV/CSV/JSONL of image paths and captions, or webdataset .tar shards")
@@ -331,13 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", help="coco: captions_train2017.json")
     p.add_argument("--image-dir", help="coco: the train2017 image folder")
     p.add_argument("--cache-dir", help="cc3m webdataset: where sampled images are extracted")
-    p.add_argument("--prompt", default="", help="text before the caption (image-caption calibration)")
-    p.add_argument("--protocol", default="caption", choices=["caption", "ecoflap"],
+    p.add_argument("--prompt", help="text before the caption (image-caption calibration; default none)")
+    p.add_argument("--protocol", choices=list(catalog.CAPTION_PROTOCOLS),
                    help="image-caption calibration: caption (random pairs, prompt + caption as target) or ecoflap "
                         "(the authors' BLIP-2 pruners: first pairs in file order, random prefix split, crop/flip)")
-    p.add_argument("--max-txt-len", type=int, default=32, help="ecoflap protocol: tokens per prefix and target")
-    p.add_argument("--n-samples", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-txt-len", type=int, help="ecoflap protocol: tokens per prefix and target (default 32)")
+    p.add_argument("--n-samples", type=int)
+    p.add_argument("--seq-len", type=int, help="tokens per text window (default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_calibrate)
@@ -345,31 +390,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="coarse stage: block/layer importance scores")
     _model_args(p)
     _calib_args(p)
-    p.add_argument("--kind", choices=["zeroth_order", "first_order", "checkpointed", "outliers"], required=True)
-    p.add_argument("--granularity", choices=["block", "layer"], default="block")
-    p.add_argument("--eps", type=float, default=1e-3)
-    p.add_argument("--reuse-block-inputs", action="store_true", help="zeroth-order: re-run only from the perturbed block")
-    p.add_argument("--perturb", choices=["unit", "tensor"], default="unit",
+    p.add_argument("--spec", help=SPEC_HELP % "a scorers: entry (kind and its options)")
+    p.add_argument("--kind", choices=list(catalog.SCORERS))
+    p.add_argument("--granularity", choices=["block", "layer"])
+    p.add_argument("--eps", type=float)
+    p.add_argument("--reuse-block-inputs", action=argparse.BooleanOptionalAction, default=None,
+                   help="zeroth-order: re-run only from the perturbed block")
+    p.add_argument("--perturb", choices=["unit", "tensor"],
                    help="zeroth-order: one direction per scored unit, or per weight tensor summed into its block "
                         "(the authors' BLIP-2 runs)")
-    p.add_argument("--reduce", choices=["l2", "projection", "abs_g", "abs_wg"], default="abs_wg",
+    p.add_argument("--reduce", choices=["l2", "projection", "abs_g", "abs_wg"],
                    help="gradient reduction (first_order: abs_g/abs_wg; checkpointed: any)")
-    p.add_argument("--owl-m", type=float, default=5.0)
+    p.add_argument("--owl-m", type=float, help="outliers: the option m")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("allocate", help="per-layer sparsity ratios")
     p.add_argument("--layout", required=True)
-    p.add_argument("--kind", choices=["uniform", "ecoflap", "owl"], required=True)
+    p.add_argument("--spec", help=SPEC_HELP % "a methods: entry (allocation and its options, scope, submodels)")
+    p.add_argument("--kind", choices=list(catalog.ALLOCATIONS), help="the allocation (default uniform)")
     p.add_argument("--scores")
     p.add_argument("--target", type=float, required=True)
-    p.add_argument("--max-sparsity-offset", type=float, default=0.1)
-    p.add_argument("--aggregation", choices=["sum", "avg"], default="sum")
-    p.add_argument("--owl-lambda", type=float, default=0.08)
-    p.add_argument("--scope", choices=["global", "submodel"], default="global",
+    p.add_argument("--max-sparsity-offset", type=float)
+    p.add_argument("--aggregation", choices=["sum", "avg"])
+    p.add_argument("--owl-lambda", type=float)
+    p.add_argument("--scope", choices=["global", "submodel"],
                    help="one keep budget across the whole model (paper default) or one per sub-model")
-    p.add_argument("--submodels", nargs="*", default=None,
-                   help="prune only these sub-models (vision, qformer, language); the rest stay dense")
+    p.add_argument("--submodels", nargs="*", default=None, choices=list(catalog.SUBMODELS),
+                   help="prune only these sub-models; the rest stay dense")
     p.add_argument("--out", required=True)
     p.add_argument("--plot")
     p.set_defaults(func=cmd_allocate)
@@ -377,31 +425,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="fine stage: sequential layer-wise pruning")
     _model_args(p)
     _calib_args(p, required=False)
+    p.add_argument("--spec", help=SPEC_HELP % "the pruning: entry plus the method's pruner")
     p.add_argument("--allocation", required=True)
-    p.add_argument("--pruner", choices=["magnitude", "wanda", "sparsegpt"], required=True)
+    p.add_argument("--pruner", choices=list(catalog.PRUNERS))
     p.add_argument("--nm", default=None, help="N:M pattern such as 2:4 (overrides the ratios)")
     p.add_argument("--comparison", nargs="*", default=None, metavar="SUBMODEL=GROUP",
                    help="magnitude/Wanda: compare scores within each output row (default) or over the whole matrix "
                         "for a sub-model, e.g. vision=matrix (the authors' BLIP-2 ViT)")
-    p.add_argument("--sparsegpt-damp", type=float, default=0.01)
-    p.add_argument("--sparsegpt-block-size", type=int, default=128)
+    p.add_argument("--sparsegpt-damp", type=float)
+    p.add_argument("--sparsegpt-block-size", type=int)
     p.add_argument("--out", required=True, help="checkpoint folder")
     p.add_argument("--report", required=True, help="JSON with achieved sparsities")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("evaluate", help="perplexity or lm-eval tasks")
+    p = sub.add_parser("evaluate", help="one evaluation: perplexity, lm-eval tasks or a vision-language task")
     _model_args(p)
-    p.add_argument("--task", choices=["perplexity", "lm_eval", "vqa", "caption", "retrieval", "classification"],
-                   required=True)
-    p.add_argument("--spec", help="vision-language tasks: JSON of the config's evaluation entry (dataset, paths, "
-                                  "prompt, generation settings, limit, batch_size)")
-    p.add_argument("--dataset", default="brown-heldout", help="perplexity: wikitext2 or brown-heldout")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, default=None)
-    p.add_argument("--tasks", nargs="*", default=["brown_cloze"], help="lm-eval task names")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--num-fewshot", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--task", choices=[*catalog.TEXT_EVALS, *catalog.VL_TASKS], required=True)
+    p.add_argument("--spec", help=SPEC_HELP % "an evaluation: entry (a vision-language entry: dataset, paths, prompt, "
+                                              "generation settings, limit, batch_size)")
+    p.add_argument("--dataset", help="perplexity: one of " + ", ".join(catalog.PERPLEXITY_DATASETS))
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--max-windows", type=int)
+    p.add_argument("--tasks", nargs="*", help="lm-eval task names")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--batch-size", type=int)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_evaluate)
 
@@ -422,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model's key in the reference YAML (default: the results folder name)")
     p.add_argument("--run-config", help="JSON of the workflow configuration, copied into environment.txt")
     p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("catalog", help="every scorer, allocation, pruner, family, source and dataset, with defaults")
+    p.add_argument("--schema", action="store_true", help="print the complete config JSON schema instead")
+    p.set_defaults(func=cmd_catalog)
 
     p = sub.add_parser("benchmark-scoring", help="paper vs fast coarse stage: time, memory, quality ratios")
     p.add_argument("--model", required=True)

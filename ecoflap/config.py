@@ -1,19 +1,23 @@
-"""Config validation: the JSON schema (workflow/schemas/config.schema.yaml) plus the
+"""Config validation: the JSON schema (workflow/schemas/config.schema.yaml, completed from
+ecoflap/catalog.py: every name, option and default of a method comes from there) plus the
 cross-references a schema cannot express. Every error names the key, the value and what
-is allowed, and all of it runs before Snakemake plans a single job."""
+is allowed, and all of it runs before Snakemake plans a single job. `load_config` and the
+workflow then fill in the defaults (`fill_defaults`)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import copy
+import functools
 import math
 import re
 
 import jsonschema
 import yaml
 
-from ecoflap.models.families import (DATASET_FILES, DATASET_TASK, FAMILIES, IMAGE_SOURCES, PROTOCOLS_OF_DATASET,
-                                     TEXT_EVALS)
+from ecoflap import catalog as C
+from ecoflap.catalog import CALIBRATION_SOURCES, DATASETS, FAMILIES, IMAGE_SOURCES, TEXT_EVALS
 
 SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -84,9 +88,98 @@ def _value_errors(node: Any, path: tuple = ()) -> list[str]:
     return errors
 
 
-def _schema_errors(config: dict[str, Any]) -> list[str]:
+def _kinds_schema(table: dict[str, C.Method], key: str, common: dict[str, Any]) -> list[dict[str, Any]]:
+    """One if/then per kind: its options (with defaults) and nothing else besides `common`."""
+    return [{"if": {"properties": {key: {"const": kind}}, "required": [key]},
+             "then": {"properties": {key: {"const": kind}, **common, **C.option_schema(m.options)},
+                      "additionalProperties": False}}
+            for kind, m in table.items()]
+
+
+def _enum(node: dict[str, Any], values: Any) -> None:
+    node["enum"] = list(values)
+
+
+@functools.lru_cache(maxsize=1)
+def _built_schema() -> dict[str, Any]:
     schema = yaml.safe_load(SCHEMA.read_text())
-    validator = _Validator(schema)
+    defs, props = schema["$defs"], schema["properties"]
+    scorer_common = C.option_schema(C.SCORER_COMMON)
+    defs["scorer"] = {"type": "object", "required": ["kind"], "description": defs["scorer"]["description"],
+                      "properties": {"kind": {"enum": list(C.SCORERS), "description": "; ".join(
+                          f"{k}: {m.help}" for k, m in C.SCORERS.items())}},
+                      "allOf": _kinds_schema(C.SCORERS, "kind", scorer_common)}
+    method_common = {
+        "pruner": {"enum": [C.NO_PRUNER, *C.PRUNERS]},
+        "allocation": {"enum": list(C.ALLOCATIONS), "default": "uniform"},
+        "scorer": {"type": "string", "description": "a key of scorers:"},
+        "nm": {"type": "boolean", "default": True,
+               "description": "also run the N:M patterns of nm_patterns with this method"},
+        "scope": {"enum": ["global", "submodel"], "default": "global",
+                  "description": "one keep budget for the whole model (paper) or one per sub-model"},
+        "submodels": {"type": "array", "minItems": 1, "items": {"enum": list(C.SUBMODELS)},
+                      "description": "prune only these sub-models (default: all); the rest stay dense"},
+    }
+    every_option = {k: o.schema for m in C.ALLOCATIONS.values() for k, o in m.options.items()}
+    defs["method"] = {"type": "object", "required": ["pruner"], "additionalProperties": False,
+                      "description": defs["method"]["description"],
+                      "properties": {**method_common, **every_option},
+                      # each allocation's option defaults; another allocation's options are accepted and unused
+                      "allOf": [{"if": {"properties": {"allocation": {"const": kind}}, "required": ["allocation"]},
+                                 "then": {"properties": C.option_schema(m.options)}}
+                                for kind, m in C.ALLOCATIONS.items() if m.options]}
+    _enum(defs["offload"], C.OFFLOAD_MODES)
+    _enum(defs["family"], FAMILIES)
+    _enum(defs["calibration_fields"]["source"], CALIBRATION_SOURCES)
+    _enum(defs["calibration_fields"]["protocol"], C.CAPTION_PROTOCOLS)
+    for variant in defs["model"]["allOf"]:
+        if variant["if"]["properties"]["source"]["const"] == "embedded":
+            _enum(variant["then"]["properties"]["name"], C.EMBEDDED_MODELS)
+    vl = defs["vl_evaluation"]["properties"]
+    _enum(vl["task"], C.VL_TASKS)
+    _enum(vl["dataset"], DATASETS)
+    _enum(vl["protocol"], C.VQA_PROTOCOLS)
+    _enum(props["dtype"], C.DTYPES)
+    calib = props["calibration"]["properties"]
+    for k, v in C.CALIBRATION_DEFAULTS.items():
+        calib[k]["default"] = v
+    pruning = props["pruning"]["properties"]
+    pruning["comparison"]["properties"] = {sub: {"enum": list(C.COMPARISON_GROUPS)} for sub in C.SUBMODELS}
+    for key, (pruner, option) in C.PRUNER_CONFIG_KEYS.items():
+        o = C.PRUNERS[pruner].options[option]
+        pruning[key] = {**o.schema, "default": o.default, "description": f"{pruner}: {o.help}"}
+    text = props["evaluation"]["properties"]
+    _enum(text["perplexity"]["properties"]["dataset"], C.PERPLEXITY_DATASETS)
+    for entry, defaults in C.TEXT_EVAL_DEFAULTS.items():
+        for k, v in defaults.items():
+            text[entry]["properties"][k]["default"] = v
+    return schema
+
+
+def schema() -> dict[str, Any]:
+    """The complete JSON schema: the file, completed from the catalog."""
+    return copy.deepcopy(_built_schema())
+
+
+def _fill_properties(validator, properties, instance, schema):
+    if isinstance(instance, dict):
+        for key, sub in properties.items():
+            if isinstance(sub, dict) and "default" in sub and key not in instance:
+                instance[key] = copy.deepcopy(sub["default"])
+    yield from jsonschema.Draft202012Validator.VALIDATORS["properties"](validator, properties, instance, schema)
+
+
+def fill_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """Set every default the schema (and so the catalog) names, in place, for a valid config:
+    the kind-specific ones too (a then-branch is visited only when its kind matches)."""
+    filler = jsonschema.validators.extend(_Validator, {"properties": _fill_properties})
+    for _ in filler(_built_schema()).iter_errors(config):
+        pass  # validate_config has reported errors already
+    return config
+
+
+def _schema_errors(config: dict[str, Any]) -> list[str]:
+    validator = _Validator(_built_schema())
     errors = []
     for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
         # report the innermost causes of if/then and $ref failures, not their wrappers
@@ -98,11 +191,11 @@ def _schema_errors(config: dict[str, Any]) -> list[str]:
 def _reference_errors(config: dict[str, Any]) -> list[str]:
     errors = []
     scorers = config.get("scorers", {})
-    needs = {"ecoflap": ("zeroth_order", "first_order", "checkpointed"), "owl": ("outliers",)}
+    needs = {kind: scorers for kind, scorers in C.ALLOCATION_SCORERS.items() if scorers}
     calib_n = config["calibration"]["n_samples"]
     for name, m in config["methods"].items():
         alloc = m.get("allocation", "uniform")
-        if m["pruner"] == "none":
+        if m["pruner"] == C.NO_PRUNER:
             continue
         if alloc in needs:
             scorer = m.get("scorer")
@@ -113,9 +206,6 @@ def _reference_errors(config: dict[str, Any]) -> list[str]:
                 errors.append(f"config key methods.{name}.scorer: {alloc} allocation needs a scorer of kind "
                               f"{' or '.join(needs[alloc])}, but {scorer!r} is {scorers[scorer]['kind']}")
     for name, s in scorers.items():
-        if s["kind"] == "first_order" and s.get("reduce", "abs_wg") not in ("abs_g", "abs_wg"):
-            errors.append(f"config key scorers.{name}.reduce: {s['reduce']!r} is not a first_order reduction "
-                          "(allowed: 'abs_g', 'abs_wg'; l2 and projection need kind: checkpointed)")
         if s.get("n_samples", calib_n) > calib_n:
             errors.append(f"config key scorers.{name}.n_samples: {s['n_samples']} exceeds calibration.n_samples "
                           f"({calib_n}) (allowed: <= {calib_n})")
@@ -161,7 +251,7 @@ def model_evaluations(config: dict[str, Any], model: str) -> list[str]:
     spec = config["models"][model]
     if "evaluate" in spec:
         return list(spec["evaluate"])
-    tasks = FAMILIES[spec.get("family", "causal_lm")].tasks
+    tasks = FAMILIES[spec.get("family", C.DEFAULT_FAMILY)].tasks
     return [n for n, e in config["evaluation"].items() if evaluation_task(n, e) in tasks]
 
 
@@ -171,21 +261,22 @@ def _family_errors(config: dict[str, Any]) -> list[str]:
     for name, e in evaluation.items():
         if name in TEXT_EVALS:
             continue
-        if DATASET_TASK[e["dataset"]] != e["task"]:
-            errors.append(f"config key evaluation.{name}.dataset: {e['dataset']!r} is a {DATASET_TASK[e['dataset']]} "
+        dataset = DATASETS[e["dataset"]]
+        if dataset.task != e["task"]:
+            errors.append(f"config key evaluation.{name}.dataset: {e['dataset']!r} is a {dataset.task} "
                           f"dataset, not {e['task']} (allowed for {e['task']}: "
-                          f"{', '.join(d for d, t in DATASET_TASK.items() if t == e['task'])})")
-        if e.get("protocol") and e["protocol"] not in PROTOCOLS_OF_DATASET.get(e["dataset"], ()):
+                          f"{', '.join(d for d, v in DATASETS.items() if v.task == e['task'])})")
+        if e.get("protocol") and e["protocol"] not in dataset.protocols:
             errors.append(f"config key evaluation.{name}.protocol: {e['protocol']!r} does not score {e['dataset']} "
-                          f"(allowed: {', '.join(PROTOCOLS_OF_DATASET.get(e['dataset'], ())) or 'none: leave it out'})")
-        for key in DATASET_FILES[e["dataset"]]:
+                          f"(allowed: {', '.join(dataset.protocols) or 'none: leave it out'})")
+        for key in dataset.files:
             if not e.get(key):
                 errors.append(f"config key evaluation.{name}.{key}: missing; {e['dataset']} reads "
-                              f"{', '.join(DATASET_FILES[e['dataset']])} (README, section 'Evaluation data', says where to get them)")
+                              f"{', '.join(dataset.files)} (README, section 'Evaluation data', says where to get them)")
     block_rerunning = {n: s for n, s in config.get("scorers", {}).items()
                        if s["kind"] == "zeroth_order" and s.get("reuse_block_inputs", True)}
     for model, spec in config["models"].items():
-        family = spec.get("family", "causal_lm")
+        family = spec.get("family", C.DEFAULT_FAMILY)
         fam = FAMILIES[family]
         names = model_evaluations(config, model)
         if not names:
@@ -211,19 +302,19 @@ def _family_errors(config: dict[str, Any]) -> list[str]:
                 errors.append(f"config key {key}: {n} exceeds the {calib['n_samples']} calibration samples of "
                               f"model {model} (allowed: <= {calib['n_samples']})")
         if fam.image_calibration != (calib["source"] in IMAGE_SOURCES):
-            want = "image-caption pairs (cc3m or coco)" if fam.image_calibration else "text (austen-emma or c4)"
+            kinds = [k for k, v in CALIBRATION_SOURCES.items() if v.image == fam.image_calibration]
+            want = f"{'image-caption pairs' if fam.image_calibration else 'text'} ({', '.join(kinds)})"
             errors.append(f"config key models.{model}.calibration.source: {family} calibrates on {want}, "
                           f"not {calib['source']!r}")
         if calib.get("protocol", "caption") == "ecoflap" and not fam.prefix_calibration:
             errors.append(f"config key models.{model}.calibration.protocol: ecoflap is the authors' BLIP-2 captioning "
                           f"loss; {family} has none (allowed: caption)")
-        need = {"cc3m": ("pairs",), "coco": ("captions", "image_dir")}.get(calib["source"], ())
-        for key in need:
+        for key in CALIBRATION_SOURCES[calib["source"]].needs:
             if not calib.get(key):
                 errors.append(f"config key calibration.{key}: calibration source {calib['source']} needs it "
                               f"(set it at top level or under models.{model}.calibration)")
         for mname, m in config["methods"].items():
-            if m["pruner"] == "none":
+            if m["pruner"] == C.NO_PRUNER:
                 continue
             if m.get("submodels") and not set(m["submodels"]) & set(fam.submodels):
                 errors.append(f"config key methods.{mname}.submodels: none of {m['submodels']} is in {model} "
@@ -254,6 +345,7 @@ def validate_config(config: dict[str, Any]) -> None:
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
+    """A config file, validated, with every default filled in."""
     config = yaml.safe_load(Path(path).read_text())
     validate_config(config)
-    return config
+    return fill_defaults(config)

@@ -59,7 +59,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def tiny(tiny_dir):
-    from ecoflap.models.adapters import adapter_for
+    from ecoflap.models.registry import adapter_for
     from ecoflap.models.loading import load_model
 
     model, tok = load_model(tiny_dir, torch.device("cpu"), torch.float32)

@@ -113,7 +113,8 @@ def test_dry_run_blip2_table1_plans_every_stage_and_task(tmp_path):
         assert f"results/{model}/ecoflap_zo_wanda/0.5/eval/{task}.json" in text
     assert "results/blip2-flant5-xl/ecoflap_fo_wanda/0.5/model" in text
     assert "--reference config/paper/published/blip2_table1.yaml" in text
-    assert "--submodels vision language" in text and "--source cc3m" in text
+    # every stage gets its config entry as --spec JSON
+    assert '"submodels": ["vision", "language"]' in text and '"source": "cc3m"' in text
 
 
 def _vl(mutate):

@@ -81,7 +81,7 @@ def test_ecoflap_calibration_protocol(blip2_t5):
 
     from ecoflap.data import vl_datasets as vd
     from ecoflap.data.calibration import _processor_size, _train_crop_flip, build_image_caption_calibration
-    from ecoflap.models.loading import load_processors
+    from ecoflap.models.processors import load_processors
 
     paths = {"pairs": str(FIX / "cc3m/pairs.tsv"), "image_root": str(FIX / "cc3m")}
     data = build_image_caption_calibration(blip2_t5, "cc3m", 3, seed=7, paths=paths, protocol="ecoflap",

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ecoflap.allocation import ratios
-from ecoflap.models.adapters import model_layout
+from ecoflap.models.base import model_layout
 from ecoflap.pruning.engine import prune_sequential
 from ecoflap.pruning.methods import make_pruner
 from ecoflap.scoring.first_order import first_order_scores

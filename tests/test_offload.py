@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ecoflap.models import offload
-from ecoflap.models.adapters import adapter_for, model_layout
+from ecoflap.models.base import model_layout
+from ecoflap.models.registry import adapter_for
 from ecoflap.models.loading import load_model
 
 CPU = torch.device("cpu")
@@ -95,7 +96,8 @@ def test_scores_with_offload_equal_the_whole_model(tiny_dir):
     def run(model, adapter, batches):
         return {
             "zo": zeroth_order_scores(model, adapter, batches, CPU, granularity="layer", reuse_block_inputs=True),
-            "zo_full": zeroth_order_scores(model, adapter, batches, CPU, granularity="block"),
+            "zo_full": zeroth_order_scores(model, adapter, batches, CPU, granularity="block",
+                                           reuse_block_inputs=False),
             "fast": checkpointed_gradient_scores(model, adapter, batches, CPU, "block", "l2"),
             "abs_wg": checkpointed_gradient_scores(model, adapter, batches, CPU, "layer", "abs_wg"),
             "owl": outlier_ratios(model, adapter, batches, CPU),

@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ecoflap.allocation import ratios
-from ecoflap.models.adapters import model_layout
+from ecoflap.models.base import model_layout
 from ecoflap.pruning.capture import capture_stack_inputs, run_block
 from ecoflap.pruning.engine import prune_sequential
 from ecoflap.pruning.masks import nm_mask

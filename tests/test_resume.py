@@ -16,7 +16,7 @@ from ecoflap.utils.io import write_json
 @pytest.fixture()
 def prune_inputs(tiny_dir, tmp_path, tiny):
     from ecoflap.allocation import ratios
-    from ecoflap.models.adapters import model_layout
+    from ecoflap.models.base import model_layout
 
     model, tok, adapter = tiny
     save_calibration(tmp_path / "calib.safetensors", build_calibration(tok, "austen-emma", 8, 32, 0), {})

@@ -34,7 +34,7 @@ def _run(*args):
 def _expected_by_submodel(model_dir, layer_sparsity):
     """What Wanda must reach: in every row of a layer, round(columns x ratio) weights pruned
     (so tiny 32-column layers land within 1/64 of their ratio; real layers far closer)."""
-    from ecoflap.models.adapters import adapter_for
+    from ecoflap.models.registry import adapter_for
     from ecoflap.models.layout import skeleton_of_folder
     from ecoflap.pruning.masks import row_prune_count
 
@@ -72,7 +72,7 @@ def pipelines(tmp_path_factory):
 def test_score_allocate_prune_evaluate(pipelines, kind):
     work = pipelines[kind]
     common = ["--model", work / "model", "--device", "cpu", "--dtype", "float32", "--calibration", work / "calib.safetensors"]
-    _run("score", *common, "--kind", "zeroth_order", "--granularity", "block", "--batch-size", 2, "--out", work / "zo.json")
+    _run("score", *common, "--kind", "zeroth_order", "--granularity", "block", "--no-reuse-block-inputs", "--batch-size", 2, "--out", work / "zo.json")
     scores = json.loads((work / "zo.json").read_text())["scores"]
     layout = json.loads((work / "layout.json").read_text())
     # fp32 finite differences of a random tiny model can round to 0 for the vision blocks
@@ -146,7 +146,8 @@ def test_language_model_is_calibrated_on_the_pruned_vision_side(pipelines):
     """The language stack's captured inputs change once the vision tower is pruned."""
     from ecoflap.allocation import ratios
     from ecoflap.data.calibration import batches, load_calibration
-    from ecoflap.models.adapters import adapter_for, model_layout
+    from ecoflap.models.base import model_layout
+    from ecoflap.models.registry import adapter_for
     from ecoflap.models.loading import load_model
     from ecoflap.pruning.capture import capture_stack_inputs
     from ecoflap.pruning.engine import prune_sequential
@@ -171,7 +172,7 @@ def test_language_model_is_calibrated_on_the_pruned_vision_side(pipelines):
 def test_retrieval_embeddings_match_the_models_own_scores(pipelines, kind):
     """Our separately computed embeddings rank pairs exactly as the model's forward does."""
     from ecoflap.data import vl_datasets as vd
-    from ecoflap.models.adapters import adapter_for
+    from ecoflap.models.registry import adapter_for
     from ecoflap.models.loading import load_model
 
     model, procs = load_model(pipelines[kind] / "model", torch.device("cpu"), torch.float32)
@@ -192,7 +193,7 @@ def test_checkpointed_scores_equal_full_backward_across_stacks(pipelines, kind):
     """The fast scorer's exact gradients flow from the language model back through the
     projection and the Q-Former into the vision tower: |w g| per block equals a full backward."""
     from ecoflap.data.calibration import batches, load_calibration
-    from ecoflap.models.adapters import adapter_for
+    from ecoflap.models.registry import adapter_for
     from ecoflap.models.loading import load_model
     from ecoflap.scoring.checkpointed import checkpointed_gradient_scores
     from ecoflap.scoring.first_order import first_order_scores
@@ -213,7 +214,7 @@ def test_matching_head_scores_equal_the_models_own(pipelines):
     compute_itm, from cached ViT states) is what Blip2ForImageTextRetrieval's own matching path
     gives for the same pairs."""
     from ecoflap.data import vl_datasets as vd
-    from ecoflap.models.adapters import adapter_for
+    from ecoflap.models.registry import adapter_for
     from ecoflap.models.loading import load_model
 
     model, procs = load_model(pipelines["blip2_retrieval"] / "model", torch.device("cpu"), torch.float32)
@@ -232,7 +233,8 @@ def test_padding_never_reaches_the_pruning_statistics(pipelines):
     """Changing only the token ids at padded positions must not change a single mask."""
     from ecoflap.allocation import ratios
     from ecoflap.data.calibration import batches, load_calibration
-    from ecoflap.models.adapters import adapter_for, model_layout
+    from ecoflap.models.base import model_layout
+    from ecoflap.models.registry import adapter_for
     from ecoflap.models.loading import load_model
     from ecoflap.pruning.engine import prune_sequential
     from ecoflap.pruning.methods import make_pruner

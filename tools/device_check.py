@@ -39,7 +39,8 @@ import torch  # noqa: E402
 
 from ecoflap.allocation import ratios  # noqa: E402
 from ecoflap.data.calibration import batches, build_calibration  # noqa: E402
-from ecoflap.models.adapters import adapter_for, model_layout  # noqa: E402
+from ecoflap.models.base import model_layout  # noqa: E402
+from ecoflap.models.registry import adapter_for  # noqa: E402
 from ecoflap.models.loading import load_model  # noqa: E402
 from ecoflap.models.offload import model_bytes  # noqa: E402
 from ecoflap.pruning.engine import prune_sequential  # noqa: E402

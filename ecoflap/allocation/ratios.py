@@ -107,18 +107,6 @@ def unit_sizes(layout: dict[str, dict[str, int]], granularity: str) -> dict[str,
     return {layer: n for layers in layout.values() for layer, n in layers.items()}
 
 
-def sparsity_by_group(layer_sparsity: dict[str, float], layer_size: dict[str, int],
-                      group_of_layer: dict[str, str]) -> dict[str, float]:
-    """Sparsity of each group of layers (e.g. each sub-model), weighted by layer size."""
-    zeros: dict[str, float] = {}
-    sizes: dict[str, int] = {}
-    for k, n in layer_size.items():
-        g = group_of_layer[k]
-        zeros[g] = zeros.get(g, 0.0) + layer_sparsity[k] * n
-        sizes[g] = sizes.get(g, 0) + n
-    return {g: zeros[g] / sizes[g] for g in sizes}
-
-
 def select_submodels(layout: dict[str, dict[str, int]], submodel_of_block: dict[str, str],
                      submodels: list[str] | None) -> dict[str, dict[str, int]]:
     """The blocks of the sub-models to prune (all when `submodels` is empty); the others

@@ -96,9 +96,9 @@ def build_image_caption_calibration(model_dir: str | Path, source: str, n_sample
     (scale 0.5-1) and flipped as the blip2_image_train processor does."""
     from ecoflap.data import vl_datasets as vd
     from ecoflap.data.captions import blip_pre_caption
-    from ecoflap.models.adapters import adapter_for
+    from ecoflap.models.registry import adapter_for
     from ecoflap.models.layout import skeleton_of_folder
-    from ecoflap.models.loading import load_processors
+    from ecoflap.models.processors import load_processors
 
     if protocol not in CAPTION_PROTOCOLS:
         raise ValueError(f"unknown calibration protocol {protocol!r} (allowed: {', '.join(CAPTION_PROTOCOLS)})")

@@ -11,14 +11,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ecoflap.catalog import DATASETS, default_protocol
+from ecoflap.data import fashion_mnist as fm
 from ecoflap.data import vl_datasets as vd
+from ecoflap.data.imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_SIMPLE_TEMPLATES, IMAGENET_TEMPLATES
 from ecoflap.evaluation import metrics as M
-from ecoflap.models.families import DATASET_TASK, DEFAULT_PROTOCOL
 
 log = logging.getLogger(__name__)
-
-VQA_PROMPT = "Question: {} Short answer:"  # BLIP-2's zero-shot VQA prompt
-
 
 def _chunks(items: list, size: int):
     for i in range(0, len(items), size):
@@ -42,7 +41,7 @@ def _vqa(model, procs, adapter, spec) -> tuple[dict, dict]:
     else:
         load = vd.load_vqav2 if ds == "vqav2" else vd.load_okvqa
         items = load(spec["questions"], spec["annotations"], spec["image_dir"], limit, config_key=key)
-    prompt = spec.get("prompt") or getattr(adapter, "vqa_prompt", VQA_PROMPT)
+    prompt = spec.get("prompt") or adapter.vqa_prompt  # the family's own zero-shot prompt
     raw = {}
     for chunk in tqdm(list(_chunks(items, spec.get("batch_size", 8))), desc=f"{ds} answers", unit="batch"):
         images = [vd.open_image(it.image_path) for it in chunk]
@@ -59,7 +58,7 @@ def _vqa(model, procs, adapter, spec) -> tuple[dict, dict]:
 def vqa_protocol(spec: dict[str, Any]) -> str:
     """The accuracy protocol of a VQA entry: its `protocol`, else the one behind the dataset's
     published numbers (LAVIS's copy of vqaEval.py for VQAv2 / OK-VQA, LAVIS's GQA rule for GQA)."""
-    return spec.get("protocol") or DEFAULT_PROTOCOL[spec["dataset"]]
+    return spec.get("protocol") or default_protocol(spec["dataset"])
 
 
 def _caption(model, procs, adapter, spec) -> tuple[dict, dict]:
@@ -102,7 +101,7 @@ def _retrieval(model, procs, adapter, spec) -> tuple[dict, dict]:
     texts = _embed(adapter.text_embeddings, model, procs, data.texts, bs, "text embeddings")
     sim = adapter.similarity(images, texts)
     k = spec.get("rerank_k", 128)
-    if not k or not hasattr(adapter, "match_logits"):
+    if not k or not adapter.capabilities.reranks:
         return M.retrieval_recall(sim, data.img_of_text, data.texts_of_image), {}
     # BLIP-2's protocol: re-rank each query's top k by the matching head (score = ITM + ITC)
     i2t, t2i = _rerank(model, procs, adapter, data, sim, min(k, sim.shape[1]), min(k, sim.shape[0]), bs)
@@ -138,13 +137,9 @@ def _rerank(model, procs, adapter, data, sim: torch.Tensor, k_text: int, k_image
 def _classification_set(spec) -> tuple[list, list[int], tuple[str, ...], tuple[str, ...]]:
     """(image loaders, labels, class names, prompt templates) of a classification dataset."""
     if spec["dataset"] == "fashion_mnist":  # vendored test subset, in memory
-        from ecoflap.data import fashion_mnist as fm
-
         images, labels = fm.load_split("test")
         n = spec.get("limit") or len(labels)
         return [lambda a=a: fm.to_image(a) for a in images[:n]], [int(y) for y in labels[:n]], fm.CLASSES, fm.TEMPLATES
-    from ecoflap.data.imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_SIMPLE_TEMPLATES, IMAGENET_TEMPLATES
-
     items = vd.load_imagenet_val(spec["val_dir"], spec.get("limit"), allow_subset=spec.get("limit") is not None,
                                  config_key=_key(spec))
     templates = IMAGENET_TEMPLATES if spec.get("templates", "ensemble") == "ensemble" else IMAGENET_SIMPLE_TEMPLATES
@@ -171,10 +166,10 @@ def evaluate_vision_language(model: nn.Module, procs: Any, adapter: Any, spec: d
                              ) -> tuple[dict[str, Any], dict[str, str]]:
     """Metrics and per-item predictions of one evaluation entry of config.yaml."""
     task = spec["task"]
-    if task not in getattr(adapter, "tasks", ()):
+    if task not in adapter.tasks:
         raise ValueError(f"{adapter.family} cannot be evaluated on {task} (it supports {adapter.tasks}); "
                          "remove this evaluation from the model's `evaluate:` list")
-    if DATASET_TASK.get(spec["dataset"]) != task:
+    if spec["dataset"] not in DATASETS or DATASETS[spec["dataset"]].task != task:
         raise ValueError(f"dataset {spec['dataset']!r} is not a {task} dataset")
     log.info("%s on %s (limit %s)", task, spec["dataset"], spec.get("limit"))
     metrics, preds = RUNNERS[task](model, procs, adapter, spec)

@@ -58,7 +58,7 @@ def train_fashion_clip(out_dir: Path, seed: int = 0, epochs: int = 10, batch_siz
                        lr: float = 2e-3) -> dict[str, Any]:
     """Contrastive training with class-aware targets (captions of the same class are
     positives, so repeated captions in a batch are not pushed apart); returns its record."""
-    from ecoflap.models.vision_language import Processors
+    from ecoflap.models.processors import Processors
 
     torch.manual_seed(seed)
     rng = random.Random(seed)

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
-from ecoflap.models.adapters import adapter_for, model_layout
-from ecoflap.models.loading import model_class
+from ecoflap.models.base import model_layout
+from ecoflap.models.registry import adapter_for, model_class
 
 
 def skeleton_of_folder(model_dir: str | Path, trust_remote_code: bool = False) -> nn.Module:
@@ -22,8 +22,9 @@ def skeleton_of_folder(model_dir: str | Path, trust_remote_code: bool = False) -
 
 
 def layout_of_folder(model_dir: str | Path, trust_remote_code: bool = False) -> dict:
-    """{"layout": {block: {layer: size}}, "submodel_of_block": {block: sub-model}, "family": ...}"""
+    """{"layout": {block: {layer: size}}, "submodel_of_block": {block: sub-model}, "family": the config
+    family (catalog.FAMILIES), "architecture": the transformers class}"""
     skeleton = skeleton_of_folder(model_dir, trust_remote_code)
     adapter = adapter_for(skeleton)
     return {"layout": model_layout(skeleton, adapter), "submodel_of_block": adapter.submodel_of_block(skeleton),
-            "family": adapter.family}
+            "family": adapter.family, "architecture": type(skeleton).__name__}

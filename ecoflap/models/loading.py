@@ -1,4 +1,6 @@
-"""Get a model into a local folder (hub snapshot or the embedded SmolLM2), and load it back."""
+"""Get a model into a local folder (a hub snapshot, a local copy, the embedded SmolLM2 or
+the embedded fashion CLIP trained here), and load it back with its processors, placed on
+the device as the offload mode says."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,7 +13,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from ecoflap.models.adapters import adapter_for
+from ecoflap.models.fashion_clip import train_fashion_clip
+from ecoflap.models.processors import load_processors
+from ecoflap.models.registry import adapter_for, model_class
 from ecoflap.models.offload import choose_offload, place_model
 from ecoflap.utils.io import atomic_path, verify_checksums, write_checksums, write_json
 
@@ -50,8 +54,6 @@ def convert_embedded(name: str, out_dir: Path) -> dict[str, Any]:
 
     spec = EMBEDDED[name]
     if spec.get("trained"):
-        from ecoflap.models.fashion_clip import train_fashion_clip
-
         return train_fashion_clip(out_dir)
     folder = _embedded_folder(name)
     log.info("dequantising %s from %s", spec["gguf_file"], folder)
@@ -128,38 +130,6 @@ def fetch_model(spec: dict[str, Any], out_dir: str | Path) -> None:
         write_checksums(tmp)
 
 
-def model_class(path: str | Path, trust_remote_code: bool = False) -> type:
-    """The transformers class to load a checkpoint with: vision-language checkpoints by the
-    architecture their config.json names (a BLIP checkpoint may be a captioner, a VQA model
-    or a retriever), everything else as a causal LM."""
-    import transformers
-    from transformers import AutoConfig
-
-    from ecoflap.models.vision_language import VISION_LANGUAGE
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    for arch in getattr(config, "architectures", None) or []:
-        if arch in VISION_LANGUAGE:
-            return getattr(transformers, arch)
-    return AutoModelForCausalLM
-
-
-def load_processors(path: Path, trust_remote_code: bool = False) -> Any:
-    """A text tokenizer for LMs; tokenizer + image processor (+ InstructBLIP's Q-Former
-    tokenizer) for vision-language models. PIL image processors only: the fast ones need
-    torchvision, which the core environment does not have."""
-    from transformers import AutoImageProcessor
-
-    from ecoflap.models.vision_language import Processors
-
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if not (path / "preprocessor_config.json").exists():
-        return tok
-    image = AutoImageProcessor.from_pretrained(path, backend="pil")
-    qtok = AutoTokenizer.from_pretrained(path / "qformer_tokenizer") if (path / "qformer_tokenizer").is_dir() else None
-    return Processors(tok, image, qtok)
-
-
 def check_loading_info(path: Path, info: dict[str, Any]) -> None:
     """Strict loading: a weight the config expects but the files lack would be left at its random
     initialisation, and a weight the files hold but the config does not use would be dropped;
@@ -192,8 +162,8 @@ def _unreadable_weights(path: Path, exc: Exception) -> str:
             "prune for a pruned checkpoint)")
 
 
-def load_model(path: str | Path, device: torch.device, dtype: torch.dtype,
-               trust_remote_code: bool = False, offload: str = "none") -> tuple[PreTrainedModel, Any]:
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
+               offload: str = "none", family: str | None = None) -> tuple[PreTrainedModel, Any]:
     """The model (eval mode, no KV cache) and what prepares its inputs: a tokenizer for
     language models, `Processors` for vision-language models. `offload` (models/offload.py)
     says whether the blocks live on `device` or wait in host memory between uses."""
@@ -210,7 +180,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype,
     check_loading_info(path, info)
     procs = load_processors(path, trust_remote_code)
     mode = choose_offload(offload, model, device)
-    adapter = adapter_for(model)
+    adapter = adapter_for(model, family)  # the config's family checked before anything runs
     named = adapter.named_blocks(model)
     place_model(model, [b for _, b in named], device, mode, [n for n, _ in named])
     model.eval()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ecoflap.models.adapters import Adapter, Batch, Stack, batch_to
+from ecoflap.models.base import Adapter, Batch, Stack, batch_to
 
 _CACHE_KEYS = ("cache", "past_key_value", "past_key_values")
 

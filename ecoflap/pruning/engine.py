@@ -14,10 +14,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ecoflap.models.adapters import Adapter, Batch
+from ecoflap.models.base import Adapter, Batch
 from ecoflap.models.offload import resident
 from ecoflap.pruning.capture import BlockInput, capture_stack_inputs, run_block
 from ecoflap.utils.runtime import check_finite
+from ecoflap.utils.sparsity import sparsity_by_group, weighted_sparsity
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,10 @@ class PruneReport:
 
     @property
     def global_sparsity(self) -> float:
-        total = sum(self.layer_size.values())
-        return sum(self.layer_sparsity[k] * n for k, n in self.layer_size.items()) / total
+        return weighted_sparsity(self.layer_sparsity, self.layer_size)
 
     def sparsity_by(self, group_of_layer: dict[str, str]) -> dict[str, float]:
         """Achieved sparsity per group (e.g. per sub-model), weighted by layer size."""
-        from ecoflap.allocation.ratios import sparsity_by_group
-
         return sparsity_by_group(self.layer_sparsity, self.layer_size, group_of_layer)
 
 

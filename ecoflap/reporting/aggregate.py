@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from ecoflap.models.families import TEXT_EVALS
+from ecoflap.catalog import TEXT_EVALS
 from ecoflap.reporting.plots import plot_metrics, plot_profiles
 from ecoflap.utils.io import atomic_path, read_json, write_text
 from ecoflap.utils.validate import check_pruning_report

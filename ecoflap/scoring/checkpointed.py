@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from ecoflap.models.adapters import Adapter, Batch, batch_to
+from ecoflap.models.base import Adapter, Batch, batch_to
 from ecoflap.models.offload import keep_on_device, release
 from ecoflap.scoring.units import first_order_term, scoring_units
 from ecoflap.scoring.zeroth_order import _direction
@@ -88,7 +88,7 @@ class BackwardProgress:
 
 
 def checkpointed_gradient_scores(model: nn.Module, adapter: Adapter, batches: list[Batch],
-                                 device: torch.device, granularity: str = "block", reduce: str = "l2",
+                                 device: torch.device, granularity: str = "block", reduce: str = "abs_wg",
                                  seed: int = 0) -> dict[str, float]:
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ecoflap.models.adapters import Adapter, Batch, batch_to
+from ecoflap.models.base import Adapter, Batch, batch_to
 from ecoflap.models.offload import is_offloaded
 from ecoflap.scoring.units import first_order_term, scoring_units
 from ecoflap.utils.runtime import check_finite

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ecoflap.models.adapters import Adapter, Batch
+from ecoflap.models.base import Adapter, Batch
 from ecoflap.models.offload import resident
 from ecoflap.pruning.capture import capture_stack_inputs, run_block
 from ecoflap.pruning.methods import Wanda

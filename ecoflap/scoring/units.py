@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ecoflap.models.adapters import Adapter
+from ecoflap.models.base import Adapter
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ecoflap.models.adapters import Adapter, Batch, batch_to
+from ecoflap.models.base import Adapter, Batch, batch_to
 from ecoflap.models.offload import BlockHolder
 from ecoflap.pruning.capture import inputs_of_every_block, run_from
 from ecoflap.scoring.units import scoring_units
@@ -42,7 +42,7 @@ def _direction(shape: torch.Size, seed: int, batch: int, unit: int, tensor: int,
 
 @torch.no_grad()
 def zeroth_order_scores(model: nn.Module, adapter: Adapter, batches: list[Batch], device: torch.device,
-                        eps: float = 1e-3, granularity: str = "layer", reuse_block_inputs: bool = False,
+                        eps: float = 1e-3, granularity: str = "block", reuse_block_inputs: bool = True,
                         seed: int = 0, perturb: str = "unit") -> dict[str, float]:
     """perturb "unit" draws one direction per scored unit; "tensor" with granularity "block"
     perturbs one weight tensor at a time and sums the |estimates| of a block's tensors, as the

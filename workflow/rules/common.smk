@@ -6,14 +6,15 @@ from pathlib import Path
 import shlex
 import sys
 
-from ecoflap.config import ConfigError, evaluation_task, model_calibration, model_evaluations, validate_config
-from ecoflap.models.families import IMAGE_SOURCES, TEXT_EVALS
+from ecoflap.catalog import ALLOCATION_SCORERS, NO_PRUNER, TEXT_EVALS
+from ecoflap.config import (ConfigError, evaluation_task, fill_defaults, model_calibration, model_evaluations,
+                            validate_config)
 
 try:
-    validate_config(config)
+    validate_config(config)  # the schema (completed from ecoflap/catalog.py) and the cross-references
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
-validate(config, "../schemas/config.schema.yaml")  # fills schema defaults
+fill_defaults(config)  # every default the schema and the catalog name
 
 PY = config.get("python") or sys.executable
 # appended to every model-running rule's shell: on failure the log ends with what the exit
@@ -92,18 +93,13 @@ def evals_of(model):
     return model_evaluations(config, model)
 
 
+def spec_arg(entry):
+    """A stage's config entry, as the CLI's --spec (every stage takes its entry this way)."""
+    return f"--spec {shlex.quote(json.dumps(entry, sort_keys=True))}"
+
+
 def calibration_args(wc):
-    c = model_calibration(config, wc.model)
-    args = [f"--source {c['source']}", f"--n-samples {c['n_samples']}", f"--seed {config['seed']}"]
-    if c["source"] in IMAGE_SOURCES:
-        for key in ("pairs", "image_root", "captions", "image_dir", "cache_dir"):
-            if c.get(key):
-                args.append(f"--{key.replace('_', '-')} {shlex.quote(str(c[key]))}")
-        args.append(f"--prompt {shlex.quote(c.get('prompt', ''))}")
-        args.append(f"--protocol {c['protocol']} --max-txt-len {c['max_txt_len']}")
-    else:
-        args.append(f"--seq-len {c['seq_len']}")
-    return " ".join(args)
+    return f"{spec_arg(model_calibration(config, wc.model))} --seed {config['seed']}"
 
 
 def maybe_temp(path):
@@ -128,7 +124,7 @@ def rows():
     N:M patterns for uniform-allocation methods that opt in."""
     out = []
     for name, m in config["methods"].items():
-        if m["pruner"] == "none":
+        if m["pruner"] == NO_PRUNER:
             out.append(f"{name}/0")
             continue
         labels = [sparsity_label(s) for s in config["sparsities"]]
@@ -154,12 +150,12 @@ def model_args(wc):
         args += f" --gpus {GPU}"
     if model_spec(wc).get("trust_remote_code"):
         args += " --trust-remote-code"
-    return args
+    return args + f" --family {model_spec(wc).get('family', 'causal_lm')}"
 
 
 def model_dir(wc):
     """The checkpoint a row evaluates: the downloaded model for dense, else the pruned one."""
-    if method(wc)["pruner"] == "none":
+    if method(wc)["pruner"] == NO_PRUNER:
         return f"results/{wc.model}/model"
     return f"results/{wc.model}/{wc.method}/{wc.sparsity}/model"
 
@@ -168,57 +164,37 @@ def model_dir(wc):
 
 
 def scorer_args(wc):
+    """The scorers: entry; n_samples resolved against the model's calibration."""
     s = config["scorers"][wc.scorer]
     n = s.get("n_samples", model_calibration(config, wc.model)["n_samples"])
-    args = [f"--kind {s['kind']}", f"--n-samples {n}", f"--batch-size {s['batch_size']}"]
-    if s["kind"] == "zeroth_order":
-        args += [f"--granularity {s['granularity']}", f"--eps {s['eps']}"]
-        args += ["--reuse-block-inputs"] if s["reuse_block_inputs"] else []
-        args += [f"--perturb {s['perturb']}"] if s["perturb"] != "unit" else []
-    elif s["kind"] in ("first_order", "checkpointed"):
-        args += [f"--granularity {s['granularity']}", f"--reduce {s['reduce']}"]
-    else:
-        args += [f"--owl-m {s['m']}"]
-    if "seed" in s:
-        args.append(f"--seed {s['seed']}")
-    return " ".join(args)
+    return spec_arg({**s, "n_samples": n})
 
 
 def allocation_inputs(wc):
     inputs = {"layout": f"results/{wc.model}/layout.json"}
-    if method(wc)["allocation"] != "uniform":
+    if ALLOCATION_SCORERS[method(wc)["allocation"]]:  # the allocation reads a scorer's output
         inputs["scores"] = f"results/{wc.model}/scores/{method(wc)['scorer']}.json"
     return inputs
 
 
 def allocation_args(wc, input):
-    m = method(wc)
+    """The methods: entry (its pruner and nm are the prune rule's business) and the row's target."""
     target, _nm = parse_label(wc.sparsity)
-    args = [f"--kind {m['allocation']}", f"--target {target}"]
-    if m["allocation"] != "uniform":
+    entry = {k: v for k, v in method(wc).items() if k not in ("pruner", "nm")}
+    args = [spec_arg(entry), f"--target {target}"]
+    if "scores" in input.keys():
         args.append(f"--scores {input.scores}")
-    if m["allocation"] == "ecoflap":
-        args += [f"--max-sparsity-offset {m['max_sparsity_offset']}", f"--aggregation {m['aggregation']}"]
-    if m["allocation"] == "owl":
-        args.append(f"--owl-lambda {m['lambda']}")
-    args.append(f"--scope {m['scope']}")
-    if m.get("submodels"):
-        args.append(f"--submodels {' '.join(m['submodels'])}")
     return " ".join(args)
 
 
 def prune_args(wc):
+    """The pruning: entry plus the method's pruner; n_samples resolved against the model's calibration."""
     p = config["pruning"]
     _target, nm = parse_label(wc.sparsity)
     n = p.get("n_samples", model_calibration(config, wc.model)["n_samples"])
-    args = [f"--pruner {method(wc)['pruner']}", f"--n-samples {n}", f"--batch-size {p['batch_size']}",
-            f"--sparsegpt-damp {p['sparsegpt_damp']}", f"--sparsegpt-block-size {p['sparsegpt_block_size']}"]
-    if nm:
-        args.append(f"--nm {nm}")
-    if p["comparison"]:
-        groups = " ".join(f"{sub}={group}" for sub, group in p["comparison"].items())
-        args.append(f"--comparison {groups}")
-    return " ".join(args)
+    entry = {k: v for k, v in p.items() if k != "keep_checkpoints"}
+    args = spec_arg({**entry, "n_samples": n, "pruner": method(wc)["pruner"]})
+    return args + (f" --nm {nm}" if nm else "")
 
 
 def eval_kind(wc):
@@ -227,12 +203,10 @@ def eval_kind(wc):
 
 
 def eval_args(wc):
-    """A vision-language entry, as JSON."""
-    spec = json.dumps({"name": wc.task, **config["evaluation"][wc.task]})
-    return f"--spec {shlex.quote(spec)}"
+    """A vision-language entry."""
+    return spec_arg({"name": wc.task, **config["evaluation"][wc.task]})
 
 
 def text_eval_args(wc):
-    """Every text entry of the config, as JSON: one process evaluates them all."""
-    spec = json.dumps({name: config["evaluation"][name] for name in TEXT_ENTRIES})
-    return f"--spec {shlex.quote(spec)}"
+    """Every text entry of the config: one process evaluates them all."""
+    return spec_arg({name: config["evaluation"][name] for name in TEXT_ENTRIES})

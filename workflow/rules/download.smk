@@ -6,7 +6,7 @@ rule download_model:
         layout="results/{model}/layout.json",
     params:
         py=PY,
-        spec=lambda wc: shlex.quote(json.dumps(model_spec(wc))),
+        spec=lambda wc: shlex.quote(json.dumps({"family": "causal_lm", **model_spec(wc)})),  # family checked
     priority: 1  # before evaluations: they then run in pairs of single-threaded jobs (common.smk)
     log:
         "results/{model}/logs/download.log",

@@ -7,8 +7,9 @@ encoder, a Q-Former, a language model's decoder). A decoder-only LM has one stac
 with FlanT5 has four (vision, Q-Former, T5 encoder, T5 decoder). Each stack belongs to a
 *sub-model* ("vision", "qformer", "language"), the unit of the per-sub-model budget.
 
-Decoder-only families live here; vision-language families in `vision_language.py`.
-Calibration batches are dicts of tensors, passed to the model as keyword arguments.
+This module is the interface; each family's adapter lives in `models/families/`, and
+`models/registry.py` says which adapter a loaded model gets. Calibration batches are dicts
+of tensors, passed to the model as keyword arguments.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ecoflap.models.families import FAMILIES
+from ecoflap.catalog import FAMILIES, Family
 
 Batch = dict[str, torch.Tensor]
 
@@ -61,10 +62,18 @@ class Stack:
 
 
 class Adapter:
-    """Base: subclasses set `family` and `tasks`, and implement `stacks` and `loss`."""
+    """Base: subclasses set `family` (a key of catalog.FAMILIES, which declares what the
+    family can do) and implement `stacks` and `loss`."""
 
     family: str
-    tasks: tuple[str, ...]
+
+    @property
+    def capabilities(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.capabilities.tasks
 
     def stacks(self, model: nn.Module) -> list[Stack]:
         raise NotImplementedError
@@ -96,76 +105,6 @@ class Adapter:
     def prunable_layers(self, block: nn.Module) -> dict[str, nn.Linear]:
         """Every Linear inside a block, by its name relative to the block (as Wanda does)."""
         return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-
-
-@dataclass(frozen=True)
-class DecoderAdapter(Adapter):
-    """A causal LM: embeddings -> `blocks_path` blocks -> `final_norm_paths` -> `head_path`."""
-
-    family: str
-    blocks_path: str
-    final_norm_paths: tuple[str, ...]
-    head_path: str = "lm_head"
-
-    @property
-    def tasks(self) -> tuple[str, ...]:  # type: ignore[override]
-        return FAMILIES["causal_lm"].tasks
-
-    def stacks(self, model: nn.Module) -> list[Stack]:
-        return [Stack("language", self.blocks_path, "language")]
-
-    def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        for path in self.final_norm_paths:
-            hidden = get_module(model, path)(hidden)
-        return get_module(model, self.head_path)(hidden)
-
-    def loss_from_hidden(self, model: nn.Module, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Next-token cross-entropy of the final hidden states (the calibration loss)."""
-        logits = at_least_fp32(self.head(model, hidden)[:, :-1])
-        labels = batch["input_ids"][:, 1:].to(logits.device)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        ids = batch["input_ids"]
-        logits = at_least_fp32(model(input_ids=ids, use_cache=False).logits[:, :-1])
-        labels = ids[:, 1:]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-
-# model_type (from config.json) -> adapter. LLaMA-like families share one layout.
-DECODERS: dict[str, DecoderAdapter] = {
-    "llama": DecoderAdapter("llama", "model.layers", ("model.norm",)),
-    "mistral": DecoderAdapter("mistral", "model.layers", ("model.norm",)),
-    "qwen2": DecoderAdapter("qwen2", "model.layers", ("model.norm",)),
-    "qwen3": DecoderAdapter("qwen3", "model.layers", ("model.norm",)),
-    "opt": DecoderAdapter("opt", "model.decoder.layers", ("model.decoder.final_layer_norm",)),
-}
-
-
-def decoder_adapter(model: nn.Module) -> DecoderAdapter:
-    model_type = getattr(model.config, "model_type", None)
-    adapter = DECODERS[model_type]
-    if model_type == "opt" and getattr(model.model.decoder, "project_out", None) is not None:
-        adapter = DecoderAdapter("opt", adapter.blocks_path,
-                                 ("model.decoder.final_layer_norm", "model.decoder.project_out"))
-    return adapter
-
-
-def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter of a loaded model: decoder LMs by config.model_type, vision-language
-    models by their transformers class (one checkpoint type serves several heads)."""
-    from ecoflap.models.vision_language import VISION_LANGUAGE
-
-    cls = type(model).__name__
-    if cls in VISION_LANGUAGE:
-        return VISION_LANGUAGE[cls]
-    if getattr(model.config, "model_type", None) in DECODERS:
-        return decoder_adapter(model)
-    raise ValueError(
-        f"no adapter for {cls} (model_type {getattr(model.config, 'model_type', None)!r}); supported: "
-        f"decoder LMs {', '.join(sorted(DECODERS))} and {', '.join(sorted(VISION_LANGUAGE))}. "
-        "Add one in ecoflap/models/adapters.py or vision_language.py"
-    )
 
 
 def model_layout(model: nn.Module, adapter: Adapter) -> dict[str, dict[str, int]]:

@@ -1,0 +1,46 @@
+"""An allocation plan: from a model's layout (layout.json), its scores (scores/<scorer>.json)
+and a method's settings, the sparsity of every prunable layer. Sub-model selection, the
+unit-to-block mapping, one budget per group and the planned sparsity live here, so the CLI,
+the benchmark and a user's notebook all get the same plan."""
+from __future__ import annotations
+
+from typing import Any
+
+from ecoflap import catalog
+from ecoflap.allocation import ratios
+from ecoflap.utils.sparsity import sparsity_by_group, weighted_sparsity
+
+
+def plan_allocation(laid_out: dict[str, Any], scored: dict[str, Any] | None, method: dict[str, Any],
+                    target: float) -> dict[str, Any]:
+    """`laid_out`: layout.json's content; `scored`: a scores file's content (None for uniform);
+    `method`: a config methods: entry (allocation, its options, scope, submodels; catalog
+    defaults fill what it leaves out). Returns what allocation.json holds, without provenance."""
+    kind = method.get("allocation", "uniform")
+    allocator = catalog.ALLOCATIONS[kind]
+    options = catalog.settings(catalog.ALLOCATIONS, kind, method)
+    scope = method.get("scope") or "global"
+    submodel_of_block = laid_out.get("submodel_of_block") or {b: "language" for b in laid_out["layout"]}
+    layout = ratios.select_submodels(laid_out["layout"], submodel_of_block, method.get("submodels"))
+    if catalog.ALLOCATION_SCORERS[kind]:
+        if scored is None:
+            raise ValueError(f"allocation {kind} needs scores (a scorer of kind "
+                             f"{' or '.join(catalog.ALLOCATION_SCORERS[kind])})")
+        granularity = scored.get("granularity", "block")
+    else:
+        granularity = "block"
+    sizes = ratios.unit_sizes(layout, granularity)
+    scores = {u: scored["scores"][u] for u in sizes} if catalog.ALLOCATION_SCORERS[kind] else {u: 0.0 for u in sizes}
+    block_of_unit = {u: next(b for b in layout if u == b or u.startswith(b + ".")) for u in sizes}
+    group_of_unit = {u: submodel_of_block[block_of_unit[u]] if scope == "submodel" else "all" for u in sizes}
+    allocate = allocator.load()
+    unit = ratios.per_group(lambda sc, sz: allocate(sc, sz, target, **allocator.arguments(options)),
+                            scores, sizes, group_of_unit)
+    per_layer = ratios.expand_to_layers(unit, layout)
+    layer_sizes = {k: n for v in layout.values() for k, n in v.items()}
+    submodel_of_layer = {k: submodel_of_block[b] for b, layers in layout.items() for k in layers}
+    return {"kind": kind, "target": target, "scope": scope, "options": options,
+            "submodels": sorted(set(submodel_of_layer.values())),
+            "planned_global_sparsity": weighted_sparsity(per_layer, layer_sizes),
+            "planned_submodel_sparsity": sparsity_by_group(per_layer, layer_sizes, submodel_of_layer),
+            "unit_sparsity": unit, "layer_sparsity": per_layer}

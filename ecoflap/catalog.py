@@ -1,0 +1,266 @@
+"""Every name the configuration can use, with its options and defaults, in one place and
+without importing torch (the config is validated before any job is planned).
+
+Read by: the JSON schema (its scorer, method and pruning objects and its enums are built
+from these tables, `config.schema()`), the config check (`ecoflap/config.py`), the CLI's
+choices and each stage's settings (`settings()`: catalog defaults, then the config entry,
+then flags given by hand), the rules (`workflow/rules/common.smk`) and the report.
+
+The method tables double as the registries: each entry names the function or class that
+implements it (`impl`, "module:attribute"), imported only when a stage runs it. Adding a
+scorer, an allocation or a pruner is one new module plus one entry here; the schema, the
+config check and the CLI follow. `python -m ecoflap catalog` prints this file's contents.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting of a method: its default and the JSON-schema fragment that checks it."""
+
+    default: Any
+    schema: dict[str, Any]
+    help: str = ""
+    arg: str | None = None  # the implementation's keyword, where the config name cannot be one ("lambda")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A scorer, an allocation or a pruner: what implements it and the settings it takes."""
+
+    impl: str  # "module:attribute", imported when a stage runs it
+    help: str
+    options: dict[str, Option] = field(default_factory=dict)
+    seeded: bool = False  # the implementation takes seed= (random directions)
+
+    def defaults(self) -> dict[str, Any]:
+        return {k: o.default for k, o in self.options.items()}
+
+    def arguments(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """The implementation's keyword arguments for these settings (the method's options only)."""
+        return {o.arg or k: settings[k] for k, o in self.options.items()}
+
+    def load(self) -> Any:
+        module, attr = self.impl.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+def _enum(*values: str) -> dict[str, Any]:
+    return {"enum": list(values)}
+
+
+_POS_INT = {"type": "integer", "minimum": 1}
+_GRANULARITY = Option("block", _enum("block", "layer"), "score whole blocks (one ratio per block) or single layers")
+
+# --- coarse stage: scorers (scoring/) --------------------------------------------------------
+# Each implementation is called as fn(model, adapter, batches, device, **options) -> {unit: score}
+# (plus seed= where `seeded`).
+SCORERS: dict[str, Method] = {
+    "zeroth_order": Method(
+        "ecoflap.scoring.zeroth_order:zeroth_order_scores",
+        "the paper's finite differences (two forward passes per unit and batch)",
+        {"granularity": _GRANULARITY,
+         "eps": Option(1e-3, {"type": "number", "exclusiveMinimum": 0}, "perturbation size"),
+         "reuse_block_inputs": Option(True, {"type": "boolean"},
+                                      "re-run only from the perturbed block (single-stack models)"),
+         "perturb": Option("unit", _enum("unit", "tensor"),
+                           "one direction per scored unit, or one weight tensor at a time with the tensors' scores "
+                           "summed into their block (granularity block; the authors' BLIP-2 runs)")},
+        seeded=True),
+    "first_order": Method(
+        "ecoflap.scoring.first_order:first_order_scores",
+        "the paper's first-order variant: one full backward pass per batch",
+        {"granularity": _GRANULARITY,
+         "reduce": Option("abs_wg", _enum("abs_g", "abs_wg"), "sum |g| or sum |w g| per unit")}),
+    "checkpointed": Method(
+        "ecoflap.scoring.checkpointed:checkpointed_gradient_scores",
+        "exact gradients at inference-level memory (block-wise recomputation)",
+        {"granularity": _GRANULARITY,
+         "reduce": Option("abs_wg", _enum("l2", "projection", "abs_g", "abs_wg"),
+                          "l2: ||g|| (what zeroth_order estimates); projection: |z.g| with zeroth_order's directions; "
+                          "abs_g / abs_wg: the first-order scores")},
+        seeded=True),
+    "outliers": Method(
+        "ecoflap.scoring.outliers:outlier_ratios",
+        "OWL's layer-wise outlier ratios (per block)",
+        {"m": Option(5.0, {"type": "number", "exclusiveMinimum": 0}, "outlier threshold, times the block's mean")}),
+}
+# settings every scorer entry takes besides its options (n_samples defaults to the calibration's)
+SCORER_COMMON: dict[str, Option] = {
+    "n_samples": Option(None, _POS_INT, "calibration windows used (default: all)"),
+    "batch_size": Option(8, _POS_INT, "windows per forward pass"),
+    "seed": Option(None, {"type": "integer", "minimum": 0}, "directions' seed (default: the run's seed)"),
+}
+
+# --- allocation (allocation/) ----------------------------------------------------------------
+# Each implementation is called as fn(scores, sizes, target, **options) -> {unit: sparsity}
+# (allocation/allocators.py: the registry's side; the math is in allocation/ratios.py).
+ALLOCATIONS: dict[str, Method] = {
+    "uniform": Method("ecoflap.allocation.allocators:uniform", "the target sparsity for every layer"),
+    "ecoflap": Method(
+        "ecoflap.allocation.allocators:ecoflap", "keep budget shared in proportion to the scores (the paper)",
+        {"max_sparsity_offset": Option(0.1, {"type": "number", "minimum": 0, "maximum": 1},
+                                       "no unit is pruned beyond target + this"),
+         "aggregation": Option("sum", _enum("sum", "avg"), "avg: divide each unit's score by its weight count")}),
+    "owl": Method(
+        "ecoflap.allocation.allocators:owl", "OWL's outlier-weighted ratios",
+        {"lambda": Option(0.08, {"type": "number", "minimum": 0, "maximum": 0.5},
+                          "ratios spread over target +/- lambda", arg="lam")}),
+}
+# which scorer kinds an allocation reads (uniform reads none)
+ALLOCATION_SCORERS: dict[str, tuple[str, ...]] = {
+    "uniform": (), "ecoflap": ("zeroth_order", "first_order", "checkpointed"), "owl": ("outliers",)}
+
+# --- fine stage: layer-wise pruners (pruning/) -----------------------------------------------
+# Each implementation is a class built as cls(**options) with needs_activations, init_stats,
+# add_batch and prune (pruning/methods.py).
+PRUNERS: dict[str, Method] = {
+    "magnitude": Method("ecoflap.pruning.methods:Magnitude", "|W| within each output row; no calibration data"),
+    "wanda": Method("ecoflap.pruning.methods:Wanda", "|W| ||X|| within each output row (Sun et al. 2024)"),
+    "sparsegpt": Method(
+        "ecoflap.pruning.methods:SparseGPT", "OBS reconstruction (Frantar and Alistarh 2023)",
+        {"damp": Option(0.01, {"type": "number", "exclusiveMinimum": 0}, "Hessian dampening, times its mean diagonal"),
+         "block_size": Option(128, _POS_INT, "columns per lazy-update block")}),
+}
+# settings of the `pruning:` entry every pruner shares
+PRUNING_COMMON: dict[str, Option] = {
+    "n_samples": Option(None, _POS_INT, "calibration windows used (default: all)"),
+    "batch_size": Option(8, _POS_INT, "windows per forward pass"),
+}
+NO_PRUNER = "none"  # a method with pruner: none is the dense row
+# the `pruning:` keys that set a pruner's options (config name -> pruner, option)
+PRUNER_CONFIG_KEYS = {"sparsegpt_damp": ("sparsegpt", "damp"), "sparsegpt_block_size": ("sparsegpt", "block_size")}
+COMPARISON_GROUPS = ("row", "matrix")  # magnitude/Wanda: scores compared within a row or a whole matrix
+
+
+# --- model families (models/families/) -------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """What a family can do, declared (the adapters read their capabilities from here)."""
+
+    tasks: tuple[str, ...]
+    submodels: tuple[str, ...]
+    single_stack: bool = False  # one stack and a head: scorers may re-run the model from a block to the loss
+    image_calibration: bool = True
+    prefix_calibration: bool = False  # ECoFLaP's prefix/target captioning loss (calibration protocol ecoflap)
+    reranks: bool = False  # retrieval re-ranks its top k with an image-text matching head
+
+
+TEXT_EVALS = ("perplexity", "lm_eval")  # evaluation entries named by their task; run together in one job
+
+FAMILIES: dict[str, Family] = {
+    "causal_lm": Family(TEXT_EVALS, ("language",), single_stack=True, image_calibration=False),
+    "blip2": Family(("vqa", "caption"), ("vision", "qformer", "language"), prefix_calibration=True),
+    "instructblip": Family(("vqa", "caption"), ("vision", "qformer", "language"), prefix_calibration=True),
+    "blip2_retrieval": Family(("retrieval",), ("vision", "qformer"), reranks=True),
+    "clip": Family(("retrieval", "classification"), ("vision", "language")),
+    "blip_caption": Family(("caption",), ("vision", "language")),
+    "blip_vqa": Family(("vqa",), ("vision", "language")),
+    "blip_retrieval": Family(("retrieval",), ("vision", "language")),
+}
+DEFAULT_FAMILY = "causal_lm"
+SUBMODELS = ("vision", "qformer", "language")
+VL_TASKS = ("vqa", "caption", "retrieval", "classification")
+EMBEDDED_MODELS = ("smollm2-135m", "fashion-clip")
+OFFLOAD_MODES = ("auto", "none", "cpu")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+# --- calibration sources (data/) -------------------------------------------------------------
+@dataclass(frozen=True)
+class CalibrationSource:
+    image: bool  # image-caption pairs (else text windows)
+    needs: tuple[str, ...] = ()  # calibration keys the source reads
+    embedded: bool = False
+
+
+CALIBRATION_SOURCES: dict[str, CalibrationSource] = {
+    "austen-emma": CalibrationSource(image=False, embedded=True),
+    "c4": CalibrationSource(image=False),
+    "cc3m": CalibrationSource(image=True, needs=("pairs",)),
+    "coco": CalibrationSource(image=True, needs=("captions", "image_dir")),
+    "fashion-mnist": CalibrationSource(image=True, embedded=True),
+}
+IMAGE_SOURCES = tuple(k for k, v in CALIBRATION_SOURCES.items() if v.image)
+# calibration keys that name files of image-caption pairs (passed to `calibrate`, hashed in provenance)
+PAIR_FILE_KEYS = ("pairs", "image_root", "captions", "image_dir", "cache_dir")
+CAPTION_PROTOCOLS = ("caption", "ecoflap")
+CALIBRATION_DEFAULTS: dict[str, Any] = {"source": "austen-emma", "n_samples": 128, "seq_len": 128, "prompt": "", "protocol": "caption", "max_txt_len": 32}
+
+
+# --- evaluation sets (evaluation/, data/eval_sets.py) ----------------------------------------
+@dataclass(frozen=True)
+class Dataset:
+    task: str
+    files: tuple[str, ...] = ()  # keys of the evaluation entry the dataset reads
+    protocols: tuple[str, ...] = ()  # VQA accuracy rules; the first is what its published numbers used
+
+
+DATASETS: dict[str, Dataset] = {
+    "vqav2": Dataset("vqa", ("questions", "annotations", "image_dir"), ("vqaeval2016", "vqaeval2021")),
+    "okvqa": Dataset("vqa", ("questions", "annotations", "image_dir"), ("vqaeval2016", "vqaeval2021")),
+    "gqa": Dataset("vqa", ("questions", "image_dir"), ("lavis_gqa", "lavis_gqa_2023_12")),
+    "nocaps": Dataset("caption", ("annotations", "image_dir")),
+    "coco_karpathy": Dataset("caption", ("karpathy_json", "image_root")),
+    "flickr30k": Dataset("retrieval", ("karpathy_json", "image_dir")),
+    "imagenet": Dataset("classification", ("val_dir",)),
+    "fashion_mnist": Dataset("classification"),
+}
+PERPLEXITY_DATASETS = ("brown-heldout", "wikitext2")
+TEXT_EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "perplexity": {"dataset": "brown-heldout", "seq_len": 2048, "max_windows": None, "batch_size": 1},
+    "lm_eval": {"tasks": ["brown_cloze"], "limit": None, "num_fewshot": 0, "batch_size": 8},
+}
+VQA_PROTOCOLS = tuple(dict.fromkeys(p for d in DATASETS.values() for p in d.protocols))
+
+
+def default_protocol(dataset: str) -> str | None:
+    protocols = DATASETS[dataset].protocols
+    return protocols[0] if protocols else None
+
+
+# --- settings of one stage -------------------------------------------------------------------
+
+def method_table(stage: str) -> dict[str, Method]:
+    return {"score": SCORERS, "allocate": ALLOCATIONS, "prune": PRUNERS}[stage]
+
+
+def settings(table: dict[str, Method], kind: str, entry: dict[str, Any] | None = None,
+             common: dict[str, Option] | None = None) -> dict[str, Any]:
+    """A method's settings: its catalog defaults, overridden by the config entry (which may
+    hold other keys too; only the method's options and `common` are kept)."""
+    if kind not in table:
+        raise ValueError(f"unknown kind {kind!r} (allowed: {', '.join(table)})")
+    entry = entry or {}
+    keys = {**table[kind].options, **(common or {})}
+    return {k: entry[k] if entry.get(k) is not None else o.default for k, o in keys.items()}
+
+
+def option_schema(options: dict[str, Option]) -> dict[str, Any]:
+    return {k: {**o.schema, **({"default": o.default} if o.default is not None else {}),
+                **({"description": o.help} if o.help else {})} for k, o in options.items()}
+
+
+def describe() -> str:
+    """The catalog as text (`python -m ecoflap catalog`)."""
+    lines = []
+    for title, table in (("scorers", SCORERS), ("allocations", ALLOCATIONS), ("pruners", PRUNERS)):
+        lines.append(f"{title}:")
+        for name, m in table.items():
+            lines.append(f"  {name}: {m.help}  [{m.impl}]")
+            for k, o in m.options.items():
+                allowed = o.schema.get("enum")
+                lines.append(f"      {k} = {o.default!r}" + (f"  (one of {', '.join(map(str, allowed))})" if allowed
+                                                             else "") + (f"  {o.help}" if o.help else ""))
+    lines.append("families:")
+    for name, f in FAMILIES.items():
+        lines.append(f"  {name}: tasks {', '.join(f.tasks)}; sub-models {', '.join(f.submodels)}")
+    lines.append("calibration sources: " + ", ".join(f"{k} ({'image-caption pairs' if v.image else 'text'})"
+                                                     for k, v in CALIBRATION_SOURCES.items()))
+    lines.append("evaluation datasets: " + ", ".join(f"{k} ({v.task})" for k, v in DATASETS.items())
+                 + "; perplexity: " + ", ".join(PERPLEXITY_DATASETS))
+    return "\n".join(lines)

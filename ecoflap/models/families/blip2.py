@@ -1,0 +1,94 @@
+"""BLIP-2 and InstructBLIP (families blip2, instructblip): ViT -> Q-Former -> projection ->
+OPT / LLaMA-family decoder or FlanT5 encoder-decoder."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ecoflap.models.base import Batch, Stack
+from ecoflap.models.processors import Processors
+from ecoflap.models.vision_language import (VisionLanguageAdapter, language_stacks, mask_rows, pad_rows,
+                                           token_ids)
+
+
+@dataclass(frozen=True)
+class Blip2Adapter(VisionLanguageAdapter):
+    """Blip2ForConditionalGeneration and InstructBlipForConditionalGeneration: ViT -> Q-Former
+    -> projection -> OPT / LLaMA-family decoder or FlanT5 encoder-decoder. The calibration
+    loss is the captioning loss of the caption after an optional prompt; the image enters
+    the language model as `num_query_tokens` image tokens in front of the text."""
+
+    family: str = "blip2"
+    instructed: bool = False  # InstructBLIP: the Q-Former also reads the prompt
+
+    def stacks(self, model: nn.Module) -> list[Stack]:
+        return [Stack("vision", "vision_model.encoder.layers", "vision"),
+                Stack("qformer", "qformer.encoder.layer", "qformer")] + language_stacks(model)
+
+    def _image_tokens(self, model: nn.Module) -> list[int]:
+        token = getattr(model.config, "image_token_index", None)
+        if token is None:
+            raise ValueError("this checkpoint's config has no image_token_index (it predates transformers' image "
+                             "tokens for BLIP-2); use a newer revision of the checkpoint")
+        return [token] * model.config.num_query_tokens
+
+    def _encode(self, model: nn.Module, procs: Processors, images: list, prompts: list[str],
+                targets: list[str] | None, max_length: int | None = None, joiner: str = " ") -> Batch:
+        tok = procs.tokenizer
+        image = self._image_tokens(model)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        batch: Batch = {"pixel_values": procs.pixels(images)}
+        if model.config.text_config.is_encoder_decoder:
+            rows = [image + token_ids(tok, p, max_length=max_length) for p in prompts]
+            if targets is not None:
+                batch["labels"] = pad_rows([token_ids(tok, t, max_length=max_length) for t in targets], -100)
+        else:
+            prompt_rows = [image + token_ids(tok, p) for p in prompts]
+            if targets is None:
+                rows = prompt_rows
+            else:
+                rows = [image + token_ids(tok, (p + joiner + t).strip()) for p, t in zip(prompts, targets)]
+                if tok.eos_token_id is not None:
+                    rows = [r + [tok.eos_token_id] for r in rows]
+                batch["labels"] = pad_rows([[-100] * len(pr) + r[len(pr):] for pr, r in zip(prompt_rows, rows)], -100)
+        if targets is None and not model.config.text_config.is_encoder_decoder:
+            # generation continues from the end of the prompt: pad on the left
+            width = max(len(r) for r in rows)
+            batch["input_ids"] = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+            batch["attention_mask"] = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        else:
+            batch["input_ids"], batch["attention_mask"] = pad_rows(rows, pad), mask_rows(rows)
+        if self.instructed:
+            if procs.qformer_tokenizer is None:
+                raise ValueError("InstructBLIP needs its Q-Former tokenizer (qformer_tokenizer/ beside the checkpoint); "
+                                 "the language model's tokenizer gives the Q-Former wrong token ids")
+            qtok = procs.qformer_tokenizer
+            qrows = [token_ids(qtok, p) for p in prompts]
+            batch["qformer_input_ids"] = pad_rows(qrows, qtok.pad_token_id or 0)
+            batch["qformer_attention_mask"] = mask_rows(qrows)
+        return batch
+
+    def calibration_batch(self, model, procs, images, captions, prompt):
+        return self._encode(model, procs, images, [prompt] * len(captions), captions)
+
+    def prefix_calibration_batch(self, model: nn.Module, procs: Processors, images: list, prefixes: list[str],
+                                 continuations: list[str], max_length: int = 32) -> Batch:
+        """ECoFLaP's calibration loss (its LAVIS Blip2T5.forward on prefix CC3M): the image
+        queries and the caption's prefix feed the encoder, the rest of the caption is the
+        target, each tokenised with truncation to `max_length` (LAVIS's max_txt_len, 32). A
+        decoder-only language model reads prefix + continuation and learns the continuation."""
+        return self._encode(model, procs, images, prefixes, continuations, max_length=max_length, joiner="")
+
+    @torch.no_grad()
+    def generate(self, model, procs, images, prompts, gen_kwargs):
+        batch = self._encode(model, procs, images, prompts, None)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        out = model.generate(**batch, **gen_kwargs)
+        n_in = batch["input_ids"].shape[1]
+        if not model.config.text_config.is_encoder_decoder and out.shape[1] > n_in \
+                and torch.equal(out[:, :n_in], batch["input_ids"]):
+            out = out[:, n_in:]  # some versions return the prompt in front of the answer
+        return [s.strip() for s in procs.tokenizer.batch_decode(out, skip_special_tokens=True)]

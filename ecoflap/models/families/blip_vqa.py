@@ -1,0 +1,45 @@
+"""BLIP VQA (family blip_vqa): ViT -> question encoder -> answer decoder."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ecoflap.models.base import Stack
+from ecoflap.models.vision_language import VisionLanguageAdapter
+
+
+@dataclass(frozen=True)
+class BlipVqaAdapter(VisionLanguageAdapter):
+    """BlipForQuestionAnswering: ViT -> question encoder -> answer decoder. Calibrated as a
+    captioning question ("what does the picture show?" answered by the caption)."""
+
+    family: str = "blip_vqa"
+    question: str = "what does the picture show?"
+    vqa_prompt: str = "{}"  # BLIP VQA was trained on bare questions
+
+    def stacks(self, model):
+        return [Stack("vision", "vision_model.encoder.layers", "vision"),
+                Stack("text_encoder", "text_encoder.encoder.layer", "language", mask_key="attention_mask"),
+                Stack("text_decoder", "text_decoder.bert.encoder.layer", "language",
+                      mask_key="decoder_attention_mask")]
+
+    def calibration_batch(self, model, procs, images, captions, prompt):
+        tok = procs.tokenizer
+        q = tok([prompt or self.question] * len(captions), padding=True, return_tensors="pt")
+        a = tok(captions, padding=True, return_tensors="pt")
+        # the answer decoder starts from [DEC] (as generate does), and reads these ids as its
+        # inputs, so padding stays a real token id there and is masked only in the labels
+        dec = a.input_ids.clone()
+        dec[:, 0] = model.config.text_config.bos_token_id
+        return {"pixel_values": procs.pixels(images), "input_ids": q.input_ids, "attention_mask": q.attention_mask,
+                "decoder_input_ids": dec, "decoder_attention_mask": a.attention_mask,
+                "labels": dec.masked_fill(a.attention_mask == 0, -100)}
+
+    @torch.no_grad()
+    def generate(self, model, procs, images, prompts, gen_kwargs):
+        pix = procs.pixels(images).to(model.device, model.dtype)
+        enc = procs.tokenizer(prompts, padding=True, return_tensors="pt").to(model.device)
+        out = model.generate(pixel_values=pix, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                             **gen_kwargs)
+        return [t.strip() for t in procs.tokenizer.batch_decode(out, skip_special_tokens=True)]

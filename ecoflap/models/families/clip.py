@@ -1,0 +1,45 @@
+"""CLIP (family clip): two independent towers, image-text contrastive loss."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ecoflap.models.base import Stack, at_least_fp32
+from ecoflap.models.vision_language import VisionLanguageAdapter
+
+
+@dataclass(frozen=True)
+class ClipAdapter(VisionLanguageAdapter):
+    """CLIPModel: two independent towers; calibration loss = image-text contrastive loss."""
+
+    family: str = "clip"
+
+    def stacks(self, model):
+        return [Stack("vision", "vision_model.encoder.layers", "vision"),
+                Stack("text", "text_model.encoder.layers", "language", mask_key="attention_mask")]
+
+    def _text(self, model, procs, texts):
+        return procs.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
+                               max_length=model.config.text_config.max_position_embeddings)
+
+    def calibration_batch(self, model, procs, images, captions, prompt):
+        enc = self._text(model, procs, captions)
+        return {"pixel_values": procs.pixels(images), "input_ids": enc.input_ids,
+                "attention_mask": enc.attention_mask}
+
+    def loss(self, model, batch):
+        return at_least_fp32(model(**batch, return_loss=True).loss)
+
+    @torch.no_grad()
+    def image_embeddings(self, model, procs, images):
+        pix = procs.pixels(images).to(model.device, model.dtype)
+        pooled = model.vision_model(pixel_values=pix).pooler_output
+        return F.normalize(at_least_fp32(model.visual_projection(pooled)), dim=-1)
+
+    @torch.no_grad()
+    def text_embeddings(self, model, procs, texts):
+        enc = self._text(model, procs, texts).to(model.device)
+        pooled = model.text_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).pooler_output
+        return F.normalize(at_least_fp32(model.text_projection(pooled)), dim=-1)

@@ -1,0 +1,44 @@
+"""What turns images and text into model inputs: a tokenizer for language models;
+tokenizer + image processor (+ InstructBLIP's Q-Former tokenizer) for vision-language
+models. Saved beside every checkpoint and loaded back with it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer
+
+
+@dataclass
+class Processors:
+    """What turns images and text into model inputs (saved beside the checkpoint)."""
+
+    tokenizer: Any
+    image_processor: Any = None
+    qformer_tokenizer: Any = None  # InstructBLIP tokenises the instruction twice
+
+    def pixels(self, images: list) -> torch.Tensor:
+        return self.image_processor(images=images, return_tensors="pt").pixel_values
+
+    def save_pretrained(self, out: Any) -> None:
+        self.tokenizer.save_pretrained(out)
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(out)
+        if self.qformer_tokenizer is not None:
+            self.qformer_tokenizer.save_pretrained(Path(out) / "qformer_tokenizer")
+
+
+
+def load_processors(path: Path, trust_remote_code: bool = False) -> Any:
+    """A text tokenizer for LMs; `Processors` for vision-language checkpoints (those with a
+    preprocessor_config.json). PIL image processors only: the fast ones need torchvision,
+    which the core environment does not have."""
+    path = Path(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not (path / "preprocessor_config.json").exists():
+        return tok
+    image = AutoImageProcessor.from_pretrained(path, backend="pil")
+    qtok = AutoTokenizer.from_pretrained(path / "qformer_tokenizer") if (path / "qformer_tokenizer").is_dir() else None
+    return Processors(tok, image, qtok)
