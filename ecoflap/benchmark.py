@@ -14,27 +14,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
+
+from ecoflap import catalog
+from ecoflap.allocation.plan import plan_allocation
+from ecoflap.data.calibration import batches, build_calibration
+from ecoflap.evaluation.perplexity import evaluation_text, perplexity
+from ecoflap.models.base import batch_to, model_layout
+from ecoflap.models.loading import load_model
+from ecoflap.models.registry import adapter_for
+from ecoflap.pruning.engine import prune_sequential
+from ecoflap.pruning.methods import Wanda
+from ecoflap.utils.io import provenance, write_json
+from ecoflap.utils.runtime import peak_rss_mb, reset_peak_rss, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
+
+# the scoring phases, as config entries of a scorer (kind and options; the rest from the catalog)
+SCORING_PHASES = {
+    "zo_paper": {"kind": "zeroth_order", "granularity": "layer", "reuse_block_inputs": False, "eps": 1e-3},
+    "fast": {"kind": "checkpointed", "granularity": "block", "reduce": "l2"},
+    "first_order_paper": {"kind": "first_order", "granularity": "block", "reduce": "abs_wg"},
+}
 
 
 def _phase(kind: str, model_dir: str, ids: torch.Tensor, batch_size: int, device_name: str, threads: int,
            extra: dict[str, Any]) -> dict[str, Any]:
     """Runs in a child process: load, reset the peak counter, run one phase, report."""
-    from ecoflap.allocation import ratios
-    from ecoflap.data.calibration import batches
-    from ecoflap.models.base import batch_to, model_layout
-    from ecoflap.models.registry import adapter_for
-    from ecoflap.models.loading import load_model
-    from ecoflap.pruning.engine import prune_sequential
-    from ecoflap.pruning.methods import Wanda
-    from ecoflap.utils.runtime import peak_rss_mb, reset_peak_rss, resolve_device, resolve_dtype
-
     torch.set_num_threads(threads)
     device = resolve_device(device_name)
     model, tok = load_model(model_dir, device, resolve_dtype("auto", device))
     adapter = adapter_for(model)
     data = batches(ids, batch_size)
+    laid_out = {"layout": model_layout(model, adapter)}
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -44,25 +56,18 @@ def _phase(kind: str, model_dir: str, ids: torch.Tensor, batch_size: int, device
         with torch.no_grad():
             adapter.loss(model, batch_to(data[0], device))
     elif kind == "wanda_pass":
-        layout = model_layout(model, adapter)
-        per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
+        per_layer = plan_allocation(laid_out, None, {"allocation": "uniform"}, 0.5)["layer_sparsity"]
         prune_sequential(model, adapter, Wanda(), per_layer, data, device)
-    elif kind == "zo_paper":
-        from ecoflap.scoring.zeroth_order import zeroth_order_scores
-        out["scores"] = zeroth_order_scores(model, adapter, data, device, eps=1e-3, granularity="layer",
-                                            reuse_block_inputs=False, seed=extra["seed"])
-    elif kind == "fast":
-        from ecoflap.scoring.checkpointed import checkpointed_gradient_scores
-        out["scores"] = checkpointed_gradient_scores(model, adapter, data, device, "block", "l2", extra["seed"])
-    elif kind == "first_order_paper":
-        from ecoflap.scoring.first_order import first_order_scores
-        out["scores"] = first_order_scores(model, adapter, data, device, "block", "abs_wg")
+    elif kind in SCORING_PHASES:
+        entry = SCORING_PHASES[kind]
+        scorer = catalog.SCORERS[entry["kind"]]
+        options = catalog.settings(catalog.SCORERS, entry["kind"], entry)
+        seeded = {"seed": extra["seed"]} if scorer.seeded else {}
+        out["scores"] = scorer.load()(model, adapter, data, device, **scorer.arguments(options), **seeded)
     elif kind == "quality":
-        from ecoflap.evaluation.perplexity import evaluation_text, perplexity
-        layout = model_layout(model, adapter)
-        sizes = ratios.unit_sizes(layout, extra["granularity"])
-        unit = ratios.ecoflap(extra["scores"], sizes, extra["target"], extra["target"] + 0.1)
-        prune_sequential(model, adapter, Wanda(), ratios.expand_to_layers(unit, layout), data, device)
+        scored = {"granularity": extra["granularity"], "scores": extra["scores"]}
+        plan = plan_allocation(laid_out, scored, {"allocation": "ecoflap"}, extra["target"])  # catalog defaults
+        prune_sequential(model, adapter, Wanda(), plan["layer_sparsity"], data, device)
         out["perplexity"] = perplexity(model, tok, evaluation_text(extra["dataset"]), extra["seq_len"], device,
                                        extra["max_windows"], 8)["perplexity"]
     else:
@@ -86,10 +91,6 @@ def _run(kind: str, *args: Any) -> dict[str, Any]:
 def benchmark_scoring(model_dir: str, n_samples: int, seq_len: int, batch_size: int, seeds: list[int],
                       sparsities: list[float], device: str, threads: int, eval_dataset: str, eval_seq_len: int,
                       eval_windows: int, calib_source: str = "austen-emma") -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    from ecoflap.data.calibration import build_calibration
-
     tok = AutoTokenizer.from_pretrained(model_dir)
     calib = {s: build_calibration(tok, calib_source, n_samples, seq_len, s) for s in seeds}
     common = (model_dir, calib[seeds[0]], batch_size, device, threads)
@@ -135,8 +136,6 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def write_summary(path: str | Path, summary: dict[str, Any]) -> None:
-    from ecoflap.utils.io import provenance, write_json
-
     summary["provenance"] = provenance(summary["settings"])
     write_json(path, summary)
     Path(path).with_suffix(".txt").write_text(format_summary(summary) + "\n")

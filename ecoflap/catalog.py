@@ -189,7 +189,8 @@ IMAGE_SOURCES = tuple(k for k, v in CALIBRATION_SOURCES.items() if v.image)
 # calibration keys that name files of image-caption pairs (passed to `calibrate`, hashed in provenance)
 PAIR_FILE_KEYS = ("pairs", "image_root", "captions", "image_dir", "cache_dir")
 CAPTION_PROTOCOLS = ("caption", "ecoflap")
-CALIBRATION_DEFAULTS: dict[str, Any] = {"source": "austen-emma", "n_samples": 128, "seq_len": 128, "prompt": "", "protocol": "caption", "max_txt_len": 32}
+CALIBRATION_DEFAULTS: dict[str, Any] = {"source": "austen-emma", "n_samples": 128, "seq_len": 128, "prompt": "",
+                                        "protocol": "caption", "max_txt_len": 32}
 
 
 # --- evaluation sets (evaluation/, data/eval_sets.py) ----------------------------------------

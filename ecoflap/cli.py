@@ -99,7 +99,8 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from ecoflap.data.calibration import build_calibration, build_image_caption_calibration, save_calibration
+    from ecoflap.data.calibration import build_calibration, save_calibration
+    from ecoflap.data.image_calibration import build_image_caption_calibration
     from ecoflap.utils.io import save_tensors
 
     t0 = time.perf_counter()
@@ -109,7 +110,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     c = {**catalog.CALIBRATION_DEFAULTS, **spec}
     source = catalog.CALIBRATION_SOURCES.get(c["source"])
     if source is None:
-        raise ValueError(f"unknown calibration source {c['source']!r} (allowed: {', '.join(catalog.CALIBRATION_SOURCES)})")
+        raise ValueError(f"unknown calibration source {c['source']!r} "
+                         f"(allowed: {', '.join(catalog.CALIBRATION_SOURCES)})")
     meta = {"source": c["source"], "seed": str(args.seed)}
     inputs = {"model": args.model}
     if source.image:
@@ -126,11 +128,12 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         save_calibration(args.out, data["input_ids"], {**meta, "seq_len": str(c["seq_len"])})
     inputs["calibration"] = args.out
     _finish(args.out + ".json", {"shapes": {k: list(v.shape) for k, v in data.items()}},
-            {**_settings(args), "calibration": c}, inputs, t0)
+            _settings(args, c), inputs, t0)
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k != "func"}
+def _settings(args: argparse.Namespace, resolved: dict[str, Any]) -> dict[str, Any]:
+    """What provenance records: the flags given (None: left out) and the stage's resolved settings."""
+    return {**{k: v for k, v in vars(args).items() if k not in ("func", "spec") and v is not None}, **resolved}
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -156,8 +159,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     extra = {"seed": seed} if scorer.seeded else {}
     scores = scorer.load()(model, adapter, batches, device, **scorer.arguments(options), **extra)
     _finish(args.out, {"kind": spec["kind"], "granularity": options.get("granularity", "block"), "scores": scores},
-            {**_settings(args), "scorer": {**options, "seed": seed}}, {"model": args.model, "calibration": args.calibration},
-            t0, device)
+            _settings(args, {"kind": spec["kind"], **options, "seed": seed}),
+            {"model": args.model, "calibration": args.calibration}, t0, device)
 
 
 def cmd_allocate(args: argparse.Namespace) -> None:
@@ -189,7 +192,7 @@ def cmd_allocate(args: argparse.Namespace) -> None:
              max(unit.values()))
     if args.plot:
         plot_allocation(unit, args.plot, f"{kind} allocation, target {args.target}", args.target)
-    _finish(args.out, plan, {**_settings(args), "method": method}, inputs, t0)
+    _finish(args.out, plan, _settings(args, {**method, **plan["options"]}), inputs, t0)
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -245,7 +248,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
                           "mask_sha256": report.mask_sha256,
                           "checkpoint_sha256": sha256_path(args.out),
                           "layer_sparsity": report.layer_sparsity},
-            {**_settings(args), "pruning": {**spec, "options": options, "comparison": comparison}}, inputs, t0, device)
+            _settings(args, {**spec, "pruner_options": options, "comparison": comparison, "batch_size": batch_size}),
+            inputs, t0, device)
 
 
 def _text_evaluation(name: str, entry: dict[str, Any], model, tok, device, seed: int) -> dict[str, Any]:
@@ -278,7 +282,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     result = {"task": args.task, "metrics": metrics}
     if predictions:
         result["predictions"] = predictions
-    _finish(args.out, result, {**_settings(args), "evaluation": spec}, {"model": args.model}, t0, device)
+    _finish(args.out, result, _settings(args, spec), {"model": args.model}, t0, device)
 
 
 def cmd_evaluate_text(args: argparse.Namespace) -> None:

@@ -79,21 +79,22 @@ def test_ecoflap_calibration_protocol(blip2_t5):
     tokenised as LAVIS does (special tokens, truncation to max_txt_len)."""
     import json
 
-    from ecoflap.data import vl_datasets as vd
-    from ecoflap.data.calibration import _processor_size, _train_crop_flip, build_image_caption_calibration
+    from ecoflap.data import pairs as pr
+    from ecoflap.data.files import open_image
+    from ecoflap.data.image_calibration import _processor_size, _train_crop_flip, build_image_caption_calibration
     from ecoflap.models.processors import load_processors
 
     paths = {"pairs": str(FIX / "cc3m/pairs.tsv"), "image_root": str(FIX / "cc3m")}
     data = build_image_caption_calibration(blip2_t5, "cc3m", 3, seed=7, paths=paths, protocol="ecoflap",
                                            max_txt_len=4)
-    every = vd._delimited_pairs(FIX / "cc3m/pairs.tsv", FIX / "cc3m", "CC3M", "k")
+    every = pr._delimited_pairs(FIX / "cc3m/pairs.tsv", FIX / "cc3m", "CC3M", "k")
     first = every[:3]  # file order, not a random sample
     procs = load_processors(blip2_t5)
     tok = procs.tokenizer
     # replay the builder's draws: crop/flip per image, then one split per caption
     rng = random.Random(7)
     for pair in first:
-        _train_crop_flip(vd.open_image(pair.image_path), rng, _processor_size(procs.image_processor))
+        _train_crop_flip(open_image(pair.image_path), rng, _processor_size(procs.image_processor))
     cfg = json.loads((blip2_t5 / "config.json").read_text())
     image = [cfg["image_token_index"]] * cfg["num_query_tokens"]
     for row, pair in enumerate(first):
@@ -109,7 +110,7 @@ def test_ecoflap_calibration_protocol(blip2_t5):
 
 
 def test_ecoflap_split_points_are_seeded_and_in_the_first_half(blip2_t5, monkeypatch):
-    from ecoflap.data import calibration as cal
+    from ecoflap.data import image_calibration as cal
 
     seen = []
     real = cal.random.Random.randint
@@ -131,7 +132,7 @@ def test_ecoflap_split_points_are_seeded_and_in_the_first_half(blip2_t5, monkeyp
 def test_train_crop_flip_gives_square_crops_of_the_processor_size():
     from PIL import Image
 
-    from ecoflap.data.calibration import _train_crop_flip
+    from ecoflap.data.image_calibration import _train_crop_flip
 
     image = Image.new("RGB", (64, 48))
     for seed in range(20):

@@ -17,11 +17,15 @@ def _poison(model, adapter, block=1):
         adapter.blocks(model)[block].mlp.up_proj.weight[0, 0] = float("nan")
 
 
-def test_zeroth_order_names_the_unit(tiny, calib_batches):
+def test_zeroth_order_names_the_block(tiny, calib_batches):
+    """Block-input reuse runs the dense model block by block first: the block whose outputs are
+    not finite is named there; without reuse, the first unit whose estimate is not finite."""
     model, _tok, adapter = tiny
     _poison(model, adapter)
-    with pytest.raises(FloatingPointError, match=r"zeroth-order score of model.layers.0 .*eps"):
+    with pytest.raises(FloatingPointError, match=r"model.layers.1 outputs.*float32"):
         zeroth_order_scores(model, adapter, calib_batches, CPU, granularity="block", reuse_block_inputs=True)
+    with pytest.raises(FloatingPointError, match=r"zeroth-order score of model.layers.0 .*eps"):
+        zeroth_order_scores(model, adapter, calib_batches, CPU, granularity="block", reuse_block_inputs=False)
 
 
 def test_first_order_names_the_loss(tiny, calib_batches):

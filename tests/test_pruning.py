@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM
 
 from ecoflap.allocation import ratios
 from ecoflap.models.base import model_layout
-from ecoflap.pruning.capture import capture_stack_inputs, run_block
+from ecoflap.blocks.capture import capture_stack_inputs, run_block
 from ecoflap.pruning.engine import prune_sequential
 from ecoflap.pruning.masks import nm_mask
 from ecoflap.pruning.methods import SparseGPT, Wanda, make_pruner

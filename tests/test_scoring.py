@@ -4,7 +4,8 @@ import torch
 from ecoflap.scoring.first_order import first_order_scores
 from ecoflap.scoring.outliers import outlier_ratios
 from ecoflap.scoring.units import scoring_units
-from ecoflap.scoring.zeroth_order import _direction, zeroth_order_scores
+from ecoflap.scoring.units import direction
+from ecoflap.scoring.zeroth_order import zeroth_order_scores
 
 CPU = torch.device("cpu")
 
@@ -26,7 +27,7 @@ def test_zeroth_order_matches_directional_derivative(tiny, calib_batches):
         w.requires_grad_(True)
     adapter.loss(model, batch[0]).backward()
     for ui, unit in enumerate(units):
-        exact = sum((_direction(w.shape, 3, 0, ui, ti, CPU).double() * w.grad).sum() for ti, w in enumerate(unit.weights))
+        exact = sum((direction(w.shape, 3, 0, ui, ti, CPU).double() * w.grad).sum() for ti, w in enumerate(unit.weights))
         assert scores[unit.name] == pytest.approx(abs(exact.item()), rel=1e-3)
 
 

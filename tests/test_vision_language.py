@@ -149,7 +149,7 @@ def test_language_model_is_calibrated_on_the_pruned_vision_side(pipelines):
     from ecoflap.models.base import model_layout
     from ecoflap.models.registry import adapter_for
     from ecoflap.models.loading import load_model
-    from ecoflap.pruning.capture import capture_stack_inputs
+    from ecoflap.blocks.capture import capture_stack_inputs
     from ecoflap.pruning.engine import prune_sequential
     from ecoflap.pruning.methods import make_pruner
 
@@ -171,13 +171,13 @@ def test_language_model_is_calibrated_on_the_pruned_vision_side(pipelines):
 @pytest.mark.parametrize("kind", ["clip", "blip2_retrieval"])
 def test_retrieval_embeddings_match_the_models_own_scores(pipelines, kind):
     """Our separately computed embeddings rank pairs exactly as the model's forward does."""
-    from ecoflap.data import vl_datasets as vd
+    from ecoflap.data.files import open_image
     from ecoflap.models.registry import adapter_for
     from ecoflap.models.loading import load_model
 
     model, procs = load_model(pipelines[kind] / "model", torch.device("cpu"), torch.float32)
     adapter = adapter_for(model)
-    images = [vd.open_image(p) for p in sorted((FIX / "flickr30k/flickr30k-images").glob("*.jpg"))[:3]]
+    images = [open_image(p) for p in sorted((FIX / "flickr30k/flickr30k-images").glob("*.jpg"))[:3]]
     texts = ["a red ball", "a green box seen from above", "two blue circles"]
     ours = adapter.similarity(adapter.image_embeddings(model, procs, images), adapter.text_embeddings(model, procs, texts))
     batch = adapter.calibration_batch(model, procs, images, texts, "")
@@ -213,13 +213,13 @@ def test_matching_head_scores_equal_the_models_own(pipelines):
     """The re-ranking score (the ITM head's "match" logit averaged over the queries, as LAVIS's
     compute_itm, from cached ViT states) is what Blip2ForImageTextRetrieval's own matching path
     gives for the same pairs."""
-    from ecoflap.data import vl_datasets as vd
+    from ecoflap.data.files import open_image
     from ecoflap.models.registry import adapter_for
     from ecoflap.models.loading import load_model
 
     model, procs = load_model(pipelines["blip2_retrieval"] / "model", torch.device("cpu"), torch.float32)
     adapter = adapter_for(model)
-    images = [vd.open_image(p) for p in sorted((FIX / "flickr30k/flickr30k-images").glob("*.jpg"))[:2]]
+    images = [open_image(p) for p in sorted((FIX / "flickr30k/flickr30k-images").glob("*.jpg"))[:2]]
     texts = ["a red ball", "two blue circles on a white plate"]
     ours = adapter.match_logits(model, procs, adapter.vision_states(model, procs, images), texts)
     enc = procs.tokenizer(texts, padding=True, return_tensors="pt")

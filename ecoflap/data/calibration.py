@@ -1,9 +1,9 @@
 """Calibration windows: fixed-length token windows drawn with a fixed seed, saved once
-(as safetensors, with the tokenizer's and source's identity) and reused by every method."""
+(as safetensors, with the tokenizer's and source's identity) and reused by every method.
+Saving, loading and batching serve the image-caption sets (`image_calibration.py`) too."""
 from __future__ import annotations
 
 import logging
-import math
 import random
 from pathlib import Path
 from typing import Any
@@ -76,110 +76,3 @@ def batches(data: torch.Tensor | dict[str, torch.Tensor], batch_size: int) -> li
         data = {"input_ids": data}
     n = next(iter(data.values())).shape[0]
     return [{k: t[i:i + batch_size] for k, t in data.items()} for i in range(0, n, batch_size)]
-
-
-CAPTION_PROTOCOLS = ("caption", "ecoflap")
-
-
-def build_image_caption_calibration(model_dir: str | Path, source: str, n_samples: int, seed: int,
-                                    paths: dict[str, str], prompt: str = "", protocol: str = "caption",
-                                    max_txt_len: int = 32) -> dict[str, torch.Tensor]:
-    """Seeded image-caption pairs (CC3M as the paper, or COCO captions) turned into the model
-    family's calibration batch by its adapter (pixel values, token ids, masks, labels).
-
-    protocol "caption": `n_samples` pairs drawn at random, the whole caption after `prompt` is
-    the target, images through the checkpoint's own (evaluation) processor.
-    protocol "ecoflap": as the authors' BLIP-2 pruners build it (ylsung/ECoFLaP, LAVIS
-    prefix_language_pretraining.py and blip2_t5.py): the first `n_samples` pairs in file order,
-    captions through BLIP's pre_caption, each split at a random character (1 .. len // 2) into
-    an encoder prefix and a target, both cut to `max_txt_len` tokens, images randomly cropped
-    (scale 0.5-1) and flipped as the blip2_image_train processor does."""
-    from ecoflap.data import vl_datasets as vd
-    from ecoflap.data.captions import blip_pre_caption
-    from ecoflap.models.registry import adapter_for
-    from ecoflap.models.layout import skeleton_of_folder
-    from ecoflap.models.processors import load_processors
-
-    if protocol not in CAPTION_PROTOCOLS:
-        raise ValueError(f"unknown calibration protocol {protocol!r} (allowed: {', '.join(CAPTION_PROTOCOLS)})")
-    order = "file" if protocol == "ecoflap" else "random"
-    log.info("building %d image-caption calibration pairs from %s (seed %d, protocol %s)", n_samples, source, seed,
-             protocol)
-    if source == "cc3m":
-        pairs = vd.load_cc3m_pairs(_required(paths, "pairs", source), paths.get("image_root"), n=n_samples,
-                                   seed=seed, cache_dir=paths.get("cache_dir"), order=order)
-    elif source == "coco":
-        pairs = vd.load_coco_caption_pairs(_required(paths, "captions", source), _required(paths, "image_dir", source),
-                                           n=n_samples, seed=seed, order=order)
-    elif source == "fashion-mnist":  # vendored: images in memory, no files to open
-        from ecoflap.data import fashion_mnist
-
-        images, captions = zip(*fashion_mnist.caption_pairs(n_samples, seed))
-        pairs = None
-    else:
-        raise ValueError(f"unknown image-caption calibration source {source!r} (allowed: cc3m, coco, fashion-mnist)")
-    skeleton = skeleton_of_folder(model_dir)  # the adapter only needs the config
-    adapter = adapter_for(skeleton)
-    if not hasattr(adapter, "calibration_batch"):
-        raise ValueError(f"{adapter.family} is a language model; calibrate it on text (source austen-emma or c4)")
-    procs = load_processors(Path(model_dir))
-    if pairs is not None:
-        images, captions = [vd.open_image(p.image_path) for p in pairs], [p.caption for p in pairs]
-    if protocol == "caption":
-        return adapter.calibration_batch(skeleton, procs, list(images), list(captions), prompt)
-    if not hasattr(adapter, "prefix_calibration_batch"):
-        raise ValueError(f"calibration protocol ecoflap is the authors' BLIP-2 captioning loss; {adapter.family} "
-                         "has no such loss (allowed: protocol caption)")
-    rng = random.Random(seed)
-    size = _processor_size(procs.image_processor)
-    images = [_train_crop_flip(im, rng, size) for im in images]
-    prefixes, continuations = [], []
-    for caption in captions:
-        text = blip_pre_caption(caption)
-        if len(text) < 2:
-            raise ValueError(f"calibration caption {caption!r} is too short to split into a prefix and a target")
-        split = rng.randint(1, len(text) // 2)
-        prefixes.append(text[:split])
-        continuations.append(text[split:])
-    return adapter.prefix_calibration_batch(skeleton, procs, list(images), prefixes, continuations, max_txt_len)
-
-
-def _processor_size(image_processor: Any) -> int:
-    size = getattr(image_processor, "size", None) or {}
-    return int(size.get("height") or size.get("shortest_edge") or 224)
-
-
-def _train_crop_flip(image: Any, rng: random.Random, size: int, scale: tuple[float, float] = (0.5, 1.0)) -> Any:
-    """torchvision's RandomResizedCrop(size, scale, bicubic) then RandomHorizontalFlip, the
-    blip2_image_train processor ECoFLaP calibrates with, drawn from `rng` (so seeded here; the
-    authors' draws come from torch's global generator and cannot be replayed)."""
-    from PIL import Image
-
-    width, height = image.size
-    area = width * height
-    ratio = (3 / 4, 4 / 3)
-    box = None
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top, left = rng.randint(0, height - h), rng.randint(0, width - w)
-            box = (left, top, left + w, top + h)
-            break
-    if box is None:  # torchvision's fallback: a central crop at the nearest allowed aspect ratio
-        w, h = width, height
-        if width / height < ratio[0]:
-            h = int(round(w / ratio[0]))
-        elif width / height > ratio[1]:
-            w = int(round(h * ratio[1]))
-        top, left = (height - h) // 2, (width - w) // 2
-        box = (left, top, left + w, top + h)
-    out = image.crop(box).resize((size, size), Image.BICUBIC)
-    return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
-
-
-def _required(paths: dict[str, str], key: str, source: str) -> str:
-    if not paths.get(key):
-        raise ValueError(f"calibration source {source} needs calibration.{key} in config.yaml")
-    return paths[key]

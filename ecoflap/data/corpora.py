@@ -19,7 +19,7 @@ def embedded_text(name: str) -> str:
 
 def c4_documents(shard: str = "en/c4-train.00000-of-01024.json.gz") -> list[str]:
     """The C4 shard Wanda and SparseGPT calibrate on (needs network the first time)."""
-    from datasets import load_dataset
+    from datasets import load_dataset  # optional (C4 / WikiText only); not in the core environment
 
     try:
         ds = load_dataset("allenai/c4", data_files={"train": shard}, split="train")
@@ -32,7 +32,7 @@ def c4_documents(shard: str = "en/c4-train.00000-of-01024.json.gz") -> list[str]
 def wikitext2_test() -> str:
     """WikiText-2 raw test split joined as Wanda's get_wikitext2 does, with blank lines
     ("\n\n".join; needs network the first time)."""
-    from datasets import load_dataset
+    from datasets import load_dataset  # optional (C4 / WikiText only); not in the core environment
 
     try:
         ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")

@@ -35,7 +35,7 @@ def embedded_task_dir(tasks: list[str], tmp: Path) -> Path:
 
 def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: list[str], batch_size: int = 8,
                 limit: int | None = None, num_fewshot: int = 0, seed: int = 0) -> dict[str, dict[str, float]]:
-    try:
+    try:  # an optional dependency, imported here to fail with the install command below
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager

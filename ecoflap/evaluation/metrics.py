@@ -11,9 +11,16 @@ import re
 import shutil
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Hashable, Literal
+from typing import Any, Hashable
 
 import torch
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.spice import get_stanford_models
+from pycocoevalcap.spice.spice import Spice
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 # ----------------------------------------------------------------------------------------------------
 # VQA accuracy, exactly as the code behind the published numbers computes it
@@ -188,7 +195,7 @@ def lemmatize_answers(answers: Mapping[Hashable, str], nlp: Any = None) -> dict[
     en_core_web_sm replaces each NOUN and VERB token by its lemma and re-joins all tokens with
     spaces (so "don't" becomes "do n't"). `nlp` defaults to spacy.load("en_core_web_sm")."""
     if nlp is None:
-        try:
+        try:  # optional: only OK-VQA's lemmatised protocol needs spaCy and its English model
             import spacy
 
             nlp = spacy.load("en_core_web_sm")
@@ -248,8 +255,6 @@ def simple_tokenize(caption: str) -> str:
 
 def _tokenize(captions: Mapping[Hashable, list[str]], use_ptb: bool) -> dict[Hashable, list[str]]:
     if use_ptb:
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
         out = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
         if any(len(out.get(k, ())) != len(v) for k, v in captions.items()):
             raise RuntimeError("PTBTokenizer returned a different number of captions than it was given")
@@ -259,7 +264,6 @@ def _tokenize(captions: Mapping[Hashable, list[str]], use_ptb: bool) -> dict[Has
 
 def _spice_lib_dir() -> str:
     # pycocoevalcap is a namespace package (no __init__.py, so no __file__); spice/ is a package
-    from pycocoevalcap.spice import get_stanford_models
 
     return os.path.join(os.path.dirname(os.path.abspath(get_stanford_models.__file__)), "lib")
 
@@ -267,7 +271,6 @@ def _spice_lib_dir() -> str:
 def _run_meteor(gts: dict, res: dict) -> float:
     """METEOR 1.5 through pycocoevalcap's long-lived java process, with a watchdog so a stuck
     subprocess fails loudly instead of hanging, and cleanup that avoids its __del__ deadlock."""
-    from pycocoevalcap.meteor.meteor import Meteor
 
     meteor = Meteor()
     watchdog = threading.Timer(METEOR_TIMEOUT_S, meteor.meteor_p.kill)
@@ -292,9 +295,6 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
     Stanford CoreNLP 3.6.0 jars, which pycocoevalcap would otherwise try to download; a metric that
     cannot run is reported as {"skipped": reason}.
     """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
 
     pred_ids, ref_ids = set(predictions), set(references)
     if pred_ids != ref_ids:
@@ -330,8 +330,6 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
         elif not java:
             result["SPICE"] = {"skipped": "needs java on PATH (apt install default-jre-headless)"}
         else:
-            from pycocoevalcap.spice.spice import Spice
-
             result["SPICE"] = 100.0 * float(Spice().compute_score(gts, res)[0])
     return result
 

@@ -13,7 +13,9 @@ from tqdm import tqdm
 
 from ecoflap.catalog import DATASETS, default_protocol
 from ecoflap.data import fashion_mnist as fm
-from ecoflap.data import vl_datasets as vd
+from ecoflap.data.eval_sets import (load_coco_karpathy, load_flickr30k_retrieval, load_gqa, load_imagenet_val,
+                                    load_nocaps, load_okvqa, load_vqav2)
+from ecoflap.data.files import open_image
 from ecoflap.data.imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_SIMPLE_TEMPLATES, IMAGENET_TEMPLATES
 from ecoflap.evaluation import metrics as M
 
@@ -37,14 +39,14 @@ def _key(spec: dict[str, Any]) -> str:
 def _vqa(model, procs, adapter, spec) -> tuple[dict, dict]:
     ds, limit, key = spec["dataset"], spec.get("limit"), _key(spec)
     if ds == "gqa":
-        items = vd.load_gqa(spec["questions"], spec["image_dir"], limit, config_key=key)
+        items = load_gqa(spec["questions"], spec["image_dir"], limit, config_key=key)
     else:
-        load = vd.load_vqav2 if ds == "vqav2" else vd.load_okvqa
+        load = load_vqav2 if ds == "vqav2" else load_okvqa
         items = load(spec["questions"], spec["annotations"], spec["image_dir"], limit, config_key=key)
     prompt = spec.get("prompt") or adapter.vqa_prompt  # the family's own zero-shot prompt
     raw = {}
     for chunk in tqdm(list(_chunks(items, spec.get("batch_size", 8))), desc=f"{ds} answers", unit="batch"):
-        images = [vd.open_image(it.image_path) for it in chunk]
+        images = [open_image(it.image_path) for it in chunk]
         answers = adapter.generate(model, procs, images, [prompt.format(it.question) for it in chunk],
                                    _gen_kwargs(spec))
         raw.update({it.question_id: a for it, a in zip(chunk, answers)})
@@ -64,14 +66,14 @@ def vqa_protocol(spec: dict[str, Any]) -> str:
 def _caption(model, procs, adapter, spec) -> tuple[dict, dict]:
     ds, limit, key = spec["dataset"], spec.get("limit"), _key(spec)
     if ds == "nocaps":
-        items = vd.load_nocaps(spec["annotations"], spec["image_dir"], limit, config_key=key)
+        items = load_nocaps(spec["annotations"], spec["image_dir"], limit, config_key=key)
     else:
-        items = vd.load_coco_karpathy(spec["karpathy_json"], spec["image_root"], spec.get("split", "test"), limit,
-                                      config_key=key)
+        items = load_coco_karpathy(spec["karpathy_json"], spec["image_root"], spec.get("split", "test"), limit,
+                                   config_key=key)
     prompt = spec.get("prompt") or ""
     preds = {}
     for chunk in tqdm(list(_chunks(items, spec.get("batch_size", 8))), desc=f"{ds} captions", unit="batch"):
-        images = [vd.open_image(it.image_path) for it in chunk]
+        images = [open_image(it.image_path) for it in chunk]
         caps = adapter.generate(model, procs, images, [prompt] * len(chunk), _gen_kwargs(spec))
         preds.update({it.image_id: c for it, c in zip(chunk, caps)})
     refs = {it.image_id: it.references for it in items}
@@ -93,10 +95,10 @@ def _embed(fn, model, procs, things: list, batch_size: int, desc: str) -> torch.
 
 
 def _retrieval(model, procs, adapter, spec) -> tuple[dict, dict]:
-    data = vd.load_flickr30k_retrieval(spec["karpathy_json"], spec["image_dir"], spec.get("split", "test"),
-                                       spec.get("limit"), config_key=_key(spec))
+    data = load_flickr30k_retrieval(spec["karpathy_json"], spec["image_dir"], spec.get("split", "test"),
+                                    spec.get("limit"), config_key=_key(spec))
     bs = spec.get("batch_size", 32)
-    images = _embed(lambda m, p, paths: adapter.image_embeddings(m, p, [vd.open_image(x) for x in paths]),
+    images = _embed(lambda m, p, paths: adapter.image_embeddings(m, p, [open_image(x) for x in paths]),
                     model, procs, data.image_paths, bs, "image embeddings")
     texts = _embed(adapter.text_embeddings, model, procs, data.texts, bs, "text embeddings")
     sim = adapter.similarity(images, texts)
@@ -116,7 +118,7 @@ def _retrieval(model, procs, adapter, spec) -> tuple[dict, dict]:
 @torch.no_grad()
 def _rerank(model, procs, adapter, data, sim: torch.Tensor, k_text: int, k_image: int, bs: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    vision = torch.cat([adapter.vision_states(model, procs, [vd.open_image(p) for p in chunk]).cpu()
+    vision = torch.cat([adapter.vision_states(model, procs, [open_image(p) for p in chunk]).cpu()
                         for chunk in tqdm(list(_chunks(data.image_paths, bs)), desc="vision states", unit="batch")])
     i2t = torch.full_like(sim, -1e4)
     t2i = torch.full_like(sim, -1e4)
@@ -140,10 +142,10 @@ def _classification_set(spec) -> tuple[list, list[int], tuple[str, ...], tuple[s
         images, labels = fm.load_split("test")
         n = spec.get("limit") or len(labels)
         return [lambda a=a: fm.to_image(a) for a in images[:n]], [int(y) for y in labels[:n]], fm.CLASSES, fm.TEMPLATES
-    items = vd.load_imagenet_val(spec["val_dir"], spec.get("limit"), allow_subset=spec.get("limit") is not None,
-                                 config_key=_key(spec))
+    items = load_imagenet_val(spec["val_dir"], spec.get("limit"), allow_subset=spec.get("limit") is not None,
+                              config_key=_key(spec))
     templates = IMAGENET_TEMPLATES if spec.get("templates", "ensemble") == "ensemble" else IMAGENET_SIMPLE_TEMPLATES
-    return ([lambda p=i.image_path: vd.open_image(p) for i in items], [i.label for i in items],
+    return ([lambda p=i.image_path: open_image(p) for i in items], [i.label for i in items],
             tuple(IMAGENET_CLASSNAMES), tuple(templates))
 
 

@@ -13,9 +13,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from tqdm import tqdm
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
 
 from ecoflap.data import fashion_mnist as fm
+from ecoflap.models.processors import Processors
 
 log = logging.getLogger(__name__)
 SPECIAL = ["[PAD]", "[BOS]", "[UNK]", "[EOS]"]
@@ -23,9 +26,6 @@ SPECIAL = ["[PAD]", "[BOS]", "[UNK]", "[EOS]"]
 
 def build_tokenizer() -> Any:
     """A word-level tokenizer over the caption vocabulary: [BOS] words [EOS]."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     words = sorted({w for t in fm.TEMPLATES for c in fm.CLASSES for w in t.format(c).replace(".", " .").split()})
     vocab = {tok: i for i, tok in enumerate(SPECIAL + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -37,8 +37,6 @@ def build_tokenizer() -> Any:
 
 
 def build_model(vocab_size: int) -> Any:
-    from transformers import CLIPConfig, CLIPModel
-
     text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                 num_attention_heads=4, max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=3)
     vision = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=6, num_attention_heads=4, image_size=28,
@@ -47,8 +45,6 @@ def build_model(vocab_size: int) -> Any:
 
 
 def image_processor() -> Any:
-    from transformers import CLIPImageProcessor
-
     # Fashion-MNIST photos are 28x28 grey on black; normalise with the training set's statistics
     return CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
                               image_mean=[0.286] * 3, image_std=[0.353] * 3)
@@ -58,8 +54,6 @@ def train_fashion_clip(out_dir: Path, seed: int = 0, epochs: int = 10, batch_siz
                        lr: float = 2e-3) -> dict[str, Any]:
     """Contrastive training with class-aware targets (captions of the same class are
     positives, so repeated captions in a batch are not pushed apart); returns its record."""
-    from ecoflap.models.processors import Processors
-
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tok, pix = build_tokenizer(), image_processor()

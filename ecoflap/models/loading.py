@@ -6,17 +6,20 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.utils import HfHubHTTPError
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ecoflap.models.fashion_clip import train_fashion_clip
 from ecoflap.models.processors import load_processors
-from ecoflap.models.registry import adapter_for, model_class
 from ecoflap.models.offload import choose_offload, place_model
+from ecoflap.models.registry import adapter_for, model_class
 from ecoflap.utils.io import atomic_path, verify_checksums, write_checksums, write_json
 
 log = logging.getLogger(__name__)
@@ -50,8 +53,6 @@ def _embedded_folder(name: str) -> Path:
 def convert_embedded(name: str, out_dir: Path) -> dict[str, Any]:
     """GGUF -> plain HF safetensors folder (save_pretrained refuses GGUF-loaded models), or
     train the embedded vision-language model."""
-    from transformers import AutoConfig
-
     spec = EMBEDDED[name]
     if spec.get("trained"):
         return train_fashion_clip(out_dir)
@@ -75,17 +76,12 @@ def convert_embedded(name: str, out_dir: Path) -> dict[str, Any]:
 
 def download_hub(repo_id: str, revision: str, out_dir: Path, allow_pickle: bool = False) -> dict[str, Any]:
     """Snapshot a hub repository's safetensors weights, config and tokenizer files."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HfHubHTTPError
-
     if not HUB_ID.match(repo_id):
         raise ValueError(f"{repo_id!r} is not a hub id of the form owner/name")
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "qformer_tokenizer/*"]
     if allow_pickle:
         patterns.append("*.bin")
     try:
-        from huggingface_hub import HfApi
-
         commit = HfApi().model_info(repo_id, revision=revision).sha  # record what "main" meant today
         snapshot_download(repo_id, revision=commit, local_dir=out_dir, allow_patterns=patterns)
     except HfHubHTTPError as exc:
@@ -105,8 +101,6 @@ def download_hub(repo_id: str, revision: str, out_dir: Path, allow_pickle: bool 
 
 def copy_local(src: Path, out_dir: Path) -> dict[str, Any]:
     """A checkpoint already on disk (safetensors only), copied so results are self-contained."""
-    import shutil
-
     if not any(src.glob("*.safetensors")):
         raise RuntimeError(f"{src} has no .safetensors weights; only safetensors checkpoints are read")
     for f in src.iterdir():

@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
+
 
 from ecoflap.catalog import TEXT_EVALS
+from ecoflap.evaluation.intervals import paired_difference_interval, paired_ratio_interval
 from ecoflap.reporting.plots import plot_metrics, plot_profiles
 from ecoflap.utils.io import atomic_path, read_json, write_text
 from ecoflap.utils.validate import check_pruning_report
@@ -126,8 +129,6 @@ def pairwise_differences(table: pd.DataFrame, results: Path, rows: list[str]) ->
     """Every pair of pruned methods at the same sparsity, per metric with per-item values: the
     paired bootstrap interval of the perplexity ratio (or accuracy difference) over the same
     windows (items), and whether the two rows' own intervals overlap."""
-    from ecoflap.evaluation.intervals import paired_difference_interval, paired_ratio_interval
-
     per_item = {r: _per_item(results, r) for r in rows}
     lines = []
     for label in sorted({r.split("/")[1] for r in rows if not r.startswith("dense/")}):
@@ -249,8 +250,6 @@ def aggregate(results: Path, rows: list[str], out_dir: Path, reference: Path | N
                    "accuracies) with its 95 % paired bootstrap interval over the same evaluation windows (items), "
                    "and whether the two rows' own 95 % intervals are apart.\n\n" + _markdown(differences))
     if reference is not None:
-        import yaml
-
         ref = yaml.safe_load(Path(reference).read_text())
         comparison = compare_with_reference(table, ref, model or results.name)
         with atomic_path(out_dir / "comparison.csv") as tmp:
@@ -307,7 +306,5 @@ def environment_text(results: Path, rows: list[str], run_config: dict[str, Any] 
         lines.append(f"{key}:")
         lines += [f"  {v}" for v in sorted(values) if v]
     if run_config is not None:
-        import yaml
-
         lines += ["", "workflow configuration:", yaml.safe_dump(run_config, sort_keys=False)]
     return "\n".join(lines) + "\n"

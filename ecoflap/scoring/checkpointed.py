@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from ecoflap.models.base import Adapter, Batch, batch_to
 from ecoflap.models.offload import keep_on_device, release
-from ecoflap.scoring.units import first_order_term, scoring_units
-from ecoflap.scoring.zeroth_order import _direction
+from ecoflap.scoring.units import direction, first_order_term, gradients_only_for, scoring_units
 from ecoflap.utils.runtime import check_finite
 
 REDUCTIONS = ("l2", "projection", "abs_g", "abs_wg")
@@ -94,9 +93,6 @@ def checkpointed_gradient_scores(model: nn.Module, adapter: Adapter, batches: li
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     units = scoring_units(model, adapter, granularity)
     where = {id(w): (ui, ti) for ui, u in enumerate(units) for ti, w in enumerate(u.weights)}
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in where)
     scores = {u.name: 0.0 for u in units}
     per_batch = [0.0] * len(units)
     batch_index = 0
@@ -113,32 +109,31 @@ def checkpointed_gradient_scores(model: nn.Module, adapter: Adapter, batches: li
         if reduce == "l2":
             per_batch[ui] += g.pow(2).sum().item()
         elif reduce == "projection":
-            per_batch[ui] += (_direction(w.shape, seed, batch_index, ui, ti, device) * g).sum().item()
+            per_batch[ui] += (direction(w.shape, seed, batch_index, ui, ti, device) * g).sum().item()
         else:
             per_batch[ui] += first_order_term(g, w, reduce)
         w.grad = None
         progress.weight_done(block_of_unit[ui])
 
-    handles = [w.register_post_accumulate_grad_hook(reduce_now) for u in units for w in u.weights]
-    try:
-        with recomputed_blocks(blocks, on_call=progress.saw_input):
-            for batch_index, batch in enumerate(tqdm(batches, desc=f"checkpointed gradients ({reduce})",
-                                                     unit="batch")):
-                per_batch[:] = [0.0] * len(units)
-                progress.new_batch()
-                loss = adapter.loss(model, batch_to(batch, device))
-                check_finite(loss.detach(), f"calibration loss (batch {batch_index})", "use float32 or bfloat16")
-                with keep_on_device(blocks):  # a recomputed block stays until `progress` releases it
-                    loss.backward()
-                del loss
-                for ui, unit in enumerate(units):
-                    value = per_batch[ui] ** 0.5 if reduce == "l2" else abs(per_batch[ui])
-                    check_finite(torch.tensor(value), f"gradient score of {unit.name} (batch {batch_index})",
-                                 "use float32")
-                    scores[unit.name] += value
-    finally:
-        for h in handles:
-            h.remove()
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
+    with gradients_only_for(model, units):
+        handles = [w.register_post_accumulate_grad_hook(reduce_now) for u in units for w in u.weights]
+        try:
+            with recomputed_blocks(blocks, on_call=progress.saw_input):
+                for batch_index, batch in enumerate(tqdm(batches, desc=f"checkpointed gradients ({reduce})",
+                                                         unit="batch")):
+                    per_batch[:] = [0.0] * len(units)
+                    progress.new_batch()
+                    loss = adapter.loss(model, batch_to(batch, device))
+                    check_finite(loss.detach(), f"calibration loss (batch {batch_index})", "use float32 or bfloat16")
+                    with keep_on_device(blocks):  # a recomputed block stays until `progress` releases it
+                        loss.backward()
+                    del loss
+                    for ui, unit in enumerate(units):
+                        value = per_batch[ui] ** 0.5 if reduce == "l2" else abs(per_batch[ui])
+                        check_finite(torch.tensor(value), f"gradient score of {unit.name} (batch {batch_index})",
+                                     "use float32")
+                        scores[unit.name] += value
+        finally:
+            for h in handles:
+                h.remove()
     return scores

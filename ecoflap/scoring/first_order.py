@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from ecoflap.models.base import Adapter, Batch, batch_to
 from ecoflap.models.offload import is_offloaded
-from ecoflap.scoring.units import first_order_term, scoring_units
+from ecoflap.scoring.units import first_order_term, gradients_only_for, scoring_units
 from ecoflap.utils.runtime import check_finite
 
 
@@ -23,12 +23,8 @@ def first_order_scores(model: nn.Module, adapter: Adapter, batches: list[Batch],
                          "or the scorer kind checkpointed with the same reduce (abs_wg: the same first-order score "
                          "computed block by block, one block on the device)")
     units = scoring_units(model, adapter, granularity)
-    scored = {id(w) for u in units for w in u.weights}
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in scored)
     scores = {u.name: 0.0 for u in units}
-    try:
+    with gradients_only_for(model, units):
         for bi, batch in enumerate(tqdm(batches, desc="first-order scores", unit="batch")):
             loss = adapter.loss(model, batch_to(batch, device))
             check_finite(loss.detach(), f"first-order calibration loss (batch {bi})", "use float32 or bfloat16")
@@ -37,7 +33,4 @@ def first_order_scores(model: nn.Module, adapter: Adapter, batches: list[Batch],
                 for u in units:
                     scores[u.name] += sum(first_order_term(w.grad, w, reduce) for w in u.weights)
             model.zero_grad(set_to_none=True)
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
     return scores

@@ -16,7 +16,8 @@ activation memory; restoring weights by subtracting the direction again instead 
 copy of the unit saves one unit's memory but leaves rounding residue in the weights, which
 breaks bit-identical reruns. The way to make this stage cheap is not to estimate at all:
 scoring/checkpointed.py computes the quantity this estimates (the gradient norm, or the
-same projections) exactly, at the same inference-level memory, about 100x faster.
+same projections) exactly, at the same inference-level memory; `python -m ecoflap
+benchmark-scoring` measures the two side by side (README, "Scoring cost").
 """
 from __future__ import annotations
 
@@ -28,16 +29,12 @@ from tqdm import tqdm
 
 from ecoflap.models.base import Adapter, Batch, batch_to
 from ecoflap.models.offload import BlockHolder
-from ecoflap.pruning.capture import inputs_of_every_block, run_from
-from ecoflap.scoring.units import scoring_units
+from ecoflap.blocks.capture import run_from
+from ecoflap.blocks.walk import inputs_of_every_block
+from ecoflap.scoring.units import direction, scoring_units
 from ecoflap.utils.runtime import check_finite
 
 log = logging.getLogger(__name__)
-
-
-def _direction(shape: torch.Size, seed: int, batch: int, unit: int, tensor: int, device: torch.device) -> torch.Tensor:
-    gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + batch * 10_007 + unit) * 101 + tensor)
-    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device)
 
 
 @torch.no_grad()
@@ -73,7 +70,7 @@ def zeroth_order_scores(model: nn.Module, adapter: Adapter, batches: list[Batch]
         for ui, unit in enumerate(units):
             held.hold(unit.block_index)  # offload: cpu moves the perturbed block to the device once per batch
             backup = [w.detach().clone() for w in unit.weights]
-            dirs = [_direction(w.shape, seed, bi, ui, ti, device) for ti, w in enumerate(unit.weights)]
+            dirs = [direction(w.shape, seed, bi, ui, ti, device) for ti, w in enumerate(unit.weights)]
             for w, z in zip(unit.weights, dirs):
                 w.add_(z.to(w.dtype), alpha=eps)
             plus = loss(unit.block_index)

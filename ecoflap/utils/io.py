@@ -7,6 +7,8 @@ job leaves either the old state or the finished file, never half a file.
 from __future__ import annotations
 
 import contextlib
+import errno
+import importlib.metadata as md
 import hashlib
 import json
 import logging
@@ -43,8 +45,6 @@ def _storage_error(exc: BaseException, final: Path, expected_bytes: int | None) 
     """Turn a full disk or a refused write, however the writer reports it (OSError, or
     safetensors' own error carrying the OS message), into a message naming the path, the space
     needed and the space free."""
-    import errno
-
     chain, cur = [], exc
     while cur is not None and len(chain) < 8:
         chain.append(cur)
@@ -120,14 +120,14 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # imports torch: only where tensors are written, not in allocate/aggregate
 
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # imports torch (see save_tensors)
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -244,8 +244,6 @@ def git_commit() -> str | None:
 
 
 def package_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
     versions = {"python": platform.python_version()}
     for name in ("ecoflap", "torch", "transformers", "safetensors", "lm_eval", "snakemake", "numpy"):
         try:
@@ -286,8 +284,6 @@ def cuda_devices() -> list[dict[str, Any]]:
         return []
     driver = None
     try:
-        import subprocess
-
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=30)
         driver = out.stdout.splitlines()[0].strip() if out.returncode == 0 and out.stdout else None

@@ -11,13 +11,13 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import torch
+    import torch  # only once called: the CLI imports this module before it knows whether the stage needs torch
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    import torch
+    import torch  # only once called: the CLI imports this module before it knows whether the stage needs torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -28,7 +28,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on GPU (fp16 when the GPU lacks bf16), fp32 on CPU."""
-    import torch
+    import torch  # only once called: the CLI imports this module before it knows whether the stage needs torch
 
     if name == "auto":
         if device.type == "cuda":
@@ -40,8 +40,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
+    import numpy as np  # only once called (see resolve_device)
+    import torch  # only once called: the CLI imports this module before it knows whether the stage needs torch
 
     random.seed(seed)
     np.random.seed(seed)
@@ -62,7 +62,7 @@ def setup_logging(verbose: bool = True) -> logging.Logger:
 def peak_memory_mb(device: torch.device | None = None) -> float:
     """Peak resident memory of this process (CPU) or peak allocated CUDA memory, in MB."""
     if device is not None and device.type == "cuda":
-        import torch
+        import torch  # only once called: the CLI imports this module before it knows whether the stage needs torch
 
         return torch.cuda.max_memory_allocated(device) / 2**20
     return peak_rss_mb()
@@ -70,7 +70,7 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
 
 def check_finite(t: torch.Tensor, what: str, hint: str) -> None:
     """Stop with a message naming the stage/block instead of letting NaN/Inf reach a mask."""
-    import torch
+    import torch  # only once called: the CLI imports this module before it knows whether the stage needs torch
 
     if not torch.isfinite(t).all():
         raise FloatingPointError(f"non-finite values in {what}; {hint}")

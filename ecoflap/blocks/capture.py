@@ -116,22 +116,11 @@ def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
 def single_stack(model: nn.Module, adapter: Adapter, what: str) -> Stack:
     """Stages that re-run the model from a block to the loss need one stack and a head."""
     stacks = adapter.stacks(model)
-    if len(stacks) != 1 or not hasattr(adapter, "loss_from_hidden"):
+    if len(stacks) != 1 or not adapter.capabilities.single_stack:
         raise ValueError(f"{what} re-runs the model from one block to the loss, which is implemented for "
                          f"single-stack language models only; {adapter.family} has stacks "
                          f"{[s.name for s in stacks]}. Use zeroth_order with reuse_block_inputs: false, or first_order")
     return stacks[0]
-
-
-@torch.no_grad()
-def inputs_of_every_block(model: nn.Module, adapter: Adapter, batch: Batch, device: torch.device,
-                          what: str = "this scorer") -> list[BlockInput]:
-    """The clean input of each block for one batch, from one forward pass without autograd."""
-    stack = single_stack(model, adapter, what)
-    inputs = capture_stack_inputs(model, adapter, stack, [batch], device)[0]
-    for j, block in enumerate(adapter.stack_blocks(model, stack)[:-1]):
-        inputs[j + 1] = inputs[j + 1].with_hidden(run_block(block, inputs[j]))
-    return inputs
 
 
 def run_from(model: nn.Module, adapter: Adapter, start: int, inputs: list[BlockInput]) -> torch.Tensor:

@@ -1,0 +1,99 @@
+"""The one block-by-block loop that pruning, OWL's outlier ratios and the scorers' block-input
+capture share: capture a stack's inputs, then for each block run it over every calibration
+batch with forward hooks on its layers (what a method accumulates), let the caller act on
+the block (prune it, or measure it), and propagate the block's outputs to the next block.
+
+    for step in walk_stack(model, adapter, stack, batches, device, "pruning"):
+        feed_layers(step, layers, on_input)   # accumulate: hooks see every layer input
+        ...                                   # act: e.g. prune the layers in place
+                                              # propagate: done by the walk, on the new weights
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ecoflap.blocks.capture import BlockInput, capture_stack_inputs, run_block, single_stack
+from ecoflap.models.base import Adapter, Batch, Stack
+from ecoflap.models.offload import resident
+from ecoflap.utils.runtime import check_finite
+
+
+@dataclass
+class BlockStep:
+    """Block `index` of a stack and its inputs (one per calibration batch and stack run).
+    A caller that already ran the block on these inputs with its final weights may set
+    `outputs`, and the walk passes them on instead of running the block again."""
+
+    index: int
+    name: str  # module path, e.g. model.layers.3
+    block: nn.Module
+    inputs: list[BlockInput]
+    last: bool
+    outputs: list[torch.Tensor] | None = field(default=None)
+
+
+@torch.no_grad()
+def walk_stack(model: nn.Module, adapter: Adapter, stack: Stack, batches: list[Batch], device: torch.device,
+               desc: str | None, capture: bool = True,
+               hint: str = "lower sparsity or use a wider dtype") -> Iterator[BlockStep]:
+    """Yield each block of `stack` in order with its inputs. The block stays on the device (with
+    offload: cpu) while the caller works on it and while its outputs are computed, after the
+    caller is done, as the next block's inputs. `capture=False` walks the blocks without data
+    (magnitude pruning). `desc` None: no progress bar (a loop run once per batch). `hint`: what
+    to do when a block's outputs are not finite."""
+    inputs = capture_stack_inputs(model, adapter, stack, batches, device) if capture else []
+    hidden = [per_block[0].hidden for per_block in inputs]
+    blocks = adapter.stack_blocks(model, stack)
+    for j, block in enumerate(tqdm(blocks, desc=desc, unit="block", disable=desc is None)):
+        step = BlockStep(j, f"{stack.path}.{j}", block,
+                         [per_block[j].with_hidden(h) for per_block, h in zip(inputs, hidden)], j + 1 == len(blocks))
+        with resident(block):
+            yield step
+            if inputs and not step.last:
+                hidden = step.outputs if step.outputs is not None else [run_block(block, inp) for inp in step.inputs]
+                check_finite(hidden[0], f"{step.name} outputs", hint)
+
+
+def feed_layers(step: BlockStep, layers: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None],
+                keep_outputs: bool = False) -> dict[str, int]:
+    """Run the block over its inputs with a forward hook on each layer: `on_input(name, x)`
+    gets every input of the layer, padding positions dropped. Returns how many inputs each
+    layer saw; with `keep_outputs`, the block's outputs are kept as the step's outputs (its
+    weights must not change afterwards)."""
+    seen = {name: 0 for name in layers}
+    running: list[BlockInput] = []  # the input being run, so a hook can drop its padding
+
+    def hook_for(name: str):
+        def hook(_module, args, _out):
+            seen[name] += 1
+            on_input(name, running[-1].real_positions(args[0]))
+        return hook
+
+    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()]
+    outputs = []
+    try:
+        for inp in step.inputs:
+            running.append(inp)
+            out = run_block(step.block, inp)
+            if keep_outputs:
+                outputs.append(out)
+    finally:
+        for h in handles:
+            h.remove()
+    if keep_outputs:
+        step.outputs = outputs
+    return seen
+
+
+def inputs_of_every_block(model: nn.Module, adapter: Adapter, batch: Batch, device: torch.device,
+                          what: str = "this scorer") -> list[BlockInput]:
+    """The clean input of each block for one batch, from one forward pass without autograd
+    (single-stack models: the scorers that re-run the model from a block)."""
+    stack = single_stack(model, adapter, what)
+    hint = "the dense model already overflows on this calibration batch; score in float32 (dtype: float32)"
+    return [step.inputs[0] for step in walk_stack(model, adapter, stack, [batch], device, desc=None, hint=hint)]
