@@ -120,7 +120,8 @@ def test_an_option_of_another_kind_is_refused_with_the_allowed_keys():
 
 def weight_norm_scores(model, adapter, batches, device, power: float = 2.0):
     """A stand-in for a contributor's scorer: the sum of |w|^power per block."""
-    return {name: float(sum(layer.weight.abs().pow(power).sum() for layer in adapter.prunable_layers(block).values()))
+    return {name: float(sum(layer.weight.detach().abs().pow(power).sum()
+                            for layer in adapter.prunable_layers(block).values()))
             for name, block in adapter.named_blocks(model)}
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ecoflap.catalog import CAPTION_PROTOCOLS
+from ecoflap.catalog import CAPTION_PROTOCOLS, IMAGE_SOURCES
 from ecoflap.data import fashion_mnist
 from ecoflap.data.captions import blip_pre_caption
 from ecoflap.data.files import open_image
@@ -52,17 +52,17 @@ def build_image_caption_calibration(model_dir: str | Path, source: str, n_sample
         images, captions = zip(*fashion_mnist.caption_pairs(n_samples, seed))
         pairs = None
     else:
-        raise ValueError(f"unknown image-caption calibration source {source!r} (allowed: cc3m, coco, fashion-mnist)")
+        raise ValueError(f"unknown image-caption calibration source {source!r} (allowed: {', '.join(IMAGE_SOURCES)})")
     skeleton = skeleton_of_folder(model_dir)  # the adapter only needs the config
     adapter = adapter_for(skeleton)
-    if not hasattr(adapter, "calibration_batch"):
+    if not adapter.capabilities.image_calibration:
         raise ValueError(f"{adapter.family} is a language model; calibrate it on text (source austen-emma or c4)")
     procs = load_processors(Path(model_dir))
     if pairs is not None:
         images, captions = [open_image(p.image_path) for p in pairs], [p.caption for p in pairs]
     if protocol == "caption":
         return adapter.calibration_batch(skeleton, procs, list(images), list(captions), prompt)
-    if not hasattr(adapter, "prefix_calibration_batch"):
+    if not adapter.capabilities.prefix_calibration:
         raise ValueError(f"calibration protocol ecoflap is the authors' BLIP-2 captioning loss; {adapter.family} "
                          "has no such loss (allowed: protocol caption)")
     rng = random.Random(seed)

@@ -15,6 +15,7 @@ from ecoflap.catalog import TEXT_EVALS
 from ecoflap.evaluation.intervals import paired_difference_interval, paired_ratio_interval
 from ecoflap.reporting.plots import plot_metrics, plot_profiles
 from ecoflap.utils.io import atomic_path, read_json, write_text
+from ecoflap.utils.sparsity import weighted_sparsity
 from ecoflap.utils.validate import check_pruning_report
 
 log = logging.getLogger(__name__)
@@ -190,8 +191,7 @@ def _interval_notes(eval_dir: Path) -> list[str]:
 
 
 def block_profile(layer_sparsity: dict[str, float], layout: dict[str, dict[str, int]]) -> list[float]:
-    return [sum(layer_sparsity[k] * n for k, n in layers.items()) / sum(layers.values())
-            for layers in layout.values()]
+    return [weighted_sparsity(layer_sparsity, layers) for layers in layout.values()]
 
 
 def compare_with_reference(table: pd.DataFrame, reference: dict[str, Any], model: str) -> pd.DataFrame:
