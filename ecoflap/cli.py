@@ -13,9 +13,9 @@ from ecoflap import catalog
 from ecoflap.allocation.plan import plan_allocation
 from ecoflap.allocation.ratios import unit_sizes
 from ecoflap.utils.io import provenance, read_json, write_json
-from ecoflap.utils.validate import check_allocation, check_layout, check_scores
 from ecoflap.utils.runtime import (peak_memory_mb, resolve_device, resolve_dtype, seed_everything, setup_logging,
                                    torch_threads)
+from ecoflap.utils.validate import check_allocation, check_layout, check_scores
 
 if TYPE_CHECKING:
     import torch
@@ -83,7 +83,7 @@ def cmd_download(args: argparse.Namespace) -> None:
     from ecoflap.models.loading import fetch_model
 
     t0 = time.perf_counter()
-    spec = json.loads(args.spec)
+    spec = _spec(args)
     fetch_model(spec, args.out)
     laid_out = layout_of_folder(args.out, spec.get("trust_remote_code", False))
     declared = spec.get("family")  # the workflow always states it (the config's, or causal_lm)

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from ecoflap import catalog
 from ecoflap.pruning.masks import nm_mask, select_mask
 
 
@@ -127,10 +128,7 @@ class SparseGPT:
 
 
 def make_pruner(name: str, **options: float) -> Magnitude | Wanda | SparseGPT:
-    if name == "magnitude":
-        return Magnitude()
-    if name == "wanda":
-        return Wanda()
-    if name == "sparsegpt":
-        return SparseGPT(block_size=int(options.get("block_size", 128)), damp=float(options.get("damp", 0.01)))
-    raise ValueError(f"unknown pruner {name!r}; use magnitude, wanda or sparsegpt")
+    """The pruner `name` of catalog.PRUNERS, built with `options` (its catalog options)."""
+    if name not in catalog.PRUNERS:
+        raise ValueError(f"unknown pruner {name!r}; use one of {', '.join(catalog.PRUNERS)}")
+    return catalog.PRUNERS[name].load()(**options)
