@@ -100,7 +100,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from ecoflap.data.calibration import build_calibration, save_calibration
-    from ecoflap.data.image_calibration import build_image_caption_calibration
+    from ecoflap.models.image_calibration import build_image_caption_calibration
     from ecoflap.utils.io import save_tensors
 
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ def test_vendored_subset_is_balanced_and_real():
 
 
 def test_two_epochs_of_training_beat_chance_zero_shot(tmp_path):
-    from ecoflap.data.image_calibration import build_image_caption_calibration
+    from ecoflap.models.image_calibration import build_image_caption_calibration
     from ecoflap.evaluation.vision_language import evaluate_vision_language
     from ecoflap.models.registry import adapter_for
     from ecoflap.models.fashion_clip import train_fashion_clip

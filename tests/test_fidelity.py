@@ -81,7 +81,7 @@ def test_ecoflap_calibration_protocol(blip2_t5):
 
     from ecoflap.data import pairs as pr
     from ecoflap.data.files import open_image
-    from ecoflap.data.image_calibration import _processor_size, _train_crop_flip, build_image_caption_calibration
+    from ecoflap.models.image_calibration import _processor_size, _train_crop_flip, build_image_caption_calibration
     from ecoflap.models.processors import load_processors
 
     paths = {"pairs": str(FIX / "cc3m/pairs.tsv"), "image_root": str(FIX / "cc3m")}
@@ -110,7 +110,7 @@ def test_ecoflap_calibration_protocol(blip2_t5):
 
 
 def test_ecoflap_split_points_are_seeded_and_in_the_first_half(blip2_t5, monkeypatch):
-    from ecoflap.data import image_calibration as cal
+    from ecoflap.models import image_calibration as cal
 
     seen = []
     real = cal.random.Random.randint
@@ -132,7 +132,7 @@ def test_ecoflap_split_points_are_seeded_and_in_the_first_half(blip2_t5, monkeyp
 def test_train_crop_flip_gives_square_crops_of_the_processor_size():
     from PIL import Image
 
-    from ecoflap.data.image_calibration import _train_crop_flip
+    from ecoflap.models.image_calibration import _train_crop_flip
 
     image = Image.new("RGB", (64, 48))
     for seed in range(20):

@@ -99,3 +99,29 @@ def test_catalog_and_config_check_import_without_torch():
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# lower layers never import higher ones: data readers know no model, the model layer knows no
+# method, the catalog and the utilities know no other room (they are imported by all)
+LAYERS = {
+    "ecoflap.catalog": ("ecoflap",),
+    "ecoflap.utils": ("ecoflap.models", "ecoflap.data", "ecoflap.blocks", "ecoflap.scoring", "ecoflap.allocation",
+                      "ecoflap.pruning", "ecoflap.evaluation", "ecoflap.reporting", "ecoflap.cli", "ecoflap.config"),
+    "ecoflap.data": ("ecoflap.models", "ecoflap.blocks", "ecoflap.scoring", "ecoflap.allocation", "ecoflap.pruning",
+                     "ecoflap.evaluation", "ecoflap.reporting", "ecoflap.cli"),
+    "ecoflap.models": ("ecoflap.blocks", "ecoflap.scoring", "ecoflap.allocation", "ecoflap.pruning",
+                       "ecoflap.evaluation", "ecoflap.reporting", "ecoflap.cli"),
+    "ecoflap.allocation": ("ecoflap.models", "ecoflap.data", "ecoflap.blocks", "ecoflap.scoring", "ecoflap.pruning",
+                           "ecoflap.evaluation", "ecoflap.cli"),
+}
+
+
+def test_lower_layers_do_not_import_higher_ones():
+    modules = _modules()
+    offenders = []
+    for name, path in modules.items():
+        for room, forbidden in LAYERS.items():
+            if name == room or name.startswith(room + "."):
+                offenders += [f"{name} imports {n}" for n, _, _ in _imports(path, modules)
+                              if n.startswith(forbidden) and not (n == room or n.startswith(room + "."))]
+    assert not offenders, offenders

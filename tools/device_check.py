@@ -284,7 +284,7 @@ def _load_no_tok(folder: Path, mode: str):
 
 @section("C. fashion CLIP (two towers): none vs cpu")
 def check_fashion_clip(work: Path) -> dict:
-    from ecoflap.data.image_calibration import build_image_caption_calibration
+    from ecoflap.models.image_calibration import build_image_caption_calibration
     from ecoflap.evaluation.vision_language import evaluate_vision_language
     from ecoflap.models.fashion_clip import train_fashion_clip
     from ecoflap.scoring.checkpointed import checkpointed_gradient_scores

@@ -1,6 +1,7 @@
 """Calibration windows: fixed-length token windows drawn with a fixed seed, saved once
 (as safetensors, with the tokenizer's and source's identity) and reused by every method.
-Saving, loading and batching serve the image-caption sets (`image_calibration.py`) too."""
+Saving, loading and batching serve the image-caption sets (`models/image_calibration.py`, which
+encodes pairs with a family's processors) too."""
 from __future__ import annotations
 
 import logging
