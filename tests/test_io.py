@@ -41,3 +41,24 @@ def test_corrupt_files_give_clear_errors(tmp_path):
         read_json(tmp_path / "x.json")
     write_json(tmp_path / "y.json", {"a": 1})
     assert read_json(tmp_path / "y.json") == {"a": 1}
+
+
+def test_tensor_files_are_byte_identical_across_processes(tmp_path):
+    """safetensors writes several metadata keys in a random order per process; the same
+    calibration set must give the same file (its hash is an input of every later stage)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from ecoflap.utils.io import tensor_metadata
+
+    code = ("import sys, torch; from ecoflap.utils.io import save_tensors; "
+            "save_tensors(sys.argv[1], {'input_ids': torch.arange(12).reshape(3, 4)}, "
+            "{'source': 'austen-emma', 'seed': '0', 'seq_len': '4', 'prompt': '', 'protocol': 'caption'})")
+    paths = [tmp_path / f"c{i}.safetensors" for i in range(4)]
+    for p in paths:
+        subprocess.run([sys.executable, "-c", code, str(p)], check=True)
+    assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}) == 1
+    assert tensor_metadata(paths[0]) == {"source": "austen-emma", "seed": "0", "seq_len": "4", "prompt": "",
+                                         "protocol": "caption"}
+    assert torch.equal(load_tensors(paths[0])["input_ids"], torch.arange(12).reshape(3, 4))

@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from safetensors import safe_open
+
 from ecoflap.utils import leases
 
 log = logging.getLogger(__name__)
@@ -119,11 +121,25 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+METADATA_KEY = "ecoflap"
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Tensors and their metadata, byte-identical for identical inputs: safetensors writes
+    several metadata keys in a random (hash map) order, which made the same calibration set's
+    file, and every input hash naming it, differ from run to run. So the metadata is one key,
+    `ecoflap`, holding sorted JSON (`tensor_metadata` reads it back)."""
     from safetensors.torch import save_file  # imports torch: only where tensors are written, not in allocate/aggregate
 
+    header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
+
+
+def tensor_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata `save_tensors` wrote."""
+    with safe_open(str(path), framework="numpy") as f:
+        return json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
