@@ -88,6 +88,14 @@ SCORERS: dict[str, Method] = {
         "ecoflap.scoring.outliers:outlier_ratios",
         "OWL's layer-wise outlier ratios (per block)",
         {"m": Option(5.0, {"type": "number", "exclusiveMinimum": 0}, "outlier threshold, times the block's mean")}),
+    "esd_alpha": Method(
+        "ecoflap.scoring.esd_alpha:esd_alpha_scores",
+        "AlphaPruning's heavy-tail exponent of each matrix's eigenvalue spectrum (data-free)",
+        {"granularity": _GRANULARITY,
+         "fix_fingers": Option("xmin_peak", _enum("xmin_peak", "xmin_mid"),
+                               "how the tail's start is chosen (the authors' default: xmin_peak)"),
+         "bins": Option(100, _POS_INT, "xmin_peak: histogram bins over log10 eigenvalues"),
+         "xmin_pos": Option(2, _POS_INT, "xmin_mid: the tail starts at eigenvalue N / xmin_pos")}),
 }
 # settings every scorer entry takes besides its options (n_samples defaults to the calibration's)
 SCORER_COMMON: dict[str, Option] = {
@@ -110,10 +118,16 @@ ALLOCATIONS: dict[str, Method] = {
         "ecoflap.allocation.allocators:owl", "OWL's outlier-weighted ratios",
         {"lambda": Option(0.08, {"type": "number", "minimum": 0, "maximum": 0.5},
                           "ratios spread over target +/- lambda", arg="lam")}),
+    "alphapruning": Method(
+        "ecoflap.allocation.allocators:alphapruning", "AlphaPruning: sparsity rising linearly with the ESD alpha",
+        {"epsilon": Option(0.3, {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                           "ratios spread over target x [1 - epsilon, 1 + epsilon] before rescaling (their "
+                           "default; their LLaMA-7B Wanda script uses 0.2)")}),
 }
 # which scorer kinds an allocation reads (uniform reads none)
 ALLOCATION_SCORERS: dict[str, tuple[str, ...]] = {
-    "uniform": (), "ecoflap": ("zeroth_order", "first_order", "checkpointed"), "owl": ("outliers",)}
+    "uniform": (), "ecoflap": ("zeroth_order", "first_order", "checkpointed"), "owl": ("outliers",),
+    "alphapruning": ("esd_alpha",)}
 
 # --- fine stage: layer-wise pruners (pruning/) -----------------------------------------------
 # Each implementation is a class built as cls(**options) with needs_activations, init_stats,
