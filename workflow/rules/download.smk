@@ -6,7 +6,9 @@ rule download_model:
         layout="results/{model}/layout.json",
     params:
         py=PY,
-        spec=lambda wc: shlex.quote(json.dumps({"family": "causal_lm", **model_spec(wc)})),  # family checked
+        # the config entry, with the family the download checks; keys sorted, so a config file
+        # listing them in another order does not count as changed settings (and rerun everything)
+        spec=lambda wc: spec_arg({"family": "causal_lm", **model_spec(wc)}),
     priority: 1  # before evaluations: they then run in pairs of single-threaded jobs (common.smk)
     log:
         "results/{model}/logs/download.log",
@@ -15,6 +17,6 @@ rule download_model:
     conda:
         "../../envs/ecoflap.yaml"
     shell:
-        "{params.py} -m ecoflap download --spec {params.spec} --out {output.model} "
+        "{params.py} -m ecoflap download {params.spec} --out {output.model} "
         "--layout {output.layout} > {log} 2>&1 "
         f"{EXPLAIN_EXIT}"
