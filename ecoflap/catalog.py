@@ -189,15 +189,14 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 class CalibrationSource:
     image: bool  # image-caption pairs (else text windows)
     needs: tuple[str, ...] = ()  # calibration keys the source reads
-    embedded: bool = False
 
 
 CALIBRATION_SOURCES: dict[str, CalibrationSource] = {
-    "austen-emma": CalibrationSource(image=False, embedded=True),
+    "austen-emma": CalibrationSource(image=False),  # embedded
     "c4": CalibrationSource(image=False),
     "cc3m": CalibrationSource(image=True, needs=("pairs",)),
     "coco": CalibrationSource(image=True, needs=("captions", "image_dir")),
-    "fashion-mnist": CalibrationSource(image=True, embedded=True),
+    "fashion-mnist": CalibrationSource(image=True),  # embedded
 }
 IMAGE_SOURCES = tuple(k for k, v in CALIBRATION_SOURCES.items() if v.image)
 # calibration keys that name files of image-caption pairs (passed to `calibrate`, hashed in provenance)
@@ -239,10 +238,6 @@ def default_protocol(dataset: str) -> str | None:
 
 
 # --- settings of one stage -------------------------------------------------------------------
-
-def method_table(stage: str) -> dict[str, Method]:
-    return {"score": SCORERS, "allocate": ALLOCATIONS, "prune": PRUNERS}[stage]
-
 
 def settings(table: dict[str, Method], kind: str, entry: dict[str, Any] | None = None,
              common: dict[str, Option] | None = None) -> dict[str, Any]:
