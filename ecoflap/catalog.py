@@ -239,12 +239,16 @@ def default_protocol(dataset: str) -> str | None:
 
 # --- settings of one stage -------------------------------------------------------------------
 
+def check_kind(table: dict[str, Method], kind: str) -> None:
+    if kind not in table:
+        raise ValueError(f"unknown kind {kind!r} (allowed: {', '.join(table)})")
+
+
 def settings(table: dict[str, Method], kind: str, entry: dict[str, Any] | None = None,
              common: dict[str, Option] | None = None) -> dict[str, Any]:
     """A method's settings: its catalog defaults, overridden by the config entry (which may
     hold other keys too; only the method's options and `common` are kept)."""
-    if kind not in table:
-        raise ValueError(f"unknown kind {kind!r} (allowed: {', '.join(table)})")
+    check_kind(table, kind)
     entry = entry or {}
     keys = {**table[kind].options, **(common or {})}
     return {k: entry[k] if entry.get(k) is not None else o.default for k, o in keys.items()}

@@ -65,9 +65,8 @@ def _calibration_batches(path: str, n_samples: int | None, batch_size: int, dtyp
     return batches(data, batch_size)
 
 
-def _finish(path: str, result: dict[str, Any], args: argparse.Namespace | dict[str, Any], inputs: dict[str, str],
+def _finish(path: str, result: dict[str, Any], settings: dict[str, Any], inputs: dict[str, str],
             started: float, device: torch.device | None = None) -> None:
-    settings = args if isinstance(args, dict) else {k: v for k, v in vars(args).items() if k not in ("func",)}
     result["runtime"] = {"wall_s": round(time.perf_counter() - started, 2),
                          "peak_mem_mb": round(peak_memory_mb(device), 1),
                          "device": str(device) if device else "cpu", "threads": torch_threads()}
@@ -95,7 +94,7 @@ def cmd_download(args: argparse.Namespace) -> None:
     n = sum(sum(v.values()) for v in layout.values())
     log.info("%s: %d blocks, %d prunable layers, %.1f M prunable weights", laid_out["family"], len(layout),
              sum(len(v) for v in layout.values()), n / 1e6)
-    _finish(args.layout, {"spec": spec, **laid_out, "prunable_weights": n}, args, {}, t0)
+    _finish(args.layout, {"spec": spec, **laid_out, "prunable_weights": n}, _settings(args, spec), {}, t0)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -143,10 +142,8 @@ def cmd_score(args: argparse.Namespace) -> None:
                  n_samples=args.n_samples, batch_size=args.batch_size)
     if "kind" not in spec:
         raise ValueError(f"score needs a kind (in --spec or --kind; allowed: {', '.join(catalog.SCORERS)})")
-    scorer = catalog.SCORERS.get(spec["kind"])
-    if scorer is None:
-        raise ValueError(f"unknown scorer kind {spec['kind']!r} (allowed: {', '.join(catalog.SCORERS)})")
-    options = catalog.settings(catalog.SCORERS, spec["kind"], spec, catalog.SCORER_COMMON)
+    options = catalog.settings(catalog.SCORERS, spec["kind"], spec, catalog.SCORER_COMMON)  # checks the kind
+    scorer = catalog.SCORERS[spec["kind"]]
     seed = options["seed"] if options["seed"] is not None else args.seed
     seed_everything(seed)
     model, _tok, adapter, device, dtype = _load(args)
@@ -171,8 +168,7 @@ def cmd_allocate(args: argparse.Namespace) -> None:
                    aggregation=args.aggregation, scope=args.scope, submodels=args.submodels,
                    **{"lambda": args.owl_lambda})
     kind = method.setdefault("allocation", "uniform")
-    if kind not in catalog.ALLOCATIONS:
-        raise ValueError(f"unknown allocation {kind!r} (allowed: {', '.join(catalog.ALLOCATIONS)})")
+    catalog.check_kind(catalog.ALLOCATIONS, kind)
     laid_out = check_layout(read_json(args.layout), args.layout)
     inputs = {"layout": args.layout}
     scored = None

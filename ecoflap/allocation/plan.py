@@ -17,8 +17,8 @@ def plan_allocation(laid_out: dict[str, Any], scored: dict[str, Any] | None, met
     `method`: a config methods: entry (allocation, its options, scope, submodels; catalog
     defaults fill what it leaves out). Returns what allocation.json holds, without provenance."""
     kind = method.get("allocation", "uniform")
+    options = catalog.settings(catalog.ALLOCATIONS, kind, method)  # checks the kind
     allocator = catalog.ALLOCATIONS[kind]
-    options = catalog.settings(catalog.ALLOCATIONS, kind, method)
     scope = method.get("scope") or "global"
     submodel_of_block = laid_out.get("submodel_of_block") or {b: "language" for b in laid_out["layout"]}
     layout = ratios.select_submodels(laid_out["layout"], submodel_of_block, method.get("submodels"))
