@@ -29,4 +29,5 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         expand("results/{model}/summary/summary.md", model=list(config["models"])),
+        expand("results/seed_groups/{group}/summary.md", group=list(config["seed_groups"])),
     default_target: True

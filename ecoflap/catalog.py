@@ -36,6 +36,8 @@ class Method:
     help: str
     options: dict[str, Option] = field(default_factory=dict)
     seeded: bool = False  # the implementation takes seed= (random directions)
+    records: bool = False  # a scorer returning (scores, record): what it searched and chose, kept in its file
+    needs_targets: bool = False  # a scorer given the run's target sparsities (targets=)
 
     def defaults(self) -> dict[str, Any]:
         return {k: o.default for k, o in self.options.items()}
@@ -96,6 +98,14 @@ SCORERS: dict[str, Method] = {
                                "how the tail's start is chosen (the authors' default: xmin_peak)"),
          "bins": Option(100, _POS_INT, "xmin_peak: histogram bins over log10 eigenvalues"),
          "xmin_pos": Option(2, _POS_INT, "xmin_mid: the tail starts at eigenvalue N / xmin_pos")}),
+    "atp_search": Method(
+        "ecoflap.scoring.atp_search:atp_search_scores",
+        "ATP's grid search over the slope of sparsity rising with depth (one prune-and-measure run per step)",
+        {"step": Option(0.002, {"type": "number", "exclusiveMinimum": 0},
+                        "grid: step, 2 step, ... up to the largest legal slope (their search.sh)"),
+         "pruner": Option("wanda", _enum("magnitude", "wanda", "sparsegpt"),
+                          "the pruner of each search run (their search uses the method's own)")},
+        records=True, needs_targets=True),
 }
 # settings every scorer entry takes besides its options (n_samples defaults to the calibration's)
 SCORER_COMMON: dict[str, Option] = {
@@ -123,11 +133,15 @@ ALLOCATIONS: dict[str, Method] = {
         {"epsilon": Option(0.3, {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
                            "ratios spread over target x [1 - epsilon, 1 + epsilon] before rescaling (their "
                            "default; their LLaMA-7B Wanda script uses 0.2)")}),
+    "atp": Method(
+        "ecoflap.allocation.allocators:atp", "ATP: sparsity rising linearly with depth, mean equal to the target",
+        {"step": Option(None, {"type": ["number", "null"], "minimum": 0},
+                        "sparsity added per block of depth; null: the step the atp_search scorer chose for the target")}),
 }
 # which scorer kinds an allocation reads (uniform reads none)
 ALLOCATION_SCORERS: dict[str, tuple[str, ...]] = {
     "uniform": (), "ecoflap": ("zeroth_order", "first_order", "checkpointed"), "owl": ("outliers",),
-    "alphapruning": ("esd_alpha",)}
+    "alphapruning": ("esd_alpha",), "atp": ("atp_search",)}
 
 # --- fine stage: layer-wise pruners (pruning/) -----------------------------------------------
 # Each implementation is a class built as cls(**options) with needs_activations, init_stats,
@@ -140,6 +154,24 @@ PRUNERS: dict[str, Method] = {
         {"damp": Option(0.01, {"type": "number", "exclusiveMinimum": 0}, "Hessian dampening, times its mean diagonal"),
          "block_size": Option(128, _POS_INT, "columns per lazy-update block")}),
 }
+# mask refinement after a layer's pruner, at the same sparsity (a method's `refine:`); the
+# implementation is a class built as cls(**options) with applies_to, init_stats, add_batch, refine
+REFINERS: dict[str, Method] = {
+    "dsnot": Method(
+        "ecoflap.pruning.dsnot:DSnoT", "DSnoT: prune-and-grow swaps toward zero reconstruction error (Zhang et al. 2024)",
+        {"max_cycles": Option(50, _POS_INT, "swaps per row at most (their max_cycle_time)"),
+         "update_threshold": Option(0.1, {"type": "number", "minimum": 0},
+                                    "a row stops once |its error| is at most this (their scale: a window's token sum)"),
+         "pow_of_var_regrowing": Option(1.0, {"type": "number", "minimum": 0},
+                                        "the grow order divides W s by var^this"),
+         "skip_layers": Option(["mlp"], {"type": "array", "items": {"type": "string"}},
+                               "layers under these prefixes within a block keep the pruner's mask (their default: "
+                               "the MLP; [] refines every layer)"),
+         "same_sign": Option(False, {"type": "boolean"},
+                             "unstructured: stop a row at a swap that flips its error's sign (their default: off; "
+                             "N:M always checks)")}),
+}
+NO_REFINE = "none"
 # settings of the `pruning:` entry every pruner shares
 PRUNING_COMMON: dict[str, Option] = {
     "n_samples": Option(None, _POS_INT, "calibration windows used (default: all)"),
@@ -262,7 +294,8 @@ def option_schema(options: dict[str, Option]) -> dict[str, Any]:
 def describe() -> str:
     """The catalog as text (`python -m ecoflap catalog`)."""
     lines = []
-    for title, table in (("scorers", SCORERS), ("allocations", ALLOCATIONS), ("pruners", PRUNERS)):
+    for title, table in (("scorers", SCORERS), ("allocations", ALLOCATIONS), ("pruners", PRUNERS),
+                         ("refiners (a method's refine:)", REFINERS)):
         lines.append(f"{title}:")
         for name, m in table.items():
             lines.append(f"  {name}: {m.help}  [{m.impl}]")

@@ -154,9 +154,18 @@ def cmd_score(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     log.info("scorer %s: %s", spec["kind"], scorer.arguments(options))
     extra = {"seed": seed} if scorer.seeded else {}
-    scores = scorer.load()(model, adapter, batches, device, **scorer.arguments(options), **extra)
-    _finish(args.out, {"kind": spec["kind"], "granularity": options.get("granularity", "block"), "scores": scores},
-            _settings(args, {"kind": spec["kind"], **options, "seed": seed}),
+    if scorer.needs_targets:
+        targets = args.targets or spec.get("targets")
+        if not targets:
+            raise ValueError(f"scorer {spec['kind']} searches per target sparsity: pass --targets (the workflow "
+                             "passes the config's sparsities)")
+        extra["targets"] = [float(t) for t in targets]
+    result = scorer.load()(model, adapter, batches, device, **scorer.arguments(options), **extra)
+    scores, record = result if scorer.records else (result, None)
+    out = {"kind": spec["kind"], "granularity": options.get("granularity", "block"), "scores": scores}
+    if record is not None:
+        out["record"] = record  # what the scorer searched and chose (allocation options per target)
+    _finish(args.out, out, _settings(args, {"kind": spec["kind"], **options, "seed": seed, **extra}),
             {"model": args.model, "calibration": args.calibration}, t0, device)
 
 
@@ -200,7 +209,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     spec = _spec(args, pruner=args.pruner, n_samples=args.n_samples, batch_size=args.batch_size,
-                 sparsegpt_damp=args.sparsegpt_damp, sparsegpt_block_size=args.sparsegpt_block_size)
+                 sparsegpt_damp=args.sparsegpt_damp, sparsegpt_block_size=args.sparsegpt_block_size,
+                 refine=args.refine)
     if spec.get("pruner") not in catalog.PRUNERS:
         raise ValueError(f"prune needs a pruner (in --spec or --pruner; allowed: {', '.join(catalog.PRUNERS)}), "
                          f"got {spec.get('pruner')!r}")
@@ -216,15 +226,22 @@ def cmd_prune(args: argparse.Namespace) -> None:
     layers = {layer for block in model_layout(model, adapter).values() for layer in block}
     allocation = check_allocation(read_json(args.allocation), args.allocation, layers)
     pruner = make_pruner(spec["pruner"], **options)
-    if pruner.needs_activations and not args.calibration:
-        raise ValueError(f"{spec['pruner']} needs calibration activations: pass --calibration")
+    refine = spec.get("refine") or catalog.NO_REFINE
+    refine_options = {} if refine == catalog.NO_REFINE else catalog.settings(catalog.REFINERS, refine, spec)
+    refiner = None if refine == catalog.NO_REFINE else catalog.REFINERS[refine].load()(
+        **catalog.REFINERS[refine].arguments(refine_options))
+    needs_activations = pruner.needs_activations or refiner is not None
+    if needs_activations and not args.calibration:
+        raise ValueError(f"{spec['pruner']}{' with ' + refine if refiner else ''} needs calibration activations: "
+                         "pass --calibration")
     batches = _calibration_batches(args.calibration, spec.get("n_samples"), batch_size, dtype) \
-        if pruner.needs_activations else []
+        if needs_activations else []
     if device.type == "cuda":
         import torch
 
         torch.cuda.reset_peak_memory_stats(device)
-    report = prune_sequential(model, adapter, pruner, allocation["layer_sparsity"], batches, device, nm, comparison)
+    report = prune_sequential(model, adapter, pruner, allocation["layer_sparsity"], batches, device, nm, comparison,
+                              refiner)
     submodel_of_layer = {layer: sub for block, sub in adapter.submodel_of_block(model).items()
                          for layer in report.layer_size if layer.startswith(block + ".")}
     submodel_sparsity = report.sparsity_by(submodel_of_layer)
@@ -237,14 +254,15 @@ def cmd_prune(args: argparse.Namespace) -> None:
         tok.save_pretrained(tmp)
         write_checksums(tmp)
     inputs = {"model": args.model, "allocation": args.allocation}
-    if pruner.needs_activations:
+    if needs_activations:
         inputs["calibration"] = args.calibration
-    _finish(args.report, {"pruner": spec["pruner"], "nm": args.nm, "target": allocation["target"],
+    _finish(args.report, {"pruner": spec["pruner"], "refine": refine, "nm": args.nm, "target": allocation["target"],
                           "global_sparsity": report.global_sparsity, "submodel_sparsity": submodel_sparsity,
                           "mask_sha256": report.mask_sha256,
                           "checkpoint_sha256": sha256_path(args.out),
                           "layer_sparsity": report.layer_sparsity},
-            _settings(args, {**spec, "pruner_options": options, "comparison": comparison, "batch_size": batch_size}),
+            _settings(args, {**spec, "pruner_options": options, "refine_options": refine_options,
+                             "comparison": comparison, "batch_size": batch_size}),
             inputs, t0, device)
 
 
@@ -304,6 +322,12 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
 
     aggregate(Path(args.results), args.rows, Path(args.out_dir), Path(args.reference) if args.reference else None,
               args.model_name, read_json(args.run_config) if args.run_config else None)
+
+
+def cmd_seed_summary(args: argparse.Namespace) -> None:
+    from ecoflap.reporting.seed_groups import seed_group_summary
+
+    seed_group_summary(Path(args.results), args.group, args.members, read_json(args.run_config), Path(args.out_dir))
 
 
 def cmd_catalog(args: argparse.Namespace) -> None:
@@ -402,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduce", choices=["l2", "projection", "abs_g", "abs_wg"],
                    help="gradient reduction (first_order: abs_g/abs_wg; checkpointed: any)")
     p.add_argument("--owl-m", type=float, help="outliers: the option m")
+    p.add_argument("--targets", type=float, nargs="+", help="atp_search: the target sparsities to search for")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_score)
 
@@ -434,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for a sub-model, e.g. vision=matrix (the authors' BLIP-2 ViT)")
     p.add_argument("--sparsegpt-damp", type=float)
     p.add_argument("--sparsegpt-block-size", type=int)
+    p.add_argument("--refine", choices=[catalog.NO_REFINE, *catalog.REFINERS],
+                   help="refine each layer's mask after the pruner, at the same sparsity (dsnot)")
     p.add_argument("--out", required=True, help="checkpoint folder")
     p.add_argument("--report", required=True, help="JSON with achieved sparsities")
     p.set_defaults(func=cmd_prune)
@@ -470,6 +497,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model's key in the reference YAML (default: the results folder name)")
     p.add_argument("--run-config", help="JSON of the workflow configuration, copied into environment.txt")
     p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("seed-summary", help="mean and spread over models that differ only in seed (seed_groups)")
+    p.add_argument("--results", default="results", help="the folder holding results/<model>/")
+    p.add_argument("--group", required=True, help="the seed group's name")
+    p.add_argument("--members", nargs="+", required=True, help="its models (each aggregated already)")
+    p.add_argument("--run-config", required=True, help="JSON of the workflow configuration (methods, scorers, seeds)")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_seed_summary)
 
     p = sub.add_parser("catalog", help="every scorer, allocation, pruner, family, source and dataset, with defaults")
     p.add_argument("--schema", action="store_true", help="print the complete config JSON schema instead")

@@ -10,6 +10,7 @@ from typing import Any
 
 import copy
 import functools
+import json
 import math
 import re
 
@@ -120,14 +121,19 @@ def _built_schema() -> dict[str, Any]:
         "submodels": {"type": "array", "minItems": 1, "items": {"enum": list(C.SUBMODELS)},
                       "description": "prune only these sub-models (default: all); the rest stay dense"},
     }
-    every_option = {k: o.schema for m in C.ALLOCATIONS.values() for k, o in m.options.items()}
+    method_common["refine"] = {"enum": [C.NO_REFINE, *C.REFINERS], "default": C.NO_REFINE,
+                               "description": "refine each layer's mask after its pruner, at the same sparsity: "
+                               + "; ".join(f"{k}: {m.help}" for k, m in C.REFINERS.items())}
+    every_option = {k: o.schema for table in (C.ALLOCATIONS, C.REFINERS) for m in table.values()
+                    for k, o in m.options.items()}
     defs["method"] = {"type": "object", "required": ["pruner"], "additionalProperties": False,
                       "description": defs["method"]["description"],
                       "properties": {**method_common, **every_option},
-                      # each allocation's option defaults; another allocation's options are accepted and unused
-                      "allOf": [{"if": {"properties": {"allocation": {"const": kind}}, "required": ["allocation"]},
+                      # each allocation's and refiner's option defaults; another's options are accepted and unused
+                      "allOf": [{"if": {"properties": {key: {"const": kind}}, "required": [key]},
                                  "then": {"properties": C.option_schema(m.options)}}
-                                for kind, m in C.ALLOCATIONS.items() if m.options]}
+                                for key, table in (("allocation", C.ALLOCATIONS), ("refine", C.REFINERS))
+                                for kind, m in table.items() if m.options]}
     _enum(defs["offload"], C.OFFLOAD_MODES)
     _enum(defs["family"], FAMILIES)
     _enum(defs["calibration_fields"]["source"], CALIBRATION_SOURCES)
@@ -231,6 +237,20 @@ def _reference_errors(config: dict[str, Any]) -> list[str]:
         n, m = (int(x) for x in pat.split(":"))
         if not 0 < n < m:
             errors.append(f"config key nm_patterns[{i}]: {pat!r} needs 0 < N < M (allowed: e.g. '2:4', '4:8')")
+    for group, members in config.get("seed_groups", {}).items():
+        unknown = [m for m in members if m not in config["models"]]
+        if unknown:
+            errors.append(f"config key seed_groups.{group}: {unknown} are not keys of models "
+                          f"(allowed: {', '.join(config['models'])})")
+            continue
+        identities = {json.dumps({k: v for k, v in config["models"][m].items() if k != "seed"}, sort_keys=True)
+                      for m in members}
+        if len(identities) > 1:
+            errors.append(f"config key seed_groups.{group}: its models differ in more than their seed "
+                          "(allowed: entries identical but for seed:)")
+    if config.get("seed_groups") and "seed_groups" in config["models"]:
+        errors.append("config key models.seed_groups: results/seed_groups/ holds the seed groups' summaries "
+                      "(allowed: any other model name)")
     if not config.get("evaluation"):
         errors.append("config key evaluation: at least one evaluation is needed")
     errors += _family_errors(config)

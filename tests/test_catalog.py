@@ -17,7 +17,8 @@ from ecoflap.cli import build_parser, main
 from ecoflap.config import ConfigError, fill_defaults, schema, validate_config
 
 DEFAULT = yaml.safe_load((REPO / "config.yaml").read_text())
-TABLES = {"scorers": catalog.SCORERS, "allocations": catalog.ALLOCATIONS, "pruners": catalog.PRUNERS}
+TABLES = {"scorers": catalog.SCORERS, "allocations": catalog.ALLOCATIONS, "pruners": catalog.PRUNERS,
+          "refiners": catalog.REFINERS}
 
 
 def _enum_of(node):
@@ -30,6 +31,7 @@ def test_schema_enums_equal_the_catalog():
     assert _enum_of(defs["scorer"]["properties"]["kind"]) == list(catalog.SCORERS)
     assert _enum_of(defs["method"]["properties"]["allocation"]) == list(catalog.ALLOCATIONS)
     assert _enum_of(defs["method"]["properties"]["pruner"]) == [catalog.NO_PRUNER, *catalog.PRUNERS]
+    assert _enum_of(defs["method"]["properties"]["refine"]) == [catalog.NO_REFINE, *catalog.REFINERS]
     assert defs["method"]["properties"]["submodels"]["items"]["enum"] == list(catalog.SUBMODELS)
     assert _enum_of(defs["family"]) == list(catalog.FAMILIES)
     assert _enum_of(defs["offload"]) == list(catalog.OFFLOAD_MODES)
@@ -67,9 +69,11 @@ def test_implementations_match_the_catalog():
                 assert option in params, f"{title}.{name}: {impl.__name__} takes no {option!r}"
                 declared = params[option].default
                 if declared is not inspect.Parameter.empty:
+                    declared = list(declared) if isinstance(declared, tuple) else declared
                     assert declared == value, f"{title}.{name}.{option}: code {declared!r}, catalog {value!r}"
             if title == "scorers":
                 assert ("seed" in params) == method.seeded, name
+                assert ("targets" in params) == method.needs_targets, name
 
 
 def _choices(subcommand: str, flag: str):
@@ -82,6 +86,7 @@ def test_cli_choices_come_from_the_catalog():
     assert list(_choices("score", "--kind")) == list(catalog.SCORERS)
     assert list(_choices("allocate", "--kind")) == list(catalog.ALLOCATIONS)
     assert list(_choices("prune", "--pruner")) == list(catalog.PRUNERS)
+    assert list(_choices("prune", "--refine")) == [catalog.NO_REFINE, *catalog.REFINERS]
     assert list(_choices("calibrate", "--source")) == list(catalog.CALIBRATION_SOURCES)
     assert list(_choices("score", "--family")) == list(catalog.FAMILIES)
     assert list(_choices("prune", "--offload")) == list(catalog.OFFLOAD_MODES)
@@ -91,7 +96,8 @@ def test_defaults_are_filled_per_kind():
     cfg = copy.deepcopy(DEFAULT)
     cfg["scorers"] = {"z": {"kind": "zeroth_order"}, "o": {"kind": "outliers"}, "c": {"kind": "checkpointed"}}
     cfg["methods"] = {"e": {"pruner": "wanda", "allocation": "ecoflap", "scorer": "c"},
-                      "w": {"pruner": "wanda", "allocation": "owl", "scorer": "o"}, "u": {"pruner": "magnitude"}}
+                      "w": {"pruner": "wanda", "allocation": "owl", "scorer": "o"}, "u": {"pruner": "magnitude"},
+                      "d": {"pruner": "sparsegpt", "refine": "dsnot", "max_cycles": 10}}
     validate_config(cfg)
     fill_defaults(cfg)
     assert cfg["scorers"]["z"] == {"kind": "zeroth_order", "granularity": "block", "eps": 1e-3,
@@ -101,6 +107,8 @@ def test_defaults_are_filled_per_kind():
     assert cfg["methods"]["e"]["max_sparsity_offset"] == 0.1 and "lambda" not in cfg["methods"]["e"]
     assert cfg["methods"]["w"]["lambda"] == 0.08 and "aggregation" not in cfg["methods"]["w"]
     assert cfg["methods"]["u"]["allocation"] == "uniform" and cfg["pruning"]["sparsegpt_damp"] == 0.01
+    assert cfg["methods"]["u"]["refine"] == "none" and "max_cycles" not in cfg["methods"]["u"]
+    assert cfg["methods"]["d"]["max_cycles"] == 10 and cfg["methods"]["d"]["skip_layers"] == ["mlp"]
     assert cfg["calibration"]["seq_len"] == DEFAULT["calibration"].get("seq_len", 128)
 
 

@@ -18,6 +18,9 @@ def plan_allocation(laid_out: dict[str, Any], scored: dict[str, Any] | None, met
     defaults fill what it leaves out). Returns what allocation.json holds, without provenance."""
     kind = method.get("allocation", "uniform")
     options = catalog.settings(catalog.ALLOCATIONS, kind, method)  # checks the kind
+    # options a searching scorer chose for this target (atp_search's step), where the method leaves them unset
+    chosen = ((scored or {}).get("record") or {}).get("chosen", {}).get(f"{target:g}", {})
+    options.update({k: v for k, v in chosen.items() if k in options and options[k] is None})
     allocator = catalog.ALLOCATIONS[kind]
     scope = method.get("scope") or "global"
     submodel_of_block = laid_out.get("submodel_of_block") or {b: "language" for b in laid_out["layout"]}

@@ -40,11 +40,12 @@ class PruneReport:
 @torch.no_grad()
 def prune_sequential(model: nn.Module, adapter: Adapter, pruner, layer_sparsity: dict[str, float],
                      batches: list[Batch], device: torch.device, nm: tuple[int, int] | None = None,
-                     comparison: dict[str, str] | None = None) -> PruneReport:
+                     comparison: dict[str, str] | None = None, refiner=None) -> PruneReport:
     """Prune in place every layer that `layer_sparsity` names; stacks it does not name at all
     (a sub-model kept dense) are left untouched. `comparison` maps a sub-model to the group
-    its scores are compared within ("row", the default, or "matrix"). Returns the achieved
-    sparsities."""
+    its scores are compared within ("row", the default, or "matrix"). `refiner` (DSnoT,
+    catalog.REFINERS) swaps each layer's mask after its pruner, at the same sparsity.
+    Returns the achieved sparsities."""
     report = PruneReport()
     mask_hash = hashlib.sha256()
     for stack in adapter.stacks(model):
@@ -54,8 +55,8 @@ def prune_sequential(model: nn.Module, adapter: Adapter, pruner, layer_sparsity:
             continue
         group = (comparison or {}).get(stack.submodel, "row")
         for step in walk_stack(model, adapter, stack, batches, device, f"pruning {stack.name} blocks",
-                               capture=pruner.needs_activations):
-            _prune_block(step, adapter, pruner, layer_sparsity, nm, report, mask_hash, group)
+                               capture=pruner.needs_activations or refiner is not None):
+            _prune_block(step, adapter, pruner, layer_sparsity, nm, report, mask_hash, group, refiner)
     if not report.layer_size:
         raise KeyError("the allocation names no layer of this model; was it made for another model?")
     report.mask_sha256 = mask_hash.hexdigest()
@@ -64,7 +65,7 @@ def prune_sequential(model: nn.Module, adapter: Adapter, pruner, layer_sparsity:
 
 
 def _prune_block(step: BlockStep, adapter: Adapter, pruner, layer_sparsity: dict[str, float],
-                 nm: tuple[int, int] | None, report: PruneReport, mask_hash, group: str = "row") -> None:
+                 nm: tuple[int, int] | None, report: PruneReport, mask_hash, group: str = "row", refiner=None) -> None:
     layers = adapter.prunable_layers(step.block)
     missing = [f"{step.name}.{n}" for n in layers if f"{step.name}.{n}" not in layer_sparsity]
     if missing:
@@ -72,8 +73,16 @@ def _prune_block(step: BlockStep, adapter: Adapter, pruner, layer_sparsity: dict
     ratios = [layer_sparsity[f"{step.name}.{n}"] for n in layers]
     log.info("%s: %d layers at sparsity %.3f-%.3f", step.name, len(layers), min(ratios), max(ratios))
     stats = {name: pruner.init_stats(layer) for name, layer in layers.items()}
-    if pruner.needs_activations:  # accumulate
-        seen = feed_layers(step, layers, lambda name, x: pruner.add_batch(stats[name], x))
+    refined = {name: refiner.init_stats(layer) for name, layer in layers.items()
+               if refiner is not None and refiner.applies_to(name)}
+
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        pruner.add_batch(stats[name], x)
+        if name in refined:
+            refiner.add_batch(refined[name], x)
+
+    if pruner.needs_activations or refined:  # accumulate
+        seen = feed_layers(step, layers, accumulate)
         unseen = [n for n, c in seen.items() if c == 0]
         if unseen:
             raise RuntimeError(f"{step.name}: layers {unseen} received no calibration activations (the calibration "
@@ -81,7 +90,10 @@ def _prune_block(step: BlockStep, adapter: Adapter, pruner, layer_sparsity: dict
                                "calibration batch, or prune this model with magnitude")
     for name, layer in layers.items():  # sparsify
         full = f"{step.name}.{name}"
+        dense = layer.weight.detach().clone() if name in refined else None
         mask = pruner.prune(layer, stats[name], layer_sparsity[full], nm, group)
+        if name in refined:  # refine: swap weights at the same sparsity
+            mask = refiner.refine(layer, dense, mask, refined[name], nm)
         check_finite(layer.weight, f"{full} after pruning",
                      "the calibration statistics overflowed; use float32 or bfloat16 instead of float16")
         report.layer_size[full] = mask.numel()

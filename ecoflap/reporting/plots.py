@@ -32,16 +32,19 @@ def plot_allocation(unit_sparsity: dict[str, float], path: str | Path, title: st
     _save(fig, path)
 
 
-def plot_metrics(table: pd.DataFrame, metrics: list[str], path: str | Path, title: str) -> None:
-    """One panel per metric: metric against target sparsity, a line per method."""
+def plot_metrics(table: pd.DataFrame, metrics: list[str], path: str | Path, title: str,
+                 bounds: tuple[str, str] = (" lo95", " hi95")) -> None:
+    """One panel per metric: metric against target sparsity, a line per method, error bars
+    from the columns `metric + bounds[0]` and `metric + bounds[1]` where the table has them
+    (a 95 % bootstrap interval; over seeds, the range)."""
     pruned = table[table["method"] != "dense"]
     dense = table[table["method"] == "dense"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        lo, hi = metric + " lo95", metric + " hi95"
+        lo, hi = metric + bounds[0], metric + bounds[1]
         for method, rows in pruned.groupby("method", sort=False):
             rows = rows.dropna(subset=["target", metric]).sort_values("target")
-            if lo in rows and rows[lo].notna().all():  # 95 % bootstrap interval as error bars
+            if lo in rows and rows[lo].notna().all():  # error bars
                 err = [rows[metric] - rows[lo], rows[hi] - rows[metric]]
                 ax.errorbar(rows["target"], rows[metric], yerr=err, marker="o", capsize=3, label=method)
             else:

@@ -6,7 +6,7 @@ from pathlib import Path
 import shlex
 import sys
 
-from ecoflap.catalog import ALLOCATION_SCORERS, NO_PRUNER, TEXT_EVALS
+from ecoflap.catalog import ALLOCATION_SCORERS, NO_PRUNER, NO_REFINE, REFINERS, SCORERS, TEXT_EVALS
 from ecoflap.config import (ConfigError, evaluation_task, fill_defaults, model_calibration, model_evaluations,
                             validate_config)
 
@@ -85,6 +85,7 @@ wildcard_constraints:
     method="[A-Za-z0-9_\-]+",
     sparsity="[0-9.]+|[0-9]+of[0-9]+",
     scorer="[A-Za-z0-9_\-]+",
+    group="[A-Za-z0-9_.\-]+",
     task="|".join(VL_ENTRIES) or "(?!)",
 
 
@@ -98,8 +99,13 @@ def spec_arg(entry):
     return f"--spec {shlex.quote(json.dumps(entry, sort_keys=True))}"
 
 
+def model_seed(wc):
+    """The model's own seed (a replicate in a seed group), else the run's."""
+    return config["models"][wc.model].get("seed", config["seed"])
+
+
 def calibration_args(wc):
-    return f"{spec_arg(model_calibration(config, wc.model))} --seed {config['seed']}"
+    return f"{spec_arg(model_calibration(config, wc.model))} --seed {model_seed(wc)}"
 
 
 def maybe_temp(path):
@@ -144,7 +150,7 @@ def model_spec(wc):
 
 def model_args(wc):
     """Arguments every model-loading CLI call shares."""
-    args = f"--device {config['device']} --dtype {config['dtype']} --seed {config['seed']}"
+    args = f"--device {config['device']} --dtype {config['dtype']} --seed {model_seed(wc)}"
     args += f" --offload {model_spec(wc).get('offload', config['offload'])}"
     if GPU:  # each job leases its own device(s): Snakemake's gpu resource only counts them
         args += f" --gpus {GPU}"
@@ -167,7 +173,10 @@ def scorer_args(wc):
     """The scorers: entry; n_samples resolved against the model's calibration."""
     s = config["scorers"][wc.scorer]
     n = s.get("n_samples", model_calibration(config, wc.model)["n_samples"])
-    return spec_arg({**s, "n_samples": n})
+    targets = ""
+    if SCORERS[s["kind"]].needs_targets:  # a search per target sparsity (atp_search): the config's sparsities
+        targets = " --targets " + " ".join(f"{v:g}" for v in config["sparsities"])
+    return spec_arg({**s, "n_samples": n}) + targets
 
 
 def allocation_inputs(wc):
@@ -178,9 +187,10 @@ def allocation_inputs(wc):
 
 
 def allocation_args(wc, input):
-    """The methods: entry (its pruner and nm are the prune rule's business) and the row's target."""
+    """The methods: entry (its pruner, nm and refiner are the prune rule's business) and the row's target."""
     target, _nm = parse_label(wc.sparsity)
-    entry = {k: v for k, v in method(wc).items() if k not in ("pruner", "nm")}
+    fine_stage = {"pruner", "nm", "refine", *(k for m in REFINERS.values() for k in m.options)}
+    entry = {k: v for k, v in method(wc).items() if k not in fine_stage}
     args = [spec_arg(entry), f"--target {target}"]
     if "scores" in input.keys():
         args.append(f"--scores {input.scores}")
@@ -193,6 +203,9 @@ def prune_args(wc):
     _target, nm = parse_label(wc.sparsity)
     n = p.get("n_samples", model_calibration(config, wc.model)["n_samples"])
     entry = {k: v for k, v in p.items() if k != "keep_checkpoints"}
+    refine = method(wc).get("refine", NO_REFINE)
+    if refine != NO_REFINE:  # the method's refiner and its options (a method without one passes nothing)
+        entry.update({"refine": refine, **{k: method(wc)[k] for k in REFINERS[refine].options if k in method(wc)}})
     args = spec_arg({**entry, "n_samples": n, "pruner": method(wc)["pruner"]})
     return args + (f" --nm {nm}" if nm else "")
 

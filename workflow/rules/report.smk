@@ -34,3 +34,33 @@ rule aggregate:
         "{params.py} -m ecoflap aggregate --results results/{wildcards.model} --rows {params.rows} "
         "--out-dir results/{wildcards.model}/summary {params.reference} --run-config {params.run_config} > {log} 2>&1 "
         f"{EXPLAIN_EXIT}"
+
+
+rule seed_group:
+    """Models that differ only in seed (config seed_groups), summarised together: each metric's
+    mean, sd and range over the seeds, the coarse stages' cost as a ratio to one Wanda pass,
+    ECoFLaP's wins, ties and losses beyond the spread, and the per-block sparsities chosen."""
+    input:
+        summaries=lambda wc: expand("results/{model}/summary/summary.csv", model=config["seed_groups"][wc.group]),
+    output:
+        csv="results/seed_groups/{group}/summary.csv",
+        md="results/seed_groups/{group}/summary.md",
+        costs="results/seed_groups/{group}/costs.csv",
+        metrics=report("results/seed_groups/{group}/metrics.png", category="seed groups", subcategory="{group}",
+                       caption="../report/seed_group.rst", labels={"group": "{group}", "figure": "metrics"}),
+    params:
+        py=PY,
+        members=lambda wc: " ".join(config["seed_groups"][wc.group]),
+        run_config=lambda wc: f"results/seed_groups/{wc.group}/.config.json",
+        config_json=lambda wc: shlex.quote(json.dumps(config)),
+    log:
+        "results/seed_groups/{group}/logs/seed_group.log",
+    benchmark:
+        "results/seed_groups/{group}/benchmarks/seed_group.tsv"
+    conda:
+        "../../envs/ecoflap.yaml"
+    shell:
+        "mkdir -p results/seed_groups/{wildcards.group} && echo {params.config_json} > {params.run_config} && "
+        "{params.py} -m ecoflap seed-summary --results results --group {wildcards.group} --members {params.members} "
+        "--run-config {params.run_config} --out-dir results/seed_groups/{wildcards.group} > {log} 2>&1 "
+        f"{EXPLAIN_EXIT}"

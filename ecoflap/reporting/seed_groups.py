@@ -1,0 +1,171 @@
+"""One summary over replicates of a model that differ only in seed (config `seed_groups`):
+each metric's mean, standard deviation and range over the seeds, each coarse stage's cost
+as a ratio to one Wanda pass, where each allocation wins, ties or loses against the others
+beyond the seed spread, and the per-block sparsity each allocation chose.
+
+Reads each member's results/<model>/summary/summary.csv (the aggregate rule's table, one
+row per method and sparsity) and pruning reports, so it adds no measurement of its own."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ecoflap.reporting.aggregate import block_profile
+from ecoflap.reporting.plots import plot_metrics, plot_profiles
+from ecoflap.utils.io import atomic_path, read_json, write_text
+
+log = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = ("perplexity",)
+# the columns of a member's summary that are measurements (the rest are identity, costs, hashes)
+_NOT_METRICS = ("method", "sparsity", "target", "achieved_sparsity", "ppl_tokens", "mask_sha256")
+
+
+def metric_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c not in _NOT_METRICS and not c.endswith(("_s", "_mem_mb", " n", " lo95",
+                                                                                  " hi95"))
+            and pd.api.types.is_numeric_dtype(table[c])]
+
+
+def spread(members: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per method and sparsity: mean, sd, min and max of every metric over the members."""
+    stacked = pd.concat([t.assign(seed_model=m) for m, t in members.items()], ignore_index=True)
+    metrics = metric_columns(stacked)
+    rows = []
+    for (method, sparsity), g in stacked.groupby(["method", "sparsity"], sort=False):
+        row: dict[str, Any] = {"method": method, "sparsity": sparsity, "target": g["target"].iloc[0],
+                               "seeds": g["seed_model"].nunique()}
+        for m in metrics:
+            v = g[m].dropna()
+            row.update({m: v.mean(), f"{m} sd": v.std(ddof=1) if len(v) > 1 else float("nan"),
+                        f"{m} min": v.min(), f"{m} max": v.max()})
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["target", "method"], kind="stable").reset_index(drop=True)
+
+
+def coarse_costs(results: Path, members: list[str], methods: dict[str, dict[str, Any]], scorers: dict[str, Any],
+                 wanda_method: str | None) -> pd.DataFrame:
+    """Each scorer's job time over one uniform-Wanda pruning job's (both Snakemake benchmarks,
+    whole jobs: process start, model load, and for Wanda writing its checkpoint), mean over
+    the members and, for Wanda, over the sparsities; plus the search runs of a searching scorer."""
+    rows = []
+    for scorer, entry in scorers.items():
+        if not any(m.get("scorer") == scorer for m in methods.values()):
+            continue
+        score_s, wanda_s, runs = [], [], []
+        for model in members:
+            bench = results / model / "scores" / "benchmarks" / f"{scorer}.tsv"
+            if bench.exists():
+                score_s.append(float(pd.read_csv(bench, sep="\t")["s"].iloc[0]))
+            scored = results / model / "scores" / f"{scorer}.json"
+            if scored.exists() and "record" in (rec := read_json(scored)):
+                runs.append(rec["record"].get("runs"))
+            if wanda_method:
+                for bench in (results / model / wanda_method).glob("*/benchmarks/prune.tsv"):
+                    wanda_s.append(float(pd.read_csv(bench, sep="\t")["s"].iloc[0]))
+        if not score_s:
+            continue
+        mean_score = sum(score_s) / len(score_s)
+        mean_wanda = sum(wanda_s) / len(wanda_s) if wanda_s else float("nan")
+        rows.append({"scorer": scorer, "kind": entry["kind"], "score_s": mean_score, "wanda_prune_s": mean_wanda,
+                     "x_wanda": mean_score / mean_wanda if wanda_s else float("nan"),
+                     "search_runs": runs[0] if runs else None})
+    return pd.DataFrame(rows)
+
+
+def verdicts(table: pd.DataFrame, methods: dict[str, dict[str, Any]], metric: str) -> pd.DataFrame:
+    """Every ECoFLaP method against every other allocation with the same pruner and refiner,
+    at each sparsity: win or loss when the two methods' ranges over the seeds do not
+    overlap, else tie."""
+    lower = metric.startswith(LOWER_IS_BETTER)
+    rows = []
+    for _, a in table.iterrows():
+        ma = methods.get(a["method"], {})
+        if ma.get("allocation") != "ecoflap":
+            continue
+        for _, b in table[table["sparsity"] == a["sparsity"]].iterrows():
+            mb = methods.get(b["method"], {})
+            if b["method"] == a["method"] or mb.get("pruner") != ma.get("pruner") \
+                    or mb.get("refine", "none") != ma.get("refine", "none") or mb.get("allocation") == "ecoflap":
+                continue
+            a_lo, a_hi, b_lo, b_hi = a[f"{metric} min"], a[f"{metric} max"], b[f"{metric} min"], b[f"{metric} max"]
+            better = a_hi < b_lo if lower else a_lo > b_hi
+            worse = a_lo > b_hi if lower else a_hi < b_lo
+            rows.append({"sparsity": a["sparsity"], "method": a["method"], "versus": b["method"],
+                         "ratio of means" if lower else "difference of means":
+                             a[metric] / b[metric] if lower else a[metric] - b[metric],
+                         "verdict": "win" if better else "loss" if worse else "tie"})
+    return pd.DataFrame(rows)
+
+
+def _cell(row: pd.Series, metric: str) -> str:
+    if pd.isna(row[metric]):
+        return ""
+    return f"{row[metric]:.4g} ± {row[f'{metric} sd']:.2g} [{row[f'{metric} min']:.4g}, {row[f'{metric} max']:.4g}]"
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+    return head + "".join("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |\n"
+                          for r in df.itertuples(index=False))
+
+
+def seed_group_summary(results: Path, group: str, members: list[str], run_config: dict[str, Any],
+                       out_dir: Path) -> pd.DataFrame:
+    methods, scorers = run_config["methods"], run_config.get("scorers", {})
+    # sparsity labels as the folders name them ("0.5", "2of4", "0" for dense)
+    tables = {m: pd.read_csv(results / m / "summary" / "summary.csv", dtype={"sparsity": str}) for m in members}
+    table = spread(tables)
+    metrics = metric_columns(next(iter(tables.values())))
+    seeds = {m: run_config["models"][m].get("seed", run_config.get("seed", 0)) for m in members}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "summary.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    wanda = next((name for name, m in methods.items() if m.get("pruner") == "wanda"
+                  and m.get("allocation", "uniform") == "uniform" and m.get("refine", "none") == "none"), None)
+    costs = coarse_costs(results, members, methods, scorers, wanda)
+    with atomic_path(out_dir / "costs.csv") as tmp:
+        costs.to_csv(tmp, index=False)
+    shown = pd.DataFrame({"method": table["method"], "sparsity": table["sparsity"], "seeds": table["seeds"],
+                          **{m: [_cell(r, m) for _, r in table.iterrows()] for m in metrics}})
+    text = [f"# {group}: mean ± sd [min, max] over {len(members)} seeds\n",
+            "Seeds: " + ", ".join(f"{m} (seed {s})" for m, s in seeds.items()) + ". Each seed draws its own "
+            "calibration windows (and the scorers' random directions); the model's weights and the evaluation "
+            "data are the same.\n", _markdown(shown)]
+    if not costs.empty:
+        text += ["\n## Coarse-stage cost, as a ratio to one Wanda pass\n",
+                 f"Scoring job wall time over the uniform Wanda pruning job's ({wanda}), both whole Snakemake "
+                 "jobs (start-up and model load included), mean over seeds. A search runs once for all "
+                 "sparsities.\n", _markdown(costs)]
+    for metric in metrics:
+        v = verdicts(table, methods, metric)
+        if v.empty:
+            continue
+        with atomic_path(out_dir / f"verdicts {metric}.csv".replace(" ", "_").replace("(", "").replace(")", "")) \
+                as tmp:
+            v.to_csv(tmp, index=False)
+        counts = v.pivot_table(index=["method"], columns="verdict", values="versus", aggfunc="count", fill_value=0)
+        text += [f"\n## {metric}: ECoFLaP against the other allocations beyond the seed spread\n",
+                 "win / loss: the two methods' ranges over the seeds do not overlap; tie: they do. Same pruner "
+                 "and refiner, same sparsity.\n", _markdown(v), "\nCounts:\n", _markdown(counts.reset_index())]
+    write_text(out_dir / "summary.md", "\n".join(text) + "\n")
+    plot_metrics(table, metrics, out_dir / "metrics.png", f"{group}: mean over seeds, bars min-max",
+                 bounds=(" min", " max"))
+    layout = read_json(results / members[0] / "layout.json")["layout"]
+    profiles: dict[str, dict[str, list[float]]] = {}
+    for name, m in methods.items():  # the allocation each method chose; one pruner's rows suffice
+        if m.get("pruner") not in ("wanda", None) or m.get("refine", "none") != "none":
+            continue
+        for label in table["sparsity"].astype(str).unique():
+            reports = [results / member / name / label / "pruning.json" for member in members]
+            per_seed = [block_profile(read_json(p)["layer_sparsity"], layout) for p in reports if p.exists()]
+            if per_seed:
+                profiles.setdefault(label, {})[name] = [sum(v) / len(v) for v in zip(*per_seed)]
+    if profiles:
+        plot_profiles(profiles, out_dir / "profiles.png", f"{group}: per-block sparsity each allocation chose "
+                      "(Wanda rows, mean over seeds)")
+    log.info("seed group %s: %d rows over %d seeds into %s", group, len(table), len(members), out_dir)
+    return table

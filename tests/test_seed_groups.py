@@ -1,0 +1,93 @@
+"""Seed groups through the workflow: two entries of one tiny model that differ only in seed,
+with the newer baselines (ATP's search, DSnoT) beside ECoFLaP; the group's summary holds the
+mean and spread over the seeds, the coarse stages' costs and ECoFLaP's verdicts."""
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO
+
+
+def group_config(model_dir):
+    model = {"source": "local", "path": str(model_dir)}
+    return {
+        "models": {"tiny-s0": {**model, "seed": 0}, "tiny-s1": {**model, "seed": 1}},
+        "seed_groups": {"tiny": ["tiny-s0", "tiny-s1"]},
+        "device": "cpu", "dtype": "float32", "threads": 1, "seed": 0,
+        "sparsities": [0.5, 0.7],
+        "calibration": {"source": "austen-emma", "n_samples": 8, "seq_len": 32},
+        "scorers": {
+            "fast": {"kind": "checkpointed", "granularity": "block", "reduce": "l2", "n_samples": 4, "batch_size": 2},
+            "atp": {"kind": "atp_search", "step": 0.1, "n_samples": 4, "batch_size": 4},
+        },
+        "methods": {
+            "dense": {"pruner": "none"},
+            "wanda": {"pruner": "wanda"},
+            "wanda_dsnot": {"pruner": "wanda", "refine": "dsnot", "skip_layers": []},
+            "atp_wanda": {"pruner": "wanda", "allocation": "atp", "scorer": "atp"},
+            "ecoflap_fast_wanda": {"pruner": "wanda", "allocation": "ecoflap", "scorer": "fast"},
+        },
+        "pruning": {"n_samples": 8, "batch_size": 4, "keep_checkpoints": False},
+        "evaluation": {"perplexity": {"dataset": "brown-heldout", "seq_len": 64, "max_windows": 4, "batch_size": 4}},
+    }
+
+
+@pytest.fixture(scope="module")
+def group_run(tiny_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("seed_group")
+    (work / "group.yaml").write_text(yaml.safe_dump(group_config(tiny_dir)))
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
+                          "--configfile", str(work / "group.yaml"), "--cores", "2"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return work
+
+
+def test_the_seeds_share_the_model_and_differ_in_calibration(group_run):
+    results = group_run / "results"
+    calib = [json.loads((results / m / "calibration.json").read_text()) for m in ("tiny-s0", "tiny-s1")] \
+        if (results / "tiny-s0" / "calibration.json").exists() else None
+    s0, s1 = ((results / m / "calibration.safetensors").read_bytes() for m in ("tiny-s0", "tiny-s1"))
+    assert s0 != s1
+    assert calib is None or calib[0] != calib[1]
+    w0, w1 = (json.loads((results / m / "wanda/0.5/pruning.json").read_text()) for m in ("tiny-s0", "tiny-s1"))
+    assert w0["provenance"]["config"].get("seed", 0) != w1["provenance"]["config"].get("seed", 0) or \
+        w0["mask_sha256"] != w1["mask_sha256"]
+
+
+def test_group_summary_has_mean_and_spread(group_run):
+    out = group_run / "results/seed_groups/tiny"
+    table = pd.read_csv(out / "summary.csv", dtype={"sparsity": str})
+    assert set(zip(table["method"], table["sparsity"].astype(str))) == \
+        {("dense", "0")} | {(m, s) for m in ("wanda", "wanda_dsnot", "atp_wanda", "ecoflap_fast_wanda")
+                            for s in ("0.5", "0.7")}
+    assert (table["seeds"] == 2).all()
+    ppl = "perplexity (brown-heldout)"
+    members = [pd.read_csv(group_run / f"results/tiny-s{i}/summary/summary.csv", dtype={"sparsity": str}).set_index(["method", "sparsity"])
+               for i in (0, 1)]
+    for _, row in table[table["method"] != "dense"].iterrows():
+        values = [m.loc[(row["method"], row["sparsity"]), ppl] for m in members]
+        assert row[ppl] == pytest.approx(sum(values) / 2)
+        assert row[f"{ppl} min"] == pytest.approx(min(values)) and row[f"{ppl} max"] == pytest.approx(max(values))
+    dense = table[table["method"] == "dense"]
+    assert (dense[f"{ppl} sd"] == 0).all()  # the same model and evaluation text: no spread
+    costs = pd.read_csv(out / "costs.csv").set_index("scorer")
+    assert set(costs.index) == {"fast", "atp"} and (costs["x_wanda"] > 0).all()
+    assert costs.loc["atp", "search_runs"] == 4 + 2  # steps 0.1 ... 0.4 at 50 %, 0.1 and 0.2 at 70 %
+    verdicts = pd.read_csv(out / "verdicts_perplexity_brown-heldout.csv")
+    assert set(verdicts["versus"]) == {"wanda", "atp_wanda"}  # same pruner, no refiner
+    assert set(verdicts["verdict"]) <= {"win", "tie", "loss"}
+    for name in ("summary.md", "metrics.png", "profiles.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_dsnot_rows_keep_the_sparsity_and_change_the_masks(group_run):
+    for model in ("tiny-s0", "tiny-s1"):
+        plain, refined = (json.loads((group_run / f"results/{model}/{m}/0.5/pruning.json").read_text())
+                          for m in ("wanda", "wanda_dsnot"))
+        assert refined["layer_sparsity"] == plain["layer_sparsity"]
+        assert refined["mask_sha256"] != plain["mask_sha256"] and refined["refine"] == "dsnot"
