@@ -7,8 +7,9 @@ rule download_model:
     params:
         py=PY,
         # the config entry, with the family the download checks; keys sorted, so a config file
-        # listing them in another order does not count as changed settings (and rerun everything)
-        spec=lambda wc: spec_arg({"family": "causal_lm", **model_spec(wc)}),
+        # listing them in another order does not count as changed settings (and rerun everything);
+        # without the model's seed, which the download does not use (replicates share weights)
+        spec=lambda wc: spec_arg({"family": "causal_lm", **{k: v for k, v in model_spec(wc).items() if k != "seed"}}),
     priority: 1  # before evaluations: they then run in pairs of single-threaded jobs (common.smk)
     log:
         "results/{model}/logs/download.log",
