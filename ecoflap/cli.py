@@ -160,9 +160,12 @@ def cmd_score(args: argparse.Namespace) -> None:
             raise ValueError(f"scorer {spec['kind']} searches per target sparsity: pass --targets (the workflow "
                              "passes the config's sparsities)")
         extra["targets"] = [float(t) for t in targets]
+    t_compute = time.perf_counter()
     result = scorer.load()(model, adapter, batches, device, **scorer.arguments(options), **extra)
     scores, record = result if scorer.records else (result, None)
-    out = {"kind": spec["kind"], "granularity": options.get("granularity", "block"), "scores": scores}
+    # the scoring itself, without start-up and loading: what a cost ratio to a pruning pass compares
+    out = {"kind": spec["kind"], "granularity": options.get("granularity", "block"), "scores": scores,
+           "compute_s": time.perf_counter() - t_compute}
     if record is not None:
         out["record"] = record  # what the scorer searched and chose (allocation options per target)
     _finish(args.out, out, _settings(args, {"kind": spec["kind"], **options, "seed": seed, **extra}),
@@ -240,8 +243,10 @@ def cmd_prune(args: argparse.Namespace) -> None:
         import torch
 
         torch.cuda.reset_peak_memory_stats(device)
+    t_compute = time.perf_counter()
     report = prune_sequential(model, adapter, pruner, allocation["layer_sparsity"], batches, device, nm, comparison,
                               refiner)
+    compute_s = time.perf_counter() - t_compute  # the pruning pass itself, without loading and saving
     submodel_of_layer = {layer: sub for block, sub in adapter.submodel_of_block(model).items()
                          for layer in report.layer_size if layer.startswith(block + ".")}
     submodel_sparsity = report.sparsity_by(submodel_of_layer)
@@ -257,6 +262,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     if needs_activations:
         inputs["calibration"] = args.calibration
     _finish(args.report, {"pruner": spec["pruner"], "refine": refine, "nm": args.nm, "target": allocation["target"],
+                          "compute_s": compute_s,
                           "global_sparsity": report.global_sparsity, "submodel_sparsity": submodel_sparsity,
                           "mask_sha256": report.mask_sha256,
                           "checkpoint_sha256": sha256_path(args.out),

@@ -46,32 +46,42 @@ def spread(members: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["target", "method"], kind="stable").reset_index(drop=True)
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
 def coarse_costs(results: Path, members: list[str], methods: dict[str, dict[str, Any]], scorers: dict[str, Any],
                  wanda_method: str | None) -> pd.DataFrame:
-    """Each scorer's job time over one uniform-Wanda pruning job's (both Snakemake benchmarks,
-    whole jobs: process start, model load, and for Wanda writing its checkpoint), mean over
-    the members and, for Wanda, over the sparsities; plus the search runs of a searching scorer."""
+    """Each scorer's cost over one uniform-Wanda pruning pass's, mean over the members (and,
+    for Wanda, the sparsities), two ways: the computation alone (`compute_s` of the scores
+    file and of the pruning report: no start-up, loading or saving) and whole Snakemake jobs
+    (their benchmark files: what a user waits for); plus a searching scorer's runs."""
+    def job_s(bench: Path) -> list[float]:
+        return [float(pd.read_csv(bench, sep="\t")["s"].iloc[0])] if bench.exists() else []
+
+    wanda_compute, wanda_job = [], []
+    for model in members:
+        for report in (results / model / wanda_method).glob("*/pruning.json") if wanda_method else ():
+            wanda_compute += [read_json(report)["compute_s"]] if "compute_s" in read_json(report) else []
+            wanda_job += job_s(report.parent / "benchmarks" / "prune.tsv")
     rows = []
     for scorer, entry in scorers.items():
         if not any(m.get("scorer") == scorer for m in methods.values()):
             continue
-        score_s, wanda_s, runs = [], [], []
+        compute, job, runs = [], [], []
         for model in members:
-            bench = results / model / "scores" / "benchmarks" / f"{scorer}.tsv"
-            if bench.exists():
-                score_s.append(float(pd.read_csv(bench, sep="\t")["s"].iloc[0]))
             scored = results / model / "scores" / f"{scorer}.json"
-            if scored.exists() and "record" in (rec := read_json(scored)):
-                runs.append(rec["record"].get("runs"))
-            if wanda_method:
-                for bench in (results / model / wanda_method).glob("*/benchmarks/prune.tsv"):
-                    wanda_s.append(float(pd.read_csv(bench, sep="\t")["s"].iloc[0]))
-        if not score_s:
+            if scored.exists():
+                rec = read_json(scored)
+                compute += [rec["compute_s"]] if "compute_s" in rec else []
+                runs += [rec["record"]["runs"]] if "record" in rec else []
+            job += job_s(results / model / "scores" / "benchmarks" / f"{scorer}.tsv")
+        if not job and not compute:
             continue
-        mean_score = sum(score_s) / len(score_s)
-        mean_wanda = sum(wanda_s) / len(wanda_s) if wanda_s else float("nan")
-        rows.append({"scorer": scorer, "kind": entry["kind"], "score_s": mean_score, "wanda_prune_s": mean_wanda,
-                     "x_wanda": mean_score / mean_wanda if wanda_s else float("nan"),
+        rows.append({"scorer": scorer, "kind": entry["kind"],
+                     "compute_s": _mean(compute), "wanda_compute_s": _mean(wanda_compute),
+                     "x_wanda_compute": _mean(compute) / _mean(wanda_compute),
+                     "job_s": _mean(job), "wanda_job_s": _mean(wanda_job), "x_wanda_job": _mean(job) / _mean(wanda_job),
                      "search_runs": runs[0] if runs else None})
     return pd.DataFrame(rows)
 
@@ -137,9 +147,9 @@ def seed_group_summary(results: Path, group: str, members: list[str], run_config
             "data are the same.\n", _markdown(shown)]
     if not costs.empty:
         text += ["\n## Coarse-stage cost, as a ratio to one Wanda pass\n",
-                 f"Scoring job wall time over the uniform Wanda pruning job's ({wanda}), both whole Snakemake "
-                 "jobs (start-up and model load included), mean over seeds. A search runs once for all "
-                 "sparsities.\n", _markdown(costs)]
+                 f"Each scorer against the uniform Wanda pruning pass ({wanda}), mean over seeds: `compute` is the "
+                 "computation alone (no start-up, loading or saving), `job` whole Snakemake jobs. A search runs "
+                 "once for all sparsities.\n", _markdown(costs)]
     for metric in metrics:
         v = verdicts(table, methods, metric)
         if v.empty:
