@@ -111,6 +111,22 @@ def verdicts(table: pd.DataFrame, methods: dict[str, dict[str, Any]], metric: st
     return pd.DataFrame(rows)
 
 
+def at_a_glance(table: pd.DataFrame, methods: dict[str, dict[str, Any]], metric: str) -> pd.DataFrame:
+    """One row per allocation (ECoFLaP named with its scorer) and sparsity, one column per
+    pruner and refiner: the metric's mean ± sd over the seeds."""
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    order = {name: i for i, name in enumerate(methods)}  # rows in the config's order of methods
+    for _, row in sorted(table.iterrows(), key=lambda r: (r[1]["target"], order.get(r[1]["method"], len(order)))):
+        m = methods.get(row["method"], {})
+        if m.get("pruner", "none") == "none" or pd.isna(row[metric]):
+            continue
+        allocation = m.get("allocation", "uniform")
+        label = f"{allocation} ({m['scorer']})" if allocation == "ecoflap" else allocation
+        column = m["pruner"] + ("" if m.get("refine", "none") == "none" else f" + {m['refine']}")
+        cells.setdefault((str(row["sparsity"]), label), {})[column] = f"{row[metric]:.4g} ± {row[f'{metric} sd']:.2g}"
+    return pd.DataFrame([{"sparsity": sp, "allocation": label, **c} for (sp, label), c in cells.items()]).fillna("")
+
+
 def _cell(row: pd.Series, metric: str) -> str:
     if pd.isna(row[metric]):
         return ""
@@ -144,7 +160,14 @@ def seed_group_summary(results: Path, group: str, members: list[str], run_config
     text = [f"# {group}: mean ± sd [min, max] over {len(members)} seeds\n",
             "Seeds: " + ", ".join(f"{m} (seed {s})" for m, s in seeds.items()) + ". Each seed draws its own "
             "calibration windows (and the scorers' random directions); the model's weights and the evaluation "
-            "data are the same.\n", _markdown(shown)]
+            "data are the same.\n"]
+    for metric in metrics:
+        glance = at_a_glance(table, methods, metric)
+        if not glance.empty:
+            dense = table.loc[table["method"].map(lambda n: methods.get(n, {}).get("pruner") == "none"), metric]
+            text += [f"\n## {metric} at a glance (mean ± sd)" + (f"; dense {dense.iloc[0]:.4g}" if len(dense) else "")
+                     + "\n", _markdown(glance)]
+    text += ["\n## Every row\n", _markdown(shown)]
     if not costs.empty:
         text += ["\n## Coarse-stage cost, as a ratio to one Wanda pass\n",
                  f"Each scorer against the uniform Wanda pruning pass ({wanda}), mean over seeds: `compute` is the "
