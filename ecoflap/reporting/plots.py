@@ -98,3 +98,42 @@ def plot_profiles(profiles: dict[str, dict[str, list[float]]], path: str | Path,
     fig.suptitle(title, y=1.03)
     _save(fig, path)
     return drawn
+
+
+def plot_variants(table: pd.DataFrame, metrics: list[str], panel_of: dict[str, str], line_of: dict[str, str],
+                  path: str | Path, title: str, bounds: tuple[str, str] = (" min", " max")) -> None:
+    """Many methods made of two parts (an allocation, a pruner with or without a refiner):
+    one row of panels per metric, one panel per `panel_of` value (the pruner and refiner),
+    one line per `line_of` value (the allocation), in one colour across panels; error bars
+    from the `bounds` columns; the dense row (a method in neither map) as a dashed line."""
+    panels = list(dict.fromkeys(panel_of.values()))
+    lines = list(dict.fromkeys(line_of.values()))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {name: cycle[i % len(cycle)] for i, name in enumerate(lines)}
+    fig, axes = plt.subplots(len(metrics), len(panels), figsize=(4.2 * len(panels), 3.3 * len(metrics)),
+                             squeeze=False, sharey="row")
+    dense = table[~table["method"].isin(list(panel_of))]
+    for r, metric in enumerate(metrics):
+        for c, panel in enumerate(panels):
+            ax = axes[r][c]
+            for line in lines:
+                rows = table[table["method"].map(lambda m: panel_of.get(m) == panel and line_of.get(m) == line)]
+                rows = rows.dropna(subset=[metric]).sort_values("target")
+                if rows.empty:
+                    continue
+                err = [rows[metric] - rows[metric + bounds[0]], rows[metric + bounds[1]] - rows[metric]]
+                ax.errorbar(rows["target"], rows[metric], yerr=err, marker="o", ms=4, capsize=3, color=colour[line],
+                            label=line)
+            if not dense.empty and pd.notna(dense[metric].iloc[0]):
+                ax.axhline(dense[metric].iloc[0], color="k", ls="--", lw=1, label="dense")
+            if metric.startswith("perplexity"):
+                ax.set_yscale("log")
+            ax.set_title(panel if r == 0 else "")
+            ax.set_xlabel("target sparsity")
+            ax.grid(alpha=0.3)
+        axes[r][0].set_ylabel(metric)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.suptitle(title, y=1.02)
+    fig.tight_layout()
+    _save(fig, path)

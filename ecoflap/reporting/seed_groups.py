@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from ecoflap.reporting.aggregate import block_profile
-from ecoflap.reporting.plots import plot_metrics, plot_profiles
+from ecoflap.reporting.plots import plot_profiles, plot_variants
 from ecoflap.utils.io import atomic_path, read_json, write_text
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,17 @@ def verdicts(table: pd.DataFrame, methods: dict[str, dict[str, Any]], metric: st
     return pd.DataFrame(rows)
 
 
+def _allocation_label(method: dict[str, Any]) -> str:
+    """uniform, owl, ..., or ECoFLaP with its scorer: "ecoflap (zo)"."""
+    allocation = method.get("allocation", "uniform")
+    return f"{allocation} ({method['scorer']})" if allocation == "ecoflap" else allocation
+
+
+def _variant(method: dict[str, Any]) -> str:
+    """The fine stage: the pruner, and its refiner if any ("wanda + dsnot")."""
+    return method["pruner"] + ("" if method.get("refine", "none") == "none" else f" + {method['refine']}")
+
+
 def at_a_glance(table: pd.DataFrame, methods: dict[str, dict[str, Any]], metric: str) -> pd.DataFrame:
     """One row per allocation (ECoFLaP named with its scorer) and sparsity, one column per
     pruner and refiner: the metric's mean ± sd over the seeds."""
@@ -120,10 +131,8 @@ def at_a_glance(table: pd.DataFrame, methods: dict[str, dict[str, Any]], metric:
         m = methods.get(row["method"], {})
         if m.get("pruner", "none") == "none" or pd.isna(row[metric]):
             continue
-        allocation = m.get("allocation", "uniform")
-        label = f"{allocation} ({m['scorer']})" if allocation == "ecoflap" else allocation
-        column = m["pruner"] + ("" if m.get("refine", "none") == "none" else f" + {m['refine']}")
-        cells.setdefault((str(row["sparsity"]), label), {})[column] = f"{row[metric]:.4g} ± {row[f'{metric} sd']:.2g}"
+        cells.setdefault((str(row["sparsity"]), _allocation_label(m)), {})[_variant(m)] = \
+            f"{row[metric]:.4g} ± {row[f'{metric} sd']:.2g}"
     return pd.DataFrame([{"sparsity": sp, "allocation": label, **c} for (sp, label), c in cells.items()]).fillna("")
 
 
@@ -185,8 +194,10 @@ def seed_group_summary(results: Path, group: str, members: list[str], run_config
                  "win / loss: the two methods' ranges over the seeds do not overlap; tie: they do. Same pruner "
                  "and refiner, same sparsity.\n", _markdown(v), "\nCounts:\n", _markdown(counts.reset_index())]
     write_text(out_dir / "summary.md", "\n".join(text) + "\n")
-    plot_metrics(table, metrics, out_dir / "metrics.png", f"{group}: mean over seeds, bars min-max",
-                 bounds=(" min", " max"))
+    pruned = {n: m for n, m in methods.items() if m.get("pruner", "none") != "none"}
+    plot_variants(table, metrics, {n: _variant(m) for n, m in pruned.items()},
+                  {n: _allocation_label(m) for n, m in pruned.items()}, out_dir / "metrics.png",
+                  f"{group}: mean over {len(members)} seeds, bars from the lowest to the highest seed")
     layout = read_json(results / members[0] / "layout.json")["layout"]
     profiles: dict[str, dict[str, list[float]]] = {}
     for name, m in methods.items():  # the allocation each method chose; one pruner's rows suffice
