@@ -102,7 +102,7 @@ SCORERS: dict[str, Method] = {
         "ecoflap.scoring.atp_search:atp_search_scores",
         "ATP's grid search over the slope of sparsity rising with depth (one prune-and-measure run per step)",
         {"step": Option(0.002, {"type": "number", "exclusiveMinimum": 0},
-                        "grid: step, 2 step, ... up to the largest legal slope (their search.sh)"),
+                        "grid: step, 2 step, ... below the largest legal slope (their search.sh)"),
          "pruner": Option("wanda", _enum("magnitude", "wanda", "sparsegpt"),
                           "the pruner of each search run (their search uses the method's own)")},
         records=True, needs_targets=True),
