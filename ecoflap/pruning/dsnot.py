@@ -67,18 +67,35 @@ def _grow_order(w_dense: torch.Tensor, pruned: torch.Tensor, s: torch.Tensor, va
     return grow_value, torch.sort(key, dim=1, stable=True).indices
 
 
+def _start(w_dense: torch.Tensor, w_pruned: torch.Tensor, pruned: torch.Tensor, stats: DSnoTStats,
+           pow_of_var: float) -> tuple[torch.Tensor, ...]:
+    """What both branches start from: row indices, the pruner's mask (only its weights are
+    ever regrown) and a working copy, the regrown marks, each row's error e, the grow values
+    and order, and the prune values (W s of the weights as the pruner left them)."""
+    s = stats.s
+    error = ((w_dense - w_pruned) * s.unsqueeze(0)).sum(1)
+    grow_value, grow_order = _grow_order(w_dense, pruned, s, stats.var, pow_of_var)
+    return (torch.arange(w_dense.shape[0], device=w_dense.device), pruned, pruned.clone(),
+            torch.zeros_like(pruned), error, grow_value, grow_order, w_pruned * s.unsqueeze(0))
+
+
+def _swap(active: torch.Tensor, r: torch.Tensor, g: torch.Tensor, p: torch.Tensor, change: torch.Tensor,
+          pruned: torch.Tensor, regrown: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+    """In the active rows, regrow column g and prune column p (in place); returns the new errors."""
+    pruned[r[active], p[active]] = True
+    pruned[r[active], g[active]] = False
+    regrown[r[active], g[active]] = True
+    return error + torch.where(active, change, torch.zeros_like(change))
+
+
 def refine_rows(w_dense: torch.Tensor, w_pruned: torch.Tensor, pruned: torch.Tensor, stats: DSnoTStats,
                 max_cycles: int = 50, update_threshold: float = 0.1, pow_of_var_regrowing: float = 1.0,
                 same_sign: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Unstructured masks. Returns (weights, pruned mask) after the swaps; every row keeps
     its number of pruned weights."""
     rows, cols = w_dense.shape
-    s, r = stats.s, torch.arange(rows, device=w_dense.device)
-    initial, pruned = pruned, pruned.clone()  # only weights the pruner pruned are regrown
-    regrown = torch.zeros_like(pruned)
-    error = ((w_dense - w_pruned) * s.unsqueeze(0)).sum(1)
-    grow_value, grow_order = _grow_order(w_dense, pruned, s, stats.var, pow_of_var_regrowing)
-    prune_value = w_pruned * s.unsqueeze(0)
+    r, initial, pruned, regrown, error, grow_value, grow_order, prune_value = _start(
+        w_dense, w_pruned, pruned, stats, pow_of_var_regrowing)
     # kept weights ordered [W s < 0 by ascending Wanda score] + [W s > 0 by descending score]:
     # the front pointer takes the weakest negative one, the back pointer the weakest positive
     wanda = w_pruned.abs() * stats.sq_sum.sqrt().unsqueeze(0)
@@ -106,10 +123,7 @@ def refine_rows(w_dense: torch.Tensor, w_pruned: torch.Tensor, pruned: torch.Ten
         if same_sign:
             valid &= torch.sign(error + change) == initial_sign
         active &= valid
-        pruned[r[active], p[active]] = True
-        pruned[r[active], g[active]] = False
-        regrown[r[active], g[active]] = True
-        error = error + torch.where(active, change, torch.zeros_like(change))
+        error = _swap(active, r, g, p, change, pruned, regrown, error)
         grow_back -= up.long()
         grow_front += (~up).long()
         prune_front += up.long()
@@ -125,12 +139,8 @@ def refine_nm(w_dense: torch.Tensor, w_pruned: torch.Tensor, pruned: torch.Tenso
     the smallest Wanda score in the regrown weight's own group of m, so every group keeps
     its n; the same-sign test always applies."""
     rows, cols = w_dense.shape
-    s, r = stats.s, torch.arange(rows, device=w_dense.device)
-    initial, pruned = pruned, pruned.clone()  # only weights the pruner pruned are regrown
-    regrown = torch.zeros_like(pruned)
-    error = ((w_dense - w_pruned) * s.unsqueeze(0)).sum(1)
-    grow_value, grow_order = _grow_order(w_dense, pruned, s, stats.var, pow_of_var_regrowing)
-    prune_value = w_pruned * s.unsqueeze(0)
+    r, initial, pruned, regrown, error, grow_value, grow_order, prune_value = _start(
+        w_dense, w_pruned, pruned, stats, pow_of_var_regrowing)
     # pruned and regrown weights are never candidates for pruning (their metric set to inf)
     wanda = (w_pruned.abs() * stats.sq_sum.sqrt().unsqueeze(0)).masked_fill(pruned, float("inf"))
     offsets = torch.arange(m, device=w_dense.device)
@@ -149,11 +159,8 @@ def refine_nm(w_dense: torch.Tensor, w_pruned: torch.Tensor, pruned: torch.Tenso
         valid &= torch.isfinite(wanda[r, p])
         change = prune_value[r, p] - grow_value[r, g]
         active &= valid & (torch.sign(error + change) == initial_sign)
-        pruned[r[active], p[active]] = True
-        pruned[r[active], g[active]] = False
-        regrown[r[active], g[active]] = True
+        error = _swap(active, r, g, p, change, pruned, regrown, error)
         wanda[r[active], p[active]] = float("inf")
-        error = error + torch.where(active, change, torch.zeros_like(change))
         grow_back -= up.long()
         grow_front += (~up).long()
     weights = torch.where(regrown, w_dense, w_pruned)
