@@ -77,9 +77,8 @@ def test_group_summary_has_mean_and_spread(group_run):
     assert (dense[f"{ppl} sd"] == 0).all()  # the same model and evaluation text: no spread
     costs = pd.read_csv(out / "costs.csv").set_index("scorer")
     assert set(costs.index) == {"fast", "atp"} and (costs["x_wanda_job"] > 0).all()
+    # the computation alone is part of its job (which adds start-up and loading)
     assert (costs["x_wanda_compute"] > 0).all() and (costs["compute_s"] < costs["job_s"]).all()
-    # the search prunes six times (on 4 windows, against the pass's 8): it costs more than one pass
-    assert costs.loc["atp", "x_wanda_compute"] > costs.loc["fast", "x_wanda_compute"]
     assert costs.loc["atp", "search_runs"] == 4 + 2  # steps 0.1 ... 0.4 at 50 %, 0.1 and 0.2 at 70 %
     verdicts = pd.read_csv(out / "verdicts_perplexity_brown-heldout.csv")
     assert set(verdicts["versus"]) == {"wanda", "atp_wanda"}  # same pruner, no refiner
