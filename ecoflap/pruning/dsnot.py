@@ -88,6 +88,24 @@ def _swap(active: torch.Tensor, r: torch.Tensor, g: torch.Tensor, p: torch.Tenso
     return error + torch.where(active, change, torch.zeros_like(change))
 
 
+def _grow_candidate(error: torch.Tensor, r: torch.Tensor, grow_order: torch.Tensor, grow_front: torch.Tensor,
+                    grow_back: torch.Tensor, initial: torch.Tensor, regrown: torch.Tensor, grow_value: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: whether e > 0 (the sparse output is too small: regrow a positive W s, prune a
+    negative one), the weight to regrow (the back of the grow order if so, else the front),
+    and whether it is a pruner-pruned, not yet regrown weight of the needed sign."""
+    up = error > 0
+    g = torch.where(up, grow_order[r, grow_back], grow_order[r, grow_front])
+    valid = initial[r, g] & ~regrown[r, g] & torch.where(up, grow_value[r, g] > 0, grow_value[r, g] < 0)
+    return up, g, valid
+
+
+def _finish(w_dense: torch.Tensor, w_pruned: torch.Tensor, pruned: torch.Tensor, regrown: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, mask): kept weights as the pruner left them, regrown ones dense, pruned ones 0."""
+    return torch.where(regrown, w_dense, w_pruned).masked_fill(pruned, 0), pruned
+
+
 def refine_rows(w_dense: torch.Tensor, w_pruned: torch.Tensor, pruned: torch.Tensor, stats: DSnoTStats,
                 max_cycles: int = 50, update_threshold: float = 0.1, pow_of_var_regrowing: float = 1.0,
                 same_sign: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,10 +132,8 @@ def refine_rows(w_dense: torch.Tensor, w_pruned: torch.Tensor, pruned: torch.Ten
         active &= error.abs() > update_threshold
         if not active.any():
             break
-        up = error > 0  # the sparse output is too small: regrow a positive W s, prune a negative one
-        g = torch.where(up, grow_order[r, grow_back], grow_order[r, grow_front])
+        up, g, valid = _grow_candidate(error, r, grow_order, grow_front, grow_back, initial, regrown, grow_value)
         p = torch.where(up, prune_order[r, prune_front], prune_order[r, prune_back])
-        valid = initial[r, g] & ~regrown[r, g] & torch.where(up, grow_value[r, g] > 0, grow_value[r, g] < 0)
         valid &= torch.where(up, prune_front < n_negative, prune_back >= n_negative)
         change = prune_value[r, p] - grow_value[r, g]
         if same_sign:
@@ -128,8 +144,7 @@ def refine_rows(w_dense: torch.Tensor, w_pruned: torch.Tensor, pruned: torch.Ten
         grow_front += (~up).long()
         prune_front += up.long()
         prune_back -= (~up).long()
-    weights = torch.where(regrown, w_dense, w_pruned)
-    return weights.masked_fill(pruned, 0), pruned
+    return _finish(w_dense, w_pruned, pruned, regrown)
 
 
 def refine_nm(w_dense: torch.Tensor, w_pruned: torch.Tensor, pruned: torch.Tensor, stats: DSnoTStats, m: int,
@@ -151,11 +166,9 @@ def refine_nm(w_dense: torch.Tensor, w_pruned: torch.Tensor, pruned: torch.Tenso
         active &= error.abs() > update_threshold
         if not active.any():
             break
-        up = error > 0
-        g = torch.where(up, grow_order[r, grow_back], grow_order[r, grow_front])
+        up, g, valid = _grow_candidate(error, r, grow_order, grow_front, grow_back, initial, regrown, grow_value)
         group = (g // m * m).unsqueeze(1) + offsets  # (rows, m) columns of g's group
         p = group[r, wanda.gather(1, group).argmin(1)]
-        valid = initial[r, g] & ~regrown[r, g] & torch.where(up, grow_value[r, g] > 0, grow_value[r, g] < 0)
         valid &= torch.isfinite(wanda[r, p])
         change = prune_value[r, p] - grow_value[r, g]
         active &= valid & (torch.sign(error + change) == initial_sign)
@@ -163,8 +176,7 @@ def refine_nm(w_dense: torch.Tensor, w_pruned: torch.Tensor, pruned: torch.Tenso
         wanda[r[active], p[active]] = float("inf")
         grow_back -= up.long()
         grow_front += (~up).long()
-    weights = torch.where(regrown, w_dense, w_pruned)
-    return weights.masked_fill(pruned, 0), pruned
+    return _finish(w_dense, w_pruned, pruned, regrown)
 
 
 class DSnoT:
