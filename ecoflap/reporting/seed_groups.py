@@ -62,7 +62,8 @@ def coarse_costs(results: Path, members: list[str], methods: dict[str, dict[str,
     wanda_compute, wanda_job = [], []
     for model in members:
         for report in (results / model / wanda_method).glob("*/pruning.json") if wanda_method else ():
-            wanda_compute += [read_json(report)["compute_s"]] if "compute_s" in read_json(report) else []
+            pruned = read_json(report)
+            wanda_compute += [pruned["compute_s"]] if "compute_s" in pruned else []
             wanda_job += job_s(report.parent / "benchmarks" / "prune.tsv")
     rows = []
     for scorer, entry in scorers.items():
