@@ -212,7 +212,7 @@ DEFAULT_FAMILY = "causal_lm"
 SUBMODELS = ("vision", "qformer", "language")
 VL_TASKS = ("vqa", "caption", "retrieval", "classification")
 EMBEDDED_MODELS = ("smollm2-135m", "fashion-clip")
-OFFLOAD_MODES = ("auto", "none", "cpu")
+OFFLOAD_MODES = ("auto", "none", "cpu", "disk")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

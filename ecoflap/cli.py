@@ -205,6 +205,7 @@ def cmd_allocate(args: argparse.Namespace) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> None:
     from ecoflap.models.base import model_layout
+    from ecoflap.pruning.checkpoint import PrunedCheckpoint, writes_by_name
     from ecoflap.pruning.engine import prune_sequential
     from ecoflap.pruning.masks import parse_nm
     from ecoflap.pruning.methods import make_pruner
@@ -243,21 +244,27 @@ def cmd_prune(args: argparse.Namespace) -> None:
         import torch
 
         torch.cuda.reset_peak_memory_stats(device)
-    t_compute = time.perf_counter()
-    report = prune_sequential(model, adapter, pruner, allocation["layer_sparsity"], batches, device, nm, comparison,
-                              refiner)
-    compute_s = time.perf_counter() - t_compute  # the pruning pass itself, without loading and saving
+    log.info("writing the pruned checkpoint to %s block by block", args.out)
+    # bytes the weights take on disk (a tied tensor counted once), for a full disk's message
+    weight_bytes = sum({t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
+    with atomic_path(args.out, is_dir=True, expected_bytes=weight_bytes) as tmp:
+        checkpoint = PrunedCheckpoint(model, adapter, args.model, tmp) if writes_by_name(model, args.model) else None
+        t_compute = time.perf_counter()
+        report = prune_sequential(model, adapter, pruner, allocation["layer_sparsity"], batches, device, nm,
+                                  comparison, refiner, checkpoint.write_block if checkpoint else None)
+        # the pruning pass itself, without loading and saving: what a cost ratio compares
+        compute_s = time.perf_counter() - t_compute - (checkpoint.seconds if checkpoint else 0.0)
+        if checkpoint:
+            checkpoint.finish(tok)
+        else:  # tensor names differ from the model's (converted while loading): saved whole
+            log.info("the checkpoint's tensor names are not the model's; saving it whole with save_pretrained")
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        write_checksums(tmp)
     submodel_of_layer = {layer: sub for block, sub in adapter.submodel_of_block(model).items()
                          for layer in report.layer_size if layer.startswith(block + ".")}
     submodel_sparsity = report.sparsity_by(submodel_of_layer)
     log.info("achieved sparsity by sub-model: %s", submodel_sparsity)
-    log.info("saving pruned checkpoint to %s", args.out)
-    # bytes the weights take on disk (a tied tensor counted once), for a full disk's message
-    weight_bytes = sum({t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
-    with atomic_path(args.out, is_dir=True, expected_bytes=weight_bytes) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        write_checksums(tmp)
     inputs = {"model": args.model, "allocation": args.allocation}
     if needs_activations:
         inputs["calibration"] = args.calibration
@@ -272,7 +279,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
             inputs, t0, device)
 
 
-def _text_evaluation(name: str, entry: dict[str, Any], model, tok, device, seed: int) -> dict[str, Any]:
+def _text_evaluation(name: str, entry: dict[str, Any], model, tok, adapter, device, seed: int) -> dict[str, Any]:
     """One text evaluation entry (perplexity or lm_eval), catalog defaults under it."""
     from ecoflap.evaluation.harness import run_lm_eval
     from ecoflap.evaluation.perplexity import evaluation_text, perplexity
@@ -280,7 +287,7 @@ def _text_evaluation(name: str, entry: dict[str, Any], model, tok, device, seed:
     e = {**catalog.TEXT_EVAL_DEFAULTS[name], **entry}
     if name == "perplexity":
         metrics = perplexity(model, tok, evaluation_text(e["dataset"]), e["seq_len"], device, e["max_windows"],
-                             e["batch_size"])
+                             e["batch_size"], adapter)
         metrics["dataset"] = e["dataset"]
         return metrics
     return run_lm_eval(model, tok, e["tasks"], e["batch_size"], e["limit"], e["num_fewshot"], seed)
@@ -298,7 +305,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
         metrics, predictions = evaluate_vision_language(model, tok, adapter, {**spec, "task": args.task})
     else:
-        metrics = _text_evaluation(args.task, spec, model, tok, device, args.seed)
+        metrics = _text_evaluation(args.task, spec, model, tok, adapter, device, args.seed)
     result = {"task": args.task, "metrics": metrics}
     if predictions:
         result["predictions"] = predictions
@@ -309,13 +316,13 @@ def cmd_evaluate_text(args: argparse.Namespace) -> None:
     """Every text evaluation of one checkpoint (perplexity, lm-eval) from one process and one
     model load; each entry still gets its own result file, settings and wall time."""
     seed_everything(args.seed)
-    model, tok, _adapter, device, _dtype = _load(args)
+    model, tok, adapter, device, _dtype = _load(args)
     for name, entry in _spec(args).items():
         if name not in catalog.TEXT_EVALS:
             raise ValueError(f"evaluate-text runs {' and '.join(catalog.TEXT_EVALS)} entries, not {name!r}")
         t0 = time.perf_counter()
         seed_everything(args.seed)  # each entry as if run on its own
-        metrics = _text_evaluation(name, entry, model, tok, device, args.seed)
+        metrics = _text_evaluation(name, entry, model, tok, adapter, device, args.seed)
         settings = {"command": "evaluate-text", "task": name, "model": args.model, "device": args.device,
                     "dtype": args.dtype, "seed": args.seed, "threads": torch_threads(),
                     **catalog.TEXT_EVAL_DEFAULTS[name], **entry}

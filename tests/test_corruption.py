@@ -116,7 +116,7 @@ def finished_run(tiny_dir, tmp_path_factory):
     out = snakemake(work)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     print(f"tiny workflow took {time.perf_counter() - t0:.1f}s")
-    for p in (PRUNED / "model.safetensors", PRUNE_REPORT, WANDA_PPL, DENSE_PPL, SUMMARY / "summary.csv"):
+    for p in (PRUNED / "model.safetensors.index.json", PRUNE_REPORT, WANDA_PPL, DENSE_PPL, SUMMARY / "summary.csv"):
         assert (work / p).is_file(), p
     # a pristine copy for the second scenario, mtimes and Snakemake's metadata included
     spare = tmp_path_factory.mktemp("corrupt_calibration") / "work"

@@ -57,12 +57,16 @@ def _batches(tok):
     return batches(build_calibration(tok, "austen-emma", n_samples=8, seq_len=32, seed=0), 4)
 
 
-def test_choose_offload_on_cpu_is_none(tiny):
+def test_choose_offload_on_cpu(tiny, monkeypatch):
     model, _tok, _adapter = tiny
-    assert offload.choose_offload("cpu", model, CPU) == "none"
-    assert offload.choose_offload("auto", model, CPU) == "none"
+    size = offload.model_bytes(model)
+    assert offload.choose_offload("cpu", size, CPU) == "none"  # host memory is the device's memory
+    assert offload.choose_offload("auto", size, CPU) == "none"
+    assert offload.choose_offload("disk", size, CPU) == "disk"
+    monkeypatch.setattr(offload, "host_available_bytes", lambda: size)  # the model would not fit with room
+    assert offload.choose_offload("auto", size, CPU) == "disk"
     with pytest.raises(ValueError, match="offload must be one of"):
-        offload.choose_offload("disk-ish", model, CPU)
+        offload.choose_offload("disk-ish", size, CPU)
 
 
 @pytest.mark.parametrize("pruner_name", ["wanda", "sparsegpt", "magnitude"])

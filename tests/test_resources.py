@@ -20,6 +20,10 @@ def test_llama7b_on_a_gpu_by_hand():
     outside, block = (params - prunable) * 2, prunable * 2 / blocks
     assert cpu["gpu_mem_mb"] == -(-int(outside + 2 * block * 1.3 + 2 * GIB) // 2**20)
     assert cpu["gpu_mem_mb"] < none["gpu_mem_mb"] / 5  # one block (two during a backward) instead of 32
+    disk = estimate("prune", params, prunable, blocks, "bfloat16", True, "disk", tokens, "wanda")
+    assert disk["gpu_mem_mb"] == cpu["gpu_mem_mb"]
+    assert disk["mem_mb"] == -(-int(outside + 2 * block * 1.6 + 3 * GIB) // 2**20)  # host: one block, not 13 GB
+    assert disk["mem_mb"] < cpu["mem_mb"] / 2
     assert estimate("prune", params, prunable, blocks, "bfloat16", True, "none", tokens, "sparsegpt")["runtime"] > \
         none["runtime"]
 

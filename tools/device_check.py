@@ -272,11 +272,11 @@ def _load_no_tok(folder: Path, mode: str):
     """load_model wants a tokenizer; this random model has none, so place it the same way by hand."""
     from transformers import AutoModelForCausalLM
 
-    from ecoflap.models.offload import choose_offload, place_model
+    from ecoflap.models.offload import choose_offload, model_bytes, place_model
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     model.config.use_cache = False
-    place_model(model, adapter_for(model).blocks(model), CUDA, choose_offload(mode, model, CUDA))
+    place_model(model, adapter_for(model).blocks(model), CUDA, choose_offload(mode, model_bytes(model), CUDA))
     return model, None
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.utils import HfHubHTTPError
 from safetensors import SafetensorError, safe_open
@@ -18,7 +19,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from ecoflap.models.fashion_clip import train_fashion_clip
 from ecoflap.models.processors import load_processors
-from ecoflap.models.offload import choose_offload, place_model
+from ecoflap.models.offload import HOST, check_host_fits, choose_offload, host_available_bytes, model_bytes, \
+    place_model, stub
+from ecoflap.models.shards import DTYPE_BYTES, CheckpointFiles
 from ecoflap.models.registry import adapter_for, model_class
 from ecoflap.utils.io import atomic_path, verify_checksums, write_checksums, write_json
 
@@ -160,25 +163,116 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust
                offload: str = "none", family: str | None = None) -> tuple[PreTrainedModel, Any]:
     """The model (eval mode, no KV cache) and what prepares its inputs: a tokenizer for
     language models, `Processors` for vision-language models. `offload` (models/offload.py)
-    says whether the blocks live on `device` or wait in host memory between uses."""
+    says whether the blocks live on `device`, wait in host memory, or stay on disk between uses."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} holds no config.json; run the download rule first")
     verify_checksums(path)
     cls = model_class(path, trust_remote_code)
-    try:
-        model, info = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                          use_safetensors=True, output_loading_info=True)
-    except SafetensorError as exc:  # truncated / overwritten weights: name the file, say what to rerun
-        raise ValueError(_unreadable_weights(path, exc)) from exc
-    check_loading_info(path, info)
+    files = CheckpointFiles(path)
+    mode = choose_offload(offload, loaded_bytes(files, dtype), device)
+    if mode == "disk":
+        model = _model_without_block_weights(path, cls, files, dtype, trust_remote_code, family)
+    else:
+        try:
+            model, info = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                              use_safetensors=True, output_loading_info=True)
+        except SafetensorError as exc:  # truncated / overwritten weights: name the file, say what to rerun
+            raise ValueError(_unreadable_weights(path, exc)) from exc
+        check_loading_info(path, info)
     procs = load_processors(path, trust_remote_code)
-    mode = choose_offload(offload, model, device)
     adapter = adapter_for(model, family)  # the config's family checked before anything runs
     named = adapter.named_blocks(model)
-    place_model(model, [b for _, b in named], device, mode, [n for n, _ in named])
+    place_model(model, [b for _, b in named], device, mode, [n for n, _ in named], files)
     model.eval()
     for module in model.modules():  # sub-models (BLIP-2's language model) carry their own config
         if hasattr(getattr(module, "config", None), "use_cache"):
             module.config.use_cache = False  # calibration re-runs blocks; a KV cache would grow
     return model, procs
+
+
+def loaded_bytes(files: CheckpointFiles, dtype: torch.dtype) -> int:
+    """What the checkpoint's tensors take in memory once loaded: floating tensors in `dtype`."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    shapes = files.shapes()
+    total = 0
+    for name, shape in shapes.items():
+        stored = files.dtypes[name]
+        numel = 1
+        for s in shape:
+            numel *= s
+        total += numel * (size if stored in ("F64", "F32", "F16", "BF16") else DTYPE_BYTES.get(stored, 4))
+    return total
+
+
+def _model_without_block_weights(path: Path, cls: type, files: CheckpointFiles, dtype: torch.dtype,
+                                 trust_remote_code: bool, family: str | None) -> PreTrainedModel:
+    """offload: disk. The model built without weights, then the tensors outside the blocks
+    read from the checkpoint; each block holds stubs until offload reads it (place_model).
+    Checked as strictly as from_pretrained's loading: every tensor the model expects is in
+    the files with its shape, and the files hold nothing else."""
+    from accelerate import init_empty_weights
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) are computed, not stored
+        if cls is AutoModelForCausalLM:
+            model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        else:
+            model = cls._from_config(config, dtype=dtype)
+    model.tie_weights()
+    adapter = adapter_for(model, family)
+    block_prefixes = tuple(f"{name}." for name, _ in adapter.named_blocks(model))
+    expected = model.state_dict(keep_vars=True)
+    _check_names(path, expected, files)
+    outside = [n for n in files.names() if not n.startswith(block_prefixes)]
+    try:
+        values = files.read(outside)
+    except SafetensorError as exc:
+        raise ValueError(_unreadable_weights(path, exc)) from exc
+    for name in outside:
+        target = expected[name]
+        value = values.pop(name)
+        _replace(model, name, value.to(target.dtype) if value.is_floating_point() else value, target)
+    model.tie_weights()  # the tied copies (a tied LM head) now share the loaded tensor
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not name.startswith(block_prefixes) and t.is_meta:
+            raise ValueError(f"{path}: {name} is neither in the checkpoint nor tied to a tensor that is; "
+                             "offload: disk cannot load this model, use offload: cpu")
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name.startswith(block_prefixes):
+            _replace(model, name, stub(t), t)
+    blocks = adapter.named_blocks(model)
+    sizes = {name: model_bytes(block) for name, block in blocks}
+    check_host_fits(model_bytes(model) - sum(sizes.values()), sizes, host_available_bytes())
+    log.info("offload disk: %d tensors outside the blocks loaded from %s; the %d blocks are read when reached",
+             len(outside), path, len(blocks))
+    return model
+
+
+def _check_names(path: Path, expected: dict[str, torch.Tensor], files: CheckpointFiles) -> None:
+    shapes = files.shapes()
+    aliases: dict[int, list[str]] = {}
+    for name, t in expected.items():
+        aliases.setdefault(id(t), []).append(name)
+    missing = [names[0] for names in aliases.values() if not any(n in shapes for n in names)]
+    unexpected = [n for n in shapes if n not in expected]
+    mismatched = [f"{n} {shapes[n]} vs {tuple(expected[n].shape)}" for n in shapes
+                  if n in expected and tuple(expected[n].shape) != shapes[n]]
+    try:
+        check_loading_info(path, {"missing_keys": missing, "unexpected_keys": unexpected,
+                                  "mismatched_keys": mismatched})
+    except ValueError as exc:
+        raise ValueError(f"{exc}. (offload: disk reads tensors by the model's own names, as save_pretrained writes "
+                         "them; a checkpoint whose names transformers converts while loading needs offload: cpu.)"
+                         ) from None
+
+
+def _replace(model: nn.Module, name: str, value: torch.Tensor, old: torch.Tensor) -> None:
+    """Put `value` where the parameter or buffer `name` is (a new Parameter object: nothing
+    holds the old ones yet)."""
+    module_path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(value.to(HOST), requires_grad=old.requires_grad)
+    else:
+        module._buffers[leaf] = value.to(HOST)

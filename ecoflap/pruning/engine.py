@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -40,12 +41,14 @@ class PruneReport:
 @torch.no_grad()
 def prune_sequential(model: nn.Module, adapter: Adapter, pruner, layer_sparsity: dict[str, float],
                      batches: list[Batch], device: torch.device, nm: tuple[int, int] | None = None,
-                     comparison: dict[str, str] | None = None, refiner=None) -> PruneReport:
+                     comparison: dict[str, str] | None = None, refiner=None,
+                     on_block_pruned: Callable[[str, nn.Module], None] | None = None) -> PruneReport:
     """Prune in place every layer that `layer_sparsity` names; stacks it does not name at all
     (a sub-model kept dense) are left untouched. `comparison` maps a sub-model to the group
     its scores are compared within ("row", the default, or "matrix"). `refiner` (DSnoT,
     catalog.REFINERS) swaps each layer's mask after its pruner, at the same sparsity.
-    Returns the achieved sparsities."""
+    `on_block_pruned(name, block)` is called with each block once it is pruned, while it is
+    still on the device (pruning/checkpoint.py writes it out). Returns the achieved sparsities."""
     report = PruneReport()
     mask_hash = hashlib.sha256()
     for stack in adapter.stacks(model):
@@ -57,6 +60,8 @@ def prune_sequential(model: nn.Module, adapter: Adapter, pruner, layer_sparsity:
         for step in walk_stack(model, adapter, stack, batches, device, f"pruning {stack.name} blocks",
                                capture=pruner.needs_activations or refiner is not None):
             _prune_block(step, adapter, pruner, layer_sparsity, nm, report, mask_hash, group, refiner)
+            if on_block_pruned is not None:
+                on_block_pruned(step.name, step.block)
     if not report.layer_size:
         raise KeyError("the allocation names no layer of this model; was it made for another model?")
     report.mask_sha256 = mask_hash.hexdigest()

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ecoflap.allocation.allocators import atp_max_step
 from ecoflap.allocation.plan import plan_allocation
 from ecoflap.models.base import Adapter, Batch, batch_to, model_layout
+from ecoflap.models.offload import offload_mode
 from ecoflap.pruning.engine import prune_sequential
 from ecoflap.pruning.methods import make_pruner
 
@@ -67,6 +68,9 @@ def atp_search_scores(model: nn.Module, adapter: Adapter, batches: list[Batch], 
     if not targets:
         raise ValueError("atp_search needs the target sparsities (scorer option targets; the workflow passes "
                          "the config's sparsities)")
+    if offload_mode(adapter.blocks(model)) == "disk":
+        raise ValueError("atp_search keeps a copy of every dense layer to restore it after each run, which offload: "
+                         "disk exists to avoid; score it with offload: cpu (host memory holds the model) or none")
     model.eval()
     depths = block_depths(model, adapter)
     laid_out = {"layout": model_layout(model, adapter), "submodel_of_block": adapter.submodel_of_block(model)}

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ecoflap.models.base import Adapter, Batch
+from ecoflap.models.offload import resident
 
 
 def hill_alpha(eigs: torch.Tensor, i: int) -> float:
@@ -71,8 +72,9 @@ def esd_alpha_scores(model: nn.Module, adapter: Adapter, batches: list[Batch], d
         raise ValueError(f"granularity must be 'block' or 'layer', got {granularity!r}")
     scores = {}
     for prefix, block in tqdm(adapter.named_blocks(model), desc="ESD alpha", unit="block"):
-        alphas = {f"{prefix}.{name}": matrix_alpha(layer.weight, fix_fingers, bins, xmin_pos)
-                  for name, layer in adapter.prunable_layers(block).items()}
+        with resident(block):  # offload: the block's weights are here only while held
+            alphas = {f"{prefix}.{name}": matrix_alpha(layer.weight, fix_fingers, bins, xmin_pos)
+                      for name, layer in adapter.prunable_layers(block).items()}
         if granularity == "layer":
             scores.update(alphas)
         else:

@@ -15,8 +15,10 @@ bytes outside the blocks (embeddings, heads); T: calibration or evaluation token
                                                        activations), prune 1.6 (a pruner's
                                                        working copy, the saved checkpoint),
                                                        evaluate 1.3
+  host memory, offload disk   O + 2 B x f_stage + 3 G  (one block read at a time; two during a
+                                                       backward)
   GPU memory, offload none    W x (1 + g_stage) + 2 G    g: score 0.5, prune 0.3, evaluate 0.2
-  GPU memory, offload cpu     O + 2 B x (1 + g_stage) + 2 G
+  GPU memory, offload cpu     O + 2 B x (1 + g_stage) + 2 G   (and offload disk)
   runtime                     10 min + r_stage x (params / 1e9) x (T / 1e6) x attempt
                               r (minutes per billion parameters per million tokens): on a GPU
                               score 6, prune 4 (SparseGPT 12), evaluate 2; on CPUs x 40
@@ -58,10 +60,13 @@ def estimate(stage: str, params: int, prunable: int, blocks: int, dtype: str, on
     if stage not in HOST_FACTOR:
         raise ValueError(f"stage must be one of {', '.join(HOST_FACTOR)}, got {stage!r}")
     w = params * DTYPE_BYTES[dtype]
-    host = (w + FIXED_HOST) if on_gpu else (w * HOST_FACTOR[stage] + FIXED_HOST)
     block = prunable * DTYPE_BYTES[dtype] / blocks
-    if offload == "cpu":
-        outside = w - prunable * DTYPE_BYTES[dtype]
+    outside = w - prunable * DTYPE_BYTES[dtype]
+    if offload == "disk":
+        host = outside + 2 * block * HOST_FACTOR[stage] + FIXED_HOST
+    else:
+        host = (w + FIXED_HOST) if on_gpu else (w * HOST_FACTOR[stage] + FIXED_HOST)
+    if offload in ("cpu", "disk"):
         gpu = outside + 2 * block * (1 + GPU_EXTRA[stage]) + FIXED_GPU
     else:
         gpu = w * (1 + GPU_EXTRA[stage]) + FIXED_GPU
