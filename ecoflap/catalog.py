@@ -213,6 +213,7 @@ SUBMODELS = ("vision", "qformer", "language")
 VL_TASKS = ("vqa", "caption", "retrieval", "classification")
 EMBEDDED_MODELS = ("smollm2-135m", "fashion-clip")
 OFFLOAD_MODES = ("auto", "none", "cpu", "disk")
+ACTIVATION_PLACES = ("auto", "device", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

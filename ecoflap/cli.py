@@ -51,7 +51,7 @@ def _load(args: argparse.Namespace):
     dtype = resolve_dtype(args.dtype, device)
     log.info("loading %s on %s as %s (offload %s)", args.model, device, dtype, args.offload)
     model, tok = load_model(args.model, device, dtype, trust_remote_code=args.trust_remote_code,
-                            offload=args.offload, family=args.family)
+                            offload=args.offload, family=args.family, activations=args.activations)
     return model, tok, adapter_for(model, args.family), device, dtype
 
 
@@ -374,7 +374,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="the config's family for this model: checked against the checkpoint before anything runs")
     p.add_argument("--offload", default="none", choices=list(catalog.OFFLOAD_MODES),
                    help="none: the whole model on the device; cpu: blocks wait in host memory and visit the "
-                        "device one at a time; auto: none when the model fits the device, else cpu")
+                        "device one at a time; disk: blocks are read from the checkpoint when reached; auto: none "
+                        "when the model fits the device, else cpu when it fits host memory, else disk")
+    p.add_argument("--activations", default="auto", choices=list(catalog.ACTIVATION_PLACES),
+                   help="where calibration activations wait between blocks: device, cpu (host memory), or auto "
+                        "(cpu on a GPU when they would take over 30%% of its free memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpus", type=int, default=0,
                    help="lease this many GPUs of those visible before starting (a lock per device, so concurrent "

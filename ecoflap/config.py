@@ -135,6 +135,7 @@ def _built_schema() -> dict[str, Any]:
                                 for key, table in (("allocation", C.ALLOCATIONS), ("refine", C.REFINERS))
                                 for kind, m in table.items() if m.options]}
     _enum(defs["offload"], C.OFFLOAD_MODES)
+    _enum(defs["activations"], C.ACTIVATION_PLACES)
     _enum(defs["family"], FAMILIES)
     _enum(defs["calibration_fields"]["source"], CALIBRATION_SOURCES)
     _enum(defs["calibration_fields"]["protocol"], C.CAPTION_PROTOCOLS)

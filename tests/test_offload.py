@@ -216,3 +216,37 @@ def test_what_does_not_fit_the_device_is_named_before_loading():
     offload.check_fits("cpu", 10 * gb, 6 * gb, blocks, 9 * gb, "cuda:0")  # outside + largest block = 9 GB
     with pytest.raises(MemoryError, match="block model.layers.1 is 3.00 GB.*6.00 GB.*9.00 GB in all, with 8.50 GB free"):
         offload.check_fits("cpu", 10 * gb, 6 * gb, blocks, int(8.5 * gb), "cuda:0")
+
+
+def test_activations_in_host_memory_give_the_same_results(tiny_dir, monkeypatch):
+    """activations: cpu parks every batch's hidden states in host memory between blocks and
+    moves each batch to the device while its block runs. On a CPU the moves are no-ops, so
+    the choice is forced here: the code path runs, and masks, scores and perplexity agree."""
+    from ecoflap.allocation import ratios
+    from ecoflap.blocks import walk
+    from ecoflap.blocks.capture import single_stack
+    from ecoflap.evaluation.perplexity import evaluation_text, perplexity
+    from ecoflap.pruning.engine import prune_sequential
+    from ecoflap.pruning.methods import make_pruner
+    from ecoflap.scoring.zeroth_order import zeroth_order_scores
+
+    def run(model, tok, adapter):
+        layout = model_layout(model, adapter)
+        per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
+        zo = zeroth_order_scores(model, adapter, _batches(tok), CPU, granularity="block", reuse_block_inputs=True)
+        ppl = perplexity(model, tok, evaluation_text("brown-heldout")[:20_000], 64, CPU, 8, 4, adapter)
+        mask = prune_sequential(model, adapter, make_pruner("sparsegpt"), per_layer, _batches(tok), CPU).mask_sha256
+        return zo, ppl["perplexity"], mask
+
+    model, tok = load_model(tiny_dir, CPU, torch.float32, offload="disk")
+    assert not offload.park_activations(model, [torch.zeros(2, 2)], CPU, "x")  # a CPU is its own host memory
+    adapter = adapter_for(model)
+    device_kept = run(model, tok, adapter)
+    monkeypatch.setattr(walk, "park_activations", lambda *a: True)
+    model, tok = load_model(tiny_dir, CPU, torch.float32, offload="disk")
+    adapter = adapter_for(model)
+    steps = list(walk.walk_stack(model, adapter, single_stack(model, adapter, "test"), _batches(tok), CPU, None))
+    assert all(inp.device == CPU for step in steps for inp in step.inputs)
+    assert run(model, tok, adapter) == device_kept
+    with pytest.raises(ValueError, match="activations must be one of"):
+        offload.set_activation_place(model, "gpu")

@@ -29,9 +29,12 @@ class BlockInput:
     kwargs: dict[str, Any]
     batch: Batch  # kept for the loss at the end of the model
     valid: torch.Tensor | None = None  # [batch, positions]: False at padding
+    # activations: cpu. The hidden states wait in host memory and go to this device only
+    # while the block runs on them; the block's output comes back to host memory
+    device: torch.device | None = None
 
-    def with_hidden(self, hidden: torch.Tensor) -> "BlockInput":
-        return BlockInput(hidden, self.args, self.kwargs, self.batch, self.valid)
+    def with_hidden(self, hidden: torch.Tensor | None, device: torch.device | None = None) -> "BlockInput":
+        return BlockInput(hidden, self.args, self.kwargs, self.batch, self.valid, device or self.device)
 
     def real_positions(self, x: torch.Tensor) -> torch.Tensor:
         """A layer input without its padding positions (statistics must not see padding)."""
@@ -109,8 +112,10 @@ def capture_stack_inputs(model: nn.Module, adapter: Adapter, stack: Stack, batch
 
 
 def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
-    out = block(inp.hidden, *inp.args, **inp.kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    hidden = inp.hidden if inp.device is None else inp.hidden.to(inp.device)
+    out = block(hidden, *inp.args, **inp.kwargs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return out if inp.device is None else out.to(inp.hidden.device)
 
 
 def single_stack(model: nn.Module, adapter: Adapter, what: str) -> Stack:
@@ -128,4 +133,6 @@ def run_from(model: nn.Module, adapter: Adapter, start: int, inputs: list[BlockI
     hidden = inputs[start].hidden
     for j, block in enumerate(adapter.blocks(model)[start:], start):
         hidden = run_block(block, inputs[j].with_hidden(hidden))
+    if inputs[start].device is not None:  # activations: cpu
+        hidden = hidden.to(inputs[start].device)
     return adapter.loss_from_hidden(model, hidden, inputs[start].batch)

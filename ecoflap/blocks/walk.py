@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ecoflap.blocks.capture import BlockInput, capture_stack_inputs, run_block, single_stack
 from ecoflap.models.base import Adapter, Batch, Stack
-from ecoflap.models.offload import resident
+from ecoflap.models.offload import HOST, park_activations, resident
 from ecoflap.utils.runtime import check_finite
 
 
@@ -48,10 +48,15 @@ def walk_stack(model: nn.Module, adapter: Adapter, stack: Stack, batches: list[B
     to do when a block's outputs are not finite."""
     inputs = capture_stack_inputs(model, adapter, stack, batches, device) if capture else []
     hidden = [per_block[0].hidden for per_block in inputs]
+    park = bool(inputs) and park_activations(model, hidden, device, stack.path)
+    if park:  # activations: cpu. Host memory holds them; no reference to the device copies stays
+        hidden = [h.to(HOST) for h in hidden]
+        inputs = [[inp.with_hidden(None) for inp in per_block] for per_block in inputs]
     blocks = adapter.stack_blocks(model, stack)
     for j, block in enumerate(tqdm(blocks, desc=desc, unit="block", disable=desc is None)):
         step = BlockStep(j, f"{stack.path}.{j}", block,
-                         [per_block[j].with_hidden(h) for per_block, h in zip(inputs, hidden)], j + 1 == len(blocks))
+                         [per_block[j].with_hidden(h, device if park else None) for per_block, h in zip(inputs, hidden)],
+                         j + 1 == len(blocks))
         with resident(block):
             yield step
             if inputs and not step.last:

@@ -46,7 +46,7 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str, seq_len: int, device
     starts = range(0, n_windows, batch_size)
     if adapter is not None and is_offloaded(adapter.blocks(model)):
         final = _final_hidden_states(model, adapter, [windows[i:i + batch_size] for i in starts], device)
-        logits_of = lambda k, batch: adapter.head(model, final[k])  # noqa: E731
+        logits_of = lambda k, batch: adapter.head(model, final[k].to(device))  # noqa: E731
     else:
         logits_of = lambda k, batch: model(input_ids=batch, use_cache=False).logits  # noqa: E731
     nll, count = 0.0, 0

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from ecoflap.models.fashion_clip import train_fashion_clip
 from ecoflap.models.processors import load_processors
 from ecoflap.models.offload import HOST, check_host_fits, choose_offload, host_available_bytes, model_bytes, \
-    place_model, stub
+    place_model, set_activation_place, stub
 from ecoflap.models.shards import DTYPE_BYTES, CheckpointFiles
 from ecoflap.models.registry import adapter_for, model_class
 from ecoflap.utils.io import atomic_path, verify_checksums, write_checksums, write_json
@@ -160,10 +160,12 @@ def _unreadable_weights(path: Path, exc: Exception) -> str:
 
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
-               offload: str = "none", family: str | None = None) -> tuple[PreTrainedModel, Any]:
+               offload: str = "none", family: str | None = None, activations: str = "auto"
+               ) -> tuple[PreTrainedModel, Any]:
     """The model (eval mode, no KV cache) and what prepares its inputs: a tokenizer for
     language models, `Processors` for vision-language models. `offload` (models/offload.py)
-    says whether the blocks live on `device`, wait in host memory, or stay on disk between uses."""
+    says whether the blocks live on `device`, wait in host memory, or stay on disk between uses;
+    `activations` where the calibration activations wait between blocks (blocks/walk.py)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} holds no config.json; run the download rule first")
@@ -184,6 +186,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust
     adapter = adapter_for(model, family)  # the config's family checked before anything runs
     named = adapter.named_blocks(model)
     place_model(model, [b for _, b in named], device, mode, [n for n, _ in named], files)
+    set_activation_place(model, activations)
     model.eval()
     for module in model.modules():  # sub-models (BLIP-2's language model) carry their own config
         if hasattr(getattr(module, "config", None), "use_cache"):

@@ -42,7 +42,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ecoflap.catalog import OFFLOAD_MODES
+from ecoflap.catalog import ACTIVATION_PLACES, OFFLOAD_MODES
 from ecoflap.models.shards import CheckpointFiles
 
 log = logging.getLogger(__name__)
@@ -324,3 +324,36 @@ def offload_mode(model_blocks: list[nn.Module]) -> str:
     if any(isinstance(h, _DiskHome) for h in homes):
         return "disk"
     return "cpu" if any(h is not None for h in homes) else "none"
+
+
+# --- calibration activations -------------------------------------------------------------------
+# Between two blocks, the hidden states of every calibration batch wait for the next block:
+# n_samples x seq_len x hidden values (128 x 2048 x 8192 in bf16 is 4 GB for LLaMA-70B).
+# "cpu" parks them in host memory and moves one batch at a time to the device (BlockInput.
+# device); the arithmetic is the same. "auto" decides per stack once they are captured.
+ACTIVATIONS_AUTO_SHARE = 0.3
+
+
+def set_activation_place(model: nn.Module, place: str) -> None:
+    if place not in ACTIVATION_PLACES:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_PLACES)}, got {place!r}")
+    model._ecoflap_activations = place
+
+
+def park_activations(model: nn.Module, hidden: list[torch.Tensor], device: torch.device, what: str) -> bool:
+    """Whether these hidden states (one per batch) should wait in host memory; logs the choice."""
+    place = getattr(model, "_ecoflap_activations", "auto")
+    if device.type != "cuda" or place == "device":
+        return False
+    size = sum(h.numel() * h.element_size() for h in hidden)
+    if place == "cpu":
+        park = True
+    else:
+        free = torch.cuda.mem_get_info(device)[0]
+        park = size > ACTIVATIONS_AUTO_SHARE * free
+        log.info("activations auto for %s: %.2f GB of hidden states, %.2f GB free on %s -> %s", what, size / 1e9,
+                 free / 1e9, device, "cpu" if park else "device")
+    if park:
+        log.info("activations of %s wait in host memory (%.2f GB); each batch visits %s when its block runs",
+                 what, size / 1e9, device)
+    return park

@@ -152,6 +152,7 @@ def model_args(wc):
     """Arguments every model-loading CLI call shares."""
     args = f"--device {config['device']} --dtype {config['dtype']} --seed {model_seed(wc)}"
     args += f" --offload {model_spec(wc).get('offload', config['offload'])}"
+    args += f" --activations {model_spec(wc).get('activations', config['activations'])}"
     if GPU:  # each job leases its own device(s): Snakemake's gpu resource only counts them
         args += f" --gpus {GPU}"
     if model_spec(wc).get("trust_remote_code"):
