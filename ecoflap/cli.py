@@ -293,12 +293,41 @@ def _text_evaluation(name: str, entry: dict[str, Any], model, tok, adapter, devi
     return run_lm_eval(model, tok, e["tasks"], e["batch_size"], e["limit"], e["num_fewshot"], seed)
 
 
+def _dispatches(args: argparse.Namespace) -> bool:
+    """lm-eval and the vision-language tasks on GPUs with offload cpu or disk go through
+    transformers' device_map (every GPU the job sees, then host memory or disk) instead of the
+    block-by-block onloading that pruning, scoring and perplexity use."""
+    from ecoflap.models.loading import resolve_offload
+
+    device = resolve_device(args.device)
+    return device.type == "cuda" and resolve_offload(args.model, args.offload, resolve_dtype(args.dtype, device),
+                                                     device) != "none"
+
+
+def _load_dispatched(args: argparse.Namespace):
+    import atexit
+    import shutil
+    import tempfile
+
+    from ecoflap.models.loading import load_dispatched, resolve_offload
+    from ecoflap.models.registry import adapter_for
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    folder = tempfile.mkdtemp(prefix="ecoflap-offload-")  # accelerate's, for weights it cannot read in place
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    model, procs = load_dispatched(args.model, dtype, resolve_offload(args.model, args.offload, dtype, device), folder,
+                                   args.trust_remote_code, args.family)
+    return model, procs, adapter_for(model, args.family), device, dtype
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     seed_everything(args.seed)
     spec = _spec(args, dataset=args.dataset, seq_len=args.seq_len, max_windows=args.max_windows, tasks=args.tasks,
                  limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size)
-    model, tok, adapter, device, _dtype = _load(args)
+    generation = args.task in catalog.VL_TASKS or args.task == "lm_eval"
+    model, tok, adapter, device, _dtype = _load_dispatched(args) if generation and _dispatches(args) else _load(args)
     predictions = None
     if args.task in catalog.VL_TASKS:
         from ecoflap.evaluation.vision_language import evaluate_vision_language
@@ -314,17 +343,30 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_evaluate_text(args: argparse.Namespace) -> None:
     """Every text evaluation of one checkpoint (perplexity, lm-eval) from one process and one
-    model load; each entry still gets its own result file, settings and wall time."""
+    model load; each entry still gets its own result file, settings and wall time. (With
+    offload on GPUs, lm-eval gets a second load through device_map, after perplexity.)"""
+    import gc
+
     seed_everything(args.seed)
-    model, tok, adapter, device, _dtype = _load(args)
-    for name, entry in _spec(args).items():
+    entries = _spec(args)
+    for name in entries:
         if name not in catalog.TEXT_EVALS:
             raise ValueError(f"evaluate-text runs {' and '.join(catalog.TEXT_EVALS)} entries, not {name!r}")
+    dispatch = "lm_eval" in entries and _dispatches(args)
+    loaded: dict[str, tuple] = {}
+    for name, entry in entries.items():
+        how = "dispatched" if dispatch and name == "lm_eval" else "blockwise"
+        if how not in loaded:
+            loaded.clear()  # one copy of the model at a time
+            gc.collect()
+            loaded[how] = _load_dispatched(args) if how == "dispatched" else _load(args)
+        model, tok, adapter, device, _dtype = loaded[how]
         t0 = time.perf_counter()
         seed_everything(args.seed)  # each entry as if run on its own
         metrics = _text_evaluation(name, entry, model, tok, adapter, device, args.seed)
         settings = {"command": "evaluate-text", "task": name, "model": args.model, "device": args.device,
-                    "dtype": args.dtype, "seed": args.seed, "threads": torch_threads(),
+                    "dtype": args.dtype, "seed": args.seed, "threads": torch_threads(), "offload": args.offload,
+                    "loaded": "device_map" if how == "dispatched" else "offload " + args.offload,
                     **catalog.TEXT_EVAL_DEFAULTS[name], **entry}
         _finish(str(Path(args.out_dir) / f"{name}.json"), {"task": name, "metrics": metrics}, settings,
                 {"model": args.model}, t0, device)

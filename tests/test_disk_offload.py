@@ -215,3 +215,39 @@ def _layout(folder: Path, tmp_path: Path) -> Path:
     main(["download", "--spec", json.dumps({"source": "local", "path": str(folder)}), "--out",
           str(tmp_path / "copy"), "--layout", str(out)])
     return out
+
+
+def test_lm_eval_through_device_map_offloaded_to_disk(tiny_dir, tmp_path):
+    """lm-eval and the vision-language tasks with offload on GPUs load through transformers'
+    device_map (every GPU, then host memory or the offload folder). On a CPU machine the same
+    loader is run with no GPU and host memory for the embeddings only, so the blocks are
+    offloaded to disk: the cloze's per-item results equal those of the model loaded whole."""
+    from ecoflap.evaluation.harness import run_lm_eval
+    from ecoflap.models.loading import load_dispatched
+
+    model, tok = load_model(tiny_dir, CPU, torch.float32)
+    whole = run_lm_eval(model, tok, ["brown_cloze"], batch_size=8, limit=24)["brown_cloze"]
+    model, tok = load_dispatched(tiny_dir, torch.float32, "disk", tmp_path / "offload", max_memory={"cpu": 100_000})
+    assert model.hf_device_map["model.layers"] == "disk" and model.hf_device_map["model.embed_tokens"] == "cpu"
+    assert any(p.is_meta for p in model.parameters())  # the weights stay in the safetensors files
+    dispatched = run_lm_eval(model, tok, ["brown_cloze"], batch_size=8, limit=24)["brown_cloze"]
+    assert dispatched["item_acc"] == whole["item_acc"]
+    assert dispatched["acc"] == whole["acc"]
+
+
+def test_evaluate_text_cli_with_offload_disk(tiny_dir, tmp_path):
+    """The evaluation job as the workflow runs it: perplexity block by block, the cloze through
+    the onloading forward (on a CPU; device_map on GPUs), the same numbers as offload none."""
+    from ecoflap.cli import main
+
+    spec = json.dumps({"perplexity": {"dataset": "brown-heldout", "seq_len": 64, "max_windows": 8, "batch_size": 4},
+                       "lm_eval": {"tasks": ["brown_cloze"], "limit": 16, "batch_size": 8}})
+    metrics = {}
+    for mode in ("none", "disk"):
+        main(["evaluate-text", "--model", str(tiny_dir), "--device", "cpu", "--dtype", "float32", "--offload", mode,
+              "--spec", spec, "--out-dir", str(tmp_path / mode)])
+        metrics[mode] = {name: json.loads((tmp_path / mode / f"{name}.json").read_text())["metrics"]
+                         for name in ("perplexity", "lm_eval")}
+    assert metrics["disk"]["perplexity"]["perplexity"] == pytest.approx(metrics["none"]["perplexity"]["perplexity"],
+                                                                        rel=1e-5)
+    assert metrics["disk"]["lm_eval"] == metrics["none"]["lm_eval"]

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from ecoflap.models.fashion_clip import train_fashion_clip
 from ecoflap.models.processors import load_processors
-from ecoflap.models.offload import HOST, check_host_fits, choose_offload, host_available_bytes, model_bytes, \
+from ecoflap.models.offload import AUTO_FIT_SHARE, HOST, check_host_fits, choose_offload, host_available_bytes, model_bytes, \
     place_model, set_activation_place, stub
 from ecoflap.models.shards import DTYPE_BYTES, CheckpointFiles
 from ecoflap.models.registry import adapter_for, model_class
@@ -192,6 +192,42 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust
         if hasattr(getattr(module, "config", None), "use_cache"):
             module.config.use_cache = False  # calibration re-runs blocks; a KV cache would grow
     return model, procs
+
+
+def load_dispatched(path: str | Path, dtype: torch.dtype, mode: str, offload_folder: str | Path,
+                    trust_remote_code: bool = False, family: str | None = None,
+                    max_memory: dict[int | str, int] | None = None) -> tuple[PreTrainedModel, Any]:
+    """For lm-eval and the vision-language tasks (generation, many short forward passes) with
+    offload cpu or disk on GPUs: transformers' big-model loading (accelerate's device_map)
+    spreads the model over every GPU the job sees, then host memory ("cpu") or
+    `offload_folder` ("disk"); accelerate's hooks move each module's weights where it runs.
+    Loaded as strictly as load_model."""
+    path = Path(path)
+    verify_checksums(path)
+    if max_memory is None:  # what each device may hold: as "auto" judges a fit, 70 % of what is free
+        max_memory = {i: int(AUTO_FIT_SHARE * torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())}
+        max_memory["cpu"] = int(AUTO_FIT_SHARE * host_available_bytes()) if mode == "cpu" else 0
+    cls = model_class(path, trust_remote_code)
+    model, info = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+                                      output_loading_info=True, device_map="auto", max_memory=max_memory,
+                                      offload_folder=str(offload_folder))
+    check_loading_info(path, info)
+    adapter_for(model, family)  # the config's family checked before anything runs
+    placed: dict[str, int] = {}
+    for where in getattr(model, "hf_device_map", {}).values():
+        placed[str(where)] = placed.get(str(where), 0) + 1
+    log.info("device_map (offload %s): modules per device %s, max_memory %s", mode, placed,
+             {k: f"{v / 1e9:.1f} GB" for k, v in max_memory.items()})
+    model.eval()
+    for module in model.modules():
+        if hasattr(getattr(module, "config", None), "use_cache"):
+            module.config.use_cache = False
+    return model, load_processors(path, trust_remote_code)
+
+
+def resolve_offload(path: str | Path, offload: str, dtype: torch.dtype, device: torch.device) -> str:
+    """The mode load_model would use for this checkpoint (auto resolved; logged)."""
+    return choose_offload(offload, loaded_bytes(CheckpointFiles(path), dtype), device)
 
 
 def loaded_bytes(files: CheckpointFiles, dtype: torch.dtype) -> int:
