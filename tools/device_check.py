@@ -12,13 +12,15 @@ perplexities, and what each costs in time and GPU memory.
 
 Sections (each reports, and one failing does not stop the others):
   A. SmolLM2 shape, bf16: scoring (checkpointed, zeroth-order, outliers, first-order), Wanda,
-     Wanda 2:4, SparseGPT and magnitude pruning, perplexity; offload none vs cpu: identical?
-  B. LLaMA-2-7B shape (4 blocks), bf16: Wanda and SparseGPT peak GPU memory, none vs cpu,
+     Wanda 2:4, SparseGPT and magnitude pruning, perplexity; offload none vs cpu vs disk: identical?
+  B. LLaMA-2-7B shape (4 blocks), bf16: Wanda and SparseGPT peak GPU memory, none vs cpu vs disk,
      beside what one block, its activations and the pruner's statistics take.
   C. fashion CLIP (two towers): Wanda masks, gradient scores, zero-shot accuracy, none vs cpu.
   D. the scoring benchmark (benchmark-scoring) on CUDA.
   E. GPU leases: two concurrent one-GPU jobs on one GPU run one after the other; with a
      simulated second device each job sees only its own.
+  F. the memory benchmark (tools/memory_benchmark.py) on CUDA, 6 blocks of LLaMA-2-7B's
+     shape: offload disk vs none, uncapped; peak GPU memory per stage, identical results.
 """
 from __future__ import annotations
 
@@ -117,7 +119,7 @@ def build_smollm2_shape(tokenizer_dir: Path, out: Path) -> Path:
     return out
 
 
-@section("A. SmolLM2 shape (random weights), bf16: none vs cpu")
+@section("A. SmolLM2 shape (random weights), bf16: none vs cpu vs disk")
 def check_smollm2(folder: Path) -> dict:
     from ecoflap.evaluation.perplexity import evaluation_text, perplexity
     from ecoflap.scoring.checkpointed import checkpointed_gradient_scores
@@ -127,7 +129,7 @@ def check_smollm2(folder: Path) -> dict:
 
     results: dict = {}
     text = evaluation_text("brown-heldout")
-    for mode in ("none", "cpu"):
+    for mode in ("none", "cpu", "disk"):
         row = results[mode] = {}
 
         def fresh():
@@ -170,25 +172,27 @@ def check_smollm2(folder: Path) -> dict:
         del model
         empty_cache()
     same = {}
-    for key, v in results["cpu"].items():
-        w = results["none"][key]
-        if "mask_sha256" in v:
-            same[key] = v["mask_sha256"] == w["mask_sha256"]
-        elif "values" in v:
-            same[key] = v["values"] == w["values"]
-        else:
-            same[key] = abs(v["value"] / w["value"] - 1)
-    say("\nnone vs cpu (True: bit-identical; a number: relative difference)")
-    for key, v in same.items():
-        t = results["cpu"][key]["seconds"] / results["none"][key]["seconds"]
-        p = results["cpu"][key]["peak_mb"] / results["none"][key]["peak_mb"]
-        say(f"  {key:<36} {str(v):<8} time cpu/none {t:5.2f}  peak cpu/none {p:5.2f}")
+    for mode in ("cpu", "disk"):
+        for key, v in results[mode].items():
+            w = results["none"][key]
+            if "mask_sha256" in v:
+                same[(mode, key)] = v["mask_sha256"] == w["mask_sha256"]
+            elif "values" in v:
+                same[(mode, key)] = v["values"] == w["values"]
+            else:
+                same[(mode, key)] = abs(v["value"] / w["value"] - 1)
+    say("\nagainst none (True: bit-identical; a number: relative difference)")
+    for (mode, key), v in same.items():
+        t = results[mode][key]["seconds"] / results["none"][key]["seconds"]
+        p = results[mode][key]["peak_mb"] / results["none"][key]["peak_mb"]
+        say(f"  {mode:>4} {key:<36} {str(v):<8} time {mode}/none {t:5.2f}  peak {mode}/none {p:5.2f}")
+    same = {f"{mode} {key}": v for (mode, key), v in same.items()}
     return {"runs": results, "identical": same}
 
 
 # --- B ---------------------------------------------------------------------------------------
 
-@section("B. LLaMA-2-7B shape (4 blocks), bf16: peak GPU memory, none vs cpu")
+@section("B. LLaMA-2-7B shape (4 blocks), bf16: peak GPU memory, none vs cpu vs disk")
 def check_llama7b_blocks(work: Path) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -206,7 +210,7 @@ def check_llama7b_blocks(work: Path) -> dict:
     ids = torch.randint(3, cfg.vocab_size, (n, seq), generator=torch.Generator().manual_seed(0))
     out: dict = {}
     for pruner in ("wanda", "sparsegpt"):
-        for mode in ("none", "cpu"):
+        for mode in ("none", "cpu", "disk"):
             model, _ = _load_no_tok(folder, mode)
             adapter = adapter_for(model)
             blocks = adapter.blocks(model)
@@ -223,10 +227,10 @@ def check_llama7b_blocks(work: Path) -> dict:
                         else sum(l.in_features * 4 for l in layers.values())) / 2**20
             big = max(layers.values(), key=lambda l: l.weight.numel())
             # the largest layer's transient working set: Wanda's fp32 scores, topk values and int64
-            # indices of the pruned half, the mask; SparseGPT's fp32 copy of W, the mask and three
-            # in x in fp32 matrices (the damped H, its Cholesky factor, the inverse)
+            # indices of the pruned half, the mask; SparseGPT's fp32 copy of W, the mask and one
+            # in x in fp32 matrix beside H (its Cholesky factor, then the inverse)
             work_mb = (big.weight.numel() * (4 + 1 + 12 * 0.5) if pruner == "wanda"
-                       else big.weight.numel() * 5 + 3 * big.in_features ** 2 * 4) / 2**20
+                       else big.weight.numel() * 5 + big.in_features ** 2 * 4) / 2**20
             bound = 1.1 * (outside_mb + block_mb + act_mb + stats_mb + work_mb)
             out[f"{pruner} {mode}"] = {"mask_sha256": rep.mask_sha256, "seconds": sec, "peak_mb": peak,
                                        "model_mb": model_bytes(model) / 2**20, "block_mb": block_mb,
@@ -243,10 +247,12 @@ def check_llama7b_blocks(work: Path) -> dict:
                 f"sum {bound:.0f})  mask {rep.mask_sha256[:12]}")
             del model, adapter, blocks, layers
             empty_cache()
-        a, b = out[f"{pruner} none"], out[f"{pruner} cpu"]
-        say(f"{pruner:>9}: masks identical {a['mask_sha256'] == b['mask_sha256']}; peak cpu/none "
-            f"{b['peak_mb'] / a['peak_mb']:.2f}; cpu peak within bound {b['peak_mb'] <= b['bound_mb']}; "
-            f"time cpu/none {b['seconds'] / a['seconds']:.2f}")
+        a = out[f"{pruner} none"]
+        for mode in ("cpu", "disk"):
+            b = out[f"{pruner} {mode}"]
+            say(f"{pruner:>9}: {mode} masks identical {a['mask_sha256'] == b['mask_sha256']}; peak {mode}/none "
+                f"{b['peak_mb'] / a['peak_mb']:.2f}; {mode} peak within bound {b['peak_mb'] <= b['bound_mb']}; "
+                f"time {mode}/none {b['seconds'] / a['seconds']:.2f}")
     return out
 
 
@@ -274,9 +280,18 @@ def _load_no_tok(folder: Path, mode: str):
 
     from ecoflap.models.offload import choose_offload, model_bytes, place_model
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    if mode == "disk":  # load_model's disk path, without the processors this folder lacks
+        from ecoflap.models.loading import _model_without_block_weights
+        from ecoflap.models.shards import CheckpointFiles
+
+        files = CheckpointFiles(folder)
+        model = _model_without_block_weights(folder, AutoModelForCausalLM, files, torch.bfloat16, False, None).eval()
+        named = adapter_for(model).named_blocks(model)
+        place_model(model, [b for _, b in named], CUDA, "disk", [n for n, _ in named], files)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+        place_model(model, adapter_for(model).blocks(model), CUDA, choose_offload(mode, model_bytes(model), CUDA))
     model.config.use_cache = False
-    place_model(model, adapter_for(model).blocks(model), CUDA, choose_offload(mode, model_bytes(model), CUDA))
     return model, None
 
 
@@ -371,6 +386,18 @@ def check_leases(folder: Path, work: Path) -> dict:
     return out
 
 
+@section("F. memory benchmark on CUDA (offload disk vs none)")
+def check_memory_benchmark(work: Path) -> dict:
+    cmd = [sys.executable, str(REPO / "tools" / "memory_benchmark.py"), "--work", str(work / "membench"),
+           "--blocks", "6", "--compare-none", "--no-cap", "--device", str(CUDA)]
+    if CUDA.type != "cuda":
+        cmd += ["--small"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    say(out.stdout[-4000:])
+    summary = work / "membench" / "summary.json"
+    return json.loads(summary.read_text()) if summary.exists() else {"error": out.stderr[-2000:]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="folder with SmolLM2's config.json and tokenizer files")
@@ -406,6 +433,8 @@ def main() -> None:
         check_leases(small, work)
     if "D" not in args.skip:
         check_benchmark(small)
+    if "F" not in args.skip:
+        check_memory_benchmark(work)
     say(f"\ntotal {time.perf_counter() - t0:.1f} s")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
