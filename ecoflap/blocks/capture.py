@@ -126,13 +126,3 @@ def single_stack(model: nn.Module, adapter: Adapter, what: str) -> Stack:
                          f"single-stack language models only; {adapter.family} has stacks "
                          f"{[s.name for s in stacks]}. Use zeroth_order with reuse_block_inputs: false, or first_order")
     return stacks[0]
-
-
-def run_from(model: nn.Module, adapter: Adapter, start: int, inputs: list[BlockInput]) -> torch.Tensor:
-    """Loss of a single-stack model computed from the inputs of block `start` onwards."""
-    hidden = inputs[start].hidden
-    for j, block in enumerate(adapter.blocks(model)[start:], start):
-        hidden = run_block(block, inputs[j].with_hidden(hidden))
-    if inputs[start].device is not None:  # activations: cpu
-        hidden = hidden.to(inputs[start].device)
-    return adapter.loss_from_hidden(model, hidden, inputs[start].batch)

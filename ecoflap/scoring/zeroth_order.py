@@ -28,8 +28,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ecoflap.models.base import Adapter, Batch, batch_to
-from ecoflap.models.offload import BlockHolder
-from ecoflap.blocks.capture import run_from
+from ecoflap.models.offload import BlockHolder, resident
+from ecoflap.blocks.capture import BlockInput, run_block
 from ecoflap.blocks.walk import inputs_of_every_block
 from ecoflap.scoring.units import direction, scoring_units
 from ecoflap.utils.runtime import check_finite
@@ -62,21 +62,22 @@ def zeroth_order_scores(model: nn.Module, adapter: Adapter, batches: list[Batch]
         if reuse_block_inputs:
             cached = inputs_of_every_block(model, adapter, batch, device, "reuse_block_inputs")
 
-        def loss(unit_block: int) -> float:
-            value = run_from(model, adapter, unit_block, cached) if reuse_block_inputs \
-                else adapter.loss(model, batch)
-            return value.item()
-
         for ui, unit in enumerate(units):
             held.hold(unit.block_index)  # offload: cpu moves the perturbed block to the device once per batch
             backup = [w.detach().clone() for w in unit.weights]
             dirs = [direction(w.shape, seed, bi, ui, ti, device) for ti, w in enumerate(unit.weights)]
-            for w, z in zip(unit.weights, dirs):
-                w.add_(z.to(w.dtype), alpha=eps)
-            plus = loss(unit.block_index)
-            for w, b, z in zip(unit.weights, backup, dirs):
-                w.copy_(b).add_(z.to(w.dtype), alpha=-eps)
-            minus = loss(unit.block_index)
+
+            def perturb(sign: float) -> None:
+                for w, b, z in zip(unit.weights, backup, dirs):
+                    w.copy_(b).add_(z.to(w.dtype), alpha=sign * eps)
+
+            if reuse_block_inputs:
+                plus, minus = _plus_minus_from(model, adapter, unit.block_index, cached, perturb)
+            else:
+                perturb(1.0)
+                plus = adapter.loss(model, batch).item()
+                perturb(-1.0)
+                minus = adapter.loss(model, batch).item()
             for w, b in zip(unit.weights, backup):
                 w.copy_(b)
             grad = torch.tensor((plus - minus) / (2 * eps))
@@ -87,3 +88,26 @@ def zeroth_order_scores(model: nn.Module, adapter: Adapter, batches: list[Batch]
         held.hold(None)
     bar.close()
     return scores
+
+
+def _plus_minus_from(model: nn.Module, adapter: Adapter, start: int, cached: list[BlockInput],
+                     perturb) -> tuple[float, float]:
+    """The losses at W + eps z and W - eps z from block `start`'s clean input: the perturbed
+    block runs once per sign, then both hidden states go through each later block while it
+    is on the device, so an offloaded block is brought there (or read from disk) once per
+    pair, not twice. Each path is the same arithmetic as running the two passes one after
+    the other, so the scores are identical."""
+    blocks = adapter.blocks(model)
+    first = cached[start]
+    perturb(1.0)
+    plus = run_block(blocks[start], first)
+    perturb(-1.0)
+    minus = run_block(blocks[start], first)
+    for j in range(start + 1, len(blocks)):
+        with resident(blocks[j]):
+            plus = run_block(blocks[j], cached[j].with_hidden(plus))
+            minus = run_block(blocks[j], cached[j].with_hidden(minus))
+    if first.device is not None:  # activations: cpu
+        plus, minus = plus.to(first.device), minus.to(first.device)
+    return (adapter.loss_from_hidden(model, plus, first.batch).item(),
+            adapter.loss_from_hidden(model, minus, first.batch).item())
