@@ -43,9 +43,10 @@ def test_same_seed_same_masks(tiny_dir, prune_inputs):
     assert _hash(prune_inputs, "a") == _hash(prune_inputs, "b")
 
 
-@pytest.mark.parametrize("marker", ["pruning language blocks", "saving pruned checkpoint"])
+@pytest.mark.parametrize("marker", ["pruning language blocks", "pruned checkpoint: writing"])
 def test_killed_prune_reruns_to_the_same_result(tiny_dir, prune_inputs, marker):
-    """SIGKILL right after the job announces `marker` (mid-prune, mid-save), then rerun."""
+    """SIGKILL right after the job announces `marker` (mid-prune, when some blocks' shards are
+    written already; mid-save of the rest), then rerun."""
     work = prune_inputs
     subprocess.run(_cmd(tiny_dir, work, "ref"), check=True, capture_output=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # the markers are progress bars

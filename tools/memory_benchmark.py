@@ -241,20 +241,21 @@ def main() -> None:
     rows = []
     modes = ["disk"] + (["none"] if args.compare_none else [])
     for mode in modes:
-        say(f"stages with offload {mode}" + (f", each capped at {cap / GB:.2f} GB" if mode == "disk" else ", no cap"))
+        capped = mode == "disk" and not args.no_cap
+        say(f"stages with offload {mode}" + (f", each capped at {cap / GB:.2f} GB" if capped else ", no cap"))
         for label, cmd, result in stage_commands(model, work, mode, args.device):
             row = run_stage(label.replace(" ", "_").replace("(", "").replace(")", ""), cmd,
                             work / f"{label.split(' (')[0].replace(' ', '_')}_{mode}.log",
-                            cap if mode == "disk" and not args.no_cap else None)
+                            cap if capped else None)
             if args.device != "cpu" and result.exists():
                 row["peak_gpu_mb"] = json.loads(result.read_text())["runtime"]["peak_mem_mb"]
             rows.append({**row, "stage": label, "mode": mode, "model_bytes": model_bytes})
             if label.startswith("prune") and not args.keep:  # hashed in its report; disk space is 2 x the model
                 shutil.rmtree(work / f"pruned_{label.split()[1]}_{mode}", ignore_errors=True)
 
+    cap_text = "no cap" if args.no_cap else f"cap {args.cap:.0%} of it = {cap / GB:.2f} GB"
     lines = [f"model: {args.blocks} blocks of LLaMA-2-7B's shape + embeddings and head, bfloat16, "
-             f"{model_bytes / GB:.2f} GB; cap {args.cap:.0%} of it = {cap / GB:.2f} GB; "
-             f"threads {torch.get_num_threads()}",
+             f"{model_bytes / GB:.2f} GB; {cap_text}; threads {torch.get_num_threads()}",
              f"{'stage':<26} {'exit':>4} {'model GB':>8} {'cap GB':>7} {'peak RSS GB':>11} {'peak/model':>10} "
              f"{'cgroup peak GB':>14} {'wall s':>7}"]
     for r in rows:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.utils import HfHubHTTPError
@@ -250,8 +251,6 @@ def _model_without_block_weights(path: Path, cls: type, files: CheckpointFiles, 
     read from the checkpoint; each block holds stubs until offload reads it (place_model).
     Checked as strictly as from_pretrained's loading: every tensor the model expects is in
     the files with its shape, and the files hold nothing else."""
-    from accelerate import init_empty_weights
-
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) are computed, not stored
         if cls is AutoModelForCausalLM:

@@ -53,6 +53,8 @@ class PrunedCheckpoint:
         self.seconds += time.perf_counter() - t0
 
     def finish(self, processors: Any) -> None:
+        log.info("pruned checkpoint: writing the blocks left dense, the tensors outside the blocks, the index, "
+                 "config and tokenizer")
         for name, block in self.blocks:  # a stack the allocation leaves dense
             if name not in self.written:
                 with resident(block):
