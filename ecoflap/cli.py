@@ -244,11 +244,12 @@ def cmd_prune(args: argparse.Namespace) -> None:
         import torch
 
         torch.cuda.reset_peak_memory_stats(device)
-    log.info("writing the pruned checkpoint to %s block by block", args.out)
     # bytes the weights take on disk (a tied tensor counted once), for a full disk's message
     weight_bytes = sum({t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
     with atomic_path(args.out, is_dir=True, expected_bytes=weight_bytes) as tmp:
         checkpoint = PrunedCheckpoint(model, adapter, args.model, tmp) if writes_by_name(model, args.model) else None
+        if checkpoint:
+            log.info("writing the pruned checkpoint to %s block by block", args.out)
         t_compute = time.perf_counter()
         report = prune_sequential(model, adapter, pruner, allocation["layer_sparsity"], batches, device, nm,
                                   comparison, refiner, checkpoint.write_block if checkpoint else None)
