@@ -73,3 +73,29 @@ def calib_batches(tiny):
     _model, tok, _adapter = tiny
     ids = build_calibration(tok, "austen-emma", n_samples=8, seq_len=32, seed=0)
     return batches(ids, 4)
+
+
+def calibration_batches(tok, n_samples: int = 8, seq_len: int = 32, batch_size: int = 4):
+    """The tiny LLaMA's calibration batches, as the offload tests use them."""
+    from ecoflap.data.calibration import batches, build_calibration
+
+    return batches(build_calibration(tok, "austen-emma", n_samples=n_samples, seq_len=seq_len, seed=0), batch_size)
+
+
+def every_scorer(model, adapter, batches, device=torch.device("cpu")) -> dict:
+    """Each scorer that runs block by block, on one model: what the offload modes must
+    reproduce bit for bit (first_order runs one backward over the whole model and refuses
+    offload; atp_search prunes and restores the model, and refuses disk)."""
+    from ecoflap.scoring.checkpointed import checkpointed_gradient_scores
+    from ecoflap.scoring.esd_alpha import esd_alpha_scores
+    from ecoflap.scoring.outliers import outlier_ratios
+    from ecoflap.scoring.zeroth_order import zeroth_order_scores
+
+    return {
+        "zo": zeroth_order_scores(model, adapter, batches, device, granularity="layer", reuse_block_inputs=True),
+        "zo_full": zeroth_order_scores(model, adapter, batches, device, granularity="block", reuse_block_inputs=False),
+        "fast": checkpointed_gradient_scores(model, adapter, batches, device, "block", "l2"),
+        "abs_wg": checkpointed_gradient_scores(model, adapter, batches, device, "layer", "abs_wg"),
+        "owl": outlier_ratios(model, adapter, batches, device),
+        "alpha": esd_alpha_scores(model, adapter, batches, device),
+    }

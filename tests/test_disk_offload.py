@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import calibration_batches, every_scorer
 from ecoflap.models import offload
 from ecoflap.models.base import model_layout
 from ecoflap.models.loading import load_model
@@ -52,9 +53,7 @@ def _disk(folder):
 
 
 def _batches(tok):
-    from ecoflap.data.calibration import batches, build_calibration
-
-    return batches(build_calibration(tok, "austen-emma", n_samples=8, seq_len=32, seed=0), 4)
+    return calibration_batches(tok)
 
 
 def _is_stub(t: torch.Tensor) -> bool:
@@ -118,26 +117,10 @@ def test_disk_pruning_gives_the_same_masks_and_checkpoint(tiny_dir, tmp_path, pr
 
 
 def test_disk_scores_equal_the_whole_model(tiny_dir):
-    from ecoflap.scoring.checkpointed import checkpointed_gradient_scores
-    from ecoflap.scoring.esd_alpha import esd_alpha_scores
-    from ecoflap.scoring.outliers import outlier_ratios
-    from ecoflap.scoring.zeroth_order import zeroth_order_scores
-
-    def run(model, adapter, batches):
-        return {
-            "zo": zeroth_order_scores(model, adapter, batches, CPU, granularity="layer", reuse_block_inputs=True),
-            "zo_full": zeroth_order_scores(model, adapter, batches, CPU, granularity="block",
-                                           reuse_block_inputs=False),
-            "fast": checkpointed_gradient_scores(model, adapter, batches, CPU, "block", "l2"),
-            "abs_wg": checkpointed_gradient_scores(model, adapter, batches, CPU, "layer", "abs_wg"),
-            "owl": outlier_ratios(model, adapter, batches, CPU),
-            "alpha": esd_alpha_scores(model, adapter, batches, CPU),
-        }
-
     model, tok = load_model(tiny_dir, CPU, torch.float32)
-    whole = run(model, adapter_for(model), _batches(tok))
+    whole = every_scorer(model, adapter_for(model), _batches(tok))
     model, tok, adapter, tracker = _disk(tiny_dir)
-    held = run(model, adapter, _batches(tok))
+    held = every_scorer(model, adapter, _batches(tok))
     assert held == whole  # bit-identical
     assert tracker.loaded == set()
     assert tracker.most <= 2  # a backward recomputes block j while block j+1's gradients are reduced
