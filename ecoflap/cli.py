@@ -205,7 +205,7 @@ def cmd_allocate(args: argparse.Namespace) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> None:
     from ecoflap.models.base import model_layout
-    from ecoflap.pruning.checkpoint import PrunedCheckpoint, writes_by_name
+    from ecoflap.pruning.checkpoint import PrunedCheckpoint
     from ecoflap.pruning.engine import prune_sequential
     from ecoflap.pruning.masks import parse_nm
     from ecoflap.pruning.methods import make_pruner
@@ -247,8 +247,10 @@ def cmd_prune(args: argparse.Namespace) -> None:
     # bytes the weights take on disk (a tied tensor counted once), for a full disk's message
     weight_bytes = sum({t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
     with atomic_path(args.out, is_dir=True, expected_bytes=weight_bytes) as tmp:
-        checkpoint = PrunedCheckpoint(model, adapter, args.model, tmp) if writes_by_name(model, args.model) else None
-        if checkpoint:
+        checkpoint = PrunedCheckpoint(model, adapter, args.model, tmp)
+        if not checkpoint.names_match():
+            checkpoint = None
+        else:
             log.info("writing the pruned checkpoint to %s block by block", args.out)
         t_compute = time.perf_counter()
         report = prune_sequential(model, adapter, pruner, allocation["layer_sparsity"], batches, device, nm,

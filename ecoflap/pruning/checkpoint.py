@@ -23,13 +23,6 @@ from ecoflap.models.shards import CheckpointFiles, ShardWriter
 log = logging.getLogger(__name__)
 
 
-def writes_by_name(model: nn.Module, source: str | Path) -> bool:
-    """Whether the model's tensor names are the source checkpoint's (false for a checkpoint
-    transformers renames while loading; such a model is saved whole with save_pretrained)."""
-    state = set(model.state_dict())
-    return all(name in state for name in CheckpointFiles(source).names())
-
-
 class PrunedCheckpoint:
     """Pass `write_block` to prune_sequential(on_block_pruned=), then call `finish`."""
 
@@ -42,6 +35,12 @@ class PrunedCheckpoint:
         self.writer = ShardWriter(self.out, len(self.blocks) + 1)  # a shard per block, one for the rest
         self.written: set[str] = set()
         self.seconds = 0.0  # time spent writing, so that a pruning pass's compute time can leave it out
+
+    def names_match(self) -> bool:
+        """Whether the model's tensor names are the source checkpoint's (false for a checkpoint
+        transformers renames while loading; such a model is saved whole with save_pretrained)."""
+        state = set(self.model.state_dict())
+        return all(name in state for name in self.names)
 
     def write_block(self, name: str, block: nn.Module) -> None:
         """Write a block (resident: its weights are in memory) to the next shard; offload: disk
