@@ -112,6 +112,8 @@ SCORER_COMMON: dict[str, Option] = {
     "n_samples": Option(None, _POS_INT, "calibration windows used (default: all)"),
     "batch_size": Option(8, _POS_INT, "windows per forward pass"),
     "seed": Option(None, {"type": "integer", "minimum": 0}, "directions' seed (default: the run's seed)"),
+    "threads": Option(None, _POS_INT, "torch threads of this scorer's job in the workflow (default: "
+                      "stage_threads.score, else threads); a batch-1 zeroth_order pass gains little from a second"),
 }
 
 # --- allocation (allocation/) ----------------------------------------------------------------

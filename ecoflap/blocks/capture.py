@@ -50,8 +50,8 @@ def valid_positions(stack: Stack, batch: Batch) -> torch.Tensor | None:
     return mask != -100 if stack.mask_key == "labels" else mask.bool()
 
 
-class _StopForward(Exception):
-    pass
+class StopForward(Exception):
+    """Raised from a hook once everything needed from a forward pass has been recorded."""
 
 
 def _is_cache(value: Any) -> bool:
@@ -83,7 +83,7 @@ def capture_stack_inputs(model: nn.Module, adapter: Adapter, stack: Stack, batch
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
             calls.append(_clean(args, kwargs))
             if last and len(calls) == expected:
-                raise _StopForward
+                raise StopForward
         return hook
 
     handles = [b.register_forward_pre_hook(make_hook(j == len(watched) - 1), with_kwargs=True)
@@ -95,7 +95,7 @@ def capture_stack_inputs(model: nn.Module, adapter: Adapter, stack: Stack, batch
             calls.clear()
             try:
                 adapter.forward(model, batch)
-            except _StopForward:
+            except StopForward:
                 pass
             if len(calls) != expected:
                 raise RuntimeError(f"the calibration forward made {len(calls)} of {expected} expected block calls "

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ecoflap.blocks.capture import BlockInput, capture_stack_inputs, run_block, single_stack
+from ecoflap.blocks.capture import BlockInput, StopForward, capture_stack_inputs, run_block, single_stack
 from ecoflap.models.base import Adapter, Batch, Stack
 from ecoflap.models.offload import HOST, park_activations, resident
 from ecoflap.utils.runtime import check_finite
@@ -66,27 +66,48 @@ def walk_stack(model: nn.Module, adapter: Adapter, stack: Stack, batches: list[B
 
 def feed_layers(step: BlockStep, layers: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None],
                 keep_outputs: bool = False) -> dict[str, int]:
-    """Run the block over its inputs with a forward hook on each layer: `on_input(name, x)`
-    gets every input of the layer, padding positions dropped. Returns how many inputs each
-    layer saw; with `keep_outputs`, the block's outputs are kept as the step's outputs (its
-    weights must not change afterwards)."""
+    """Run the block over its inputs with a hook on each layer: `on_input(name, x)` gets every
+    input of the layer, padding positions dropped. Returns how many inputs each layer saw;
+    with `keep_outputs`, the block's outputs are kept as the step's outputs (its weights must
+    not change afterwards).
+
+    Without `keep_outputs` the block's outputs are thrown away (the walk recomputes them with
+    the pruned weights), so once the first input has shown the order the layers run in, each
+    later input stops as soon as the last layer has received its input: a LLaMA block skips
+    its down_proj and residual, about a quarter of this pass. That holds only when every
+    layer ran exactly once on the first input; a block that runs a layer twice, or skips
+    one (a mixture of experts), always runs to the end."""
     seen = {name: 0 for name in layers}
     running: list[BlockInput] = []  # the input being run, so a hook can drop its padding
+    order: list[str] = []  # the layers in the order they ran on the first input
+    calls_now: dict[str, int] = {}  # per layer, calls on the input being run
+    stop_after: list[str] = []  # the last layer to run, once the first input allows stopping
 
     def hook_for(name: str):
-        def hook(_module, args, _out):
+        def hook(_module, args):
             seen[name] += 1
+            calls_now[name] = calls_now.get(name, 0) + 1
+            if len(running) == 1:
+                order.append(name)
             on_input(name, running[-1].real_positions(args[0]))
+            if stop_after and name == stop_after[0] and all(calls_now.get(n) == 1 for n in layers):
+                raise StopForward  # every layer has its input; the block's output is not needed
         return hook
 
-    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()]
+    handles = [layer.register_forward_pre_hook(hook_for(name)) for name, layer in layers.items()]
     outputs = []
     try:
         for inp in step.inputs:
             running.append(inp)
-            out = run_block(step.block, inp)
+            calls_now.clear()
+            try:
+                out = run_block(step.block, inp)
+            except StopForward:
+                continue
             if keep_outputs:
                 outputs.append(out)
+            elif len(running) == 1 and sorted(order) == sorted(layers):  # each layer ran once
+                stop_after.append(order[-1])
     finally:
         for h in handles:
             h.remove()

@@ -177,7 +177,13 @@ def scorer_args(wc):
     targets = ""
     if SCORERS[s["kind"]].needs_targets:  # a search per target sparsity (atp_search): the config's sparsities
         targets = " --targets " + " ".join(f"{v:g}" for v in config["sparsities"])
-    return spec_arg({**s, "n_samples": n}) + targets
+    spec = {k: v for k, v in s.items() if k != "threads"}  # the job's threads: the rule's (scorer_threads)
+    return spec_arg({**spec, "n_samples": n}) + targets
+
+
+def scorer_threads(wc):
+    """A scorer's own `threads`, else the score stage's."""
+    return config["scorers"][wc.scorer].get("threads") or THREADS["score"]
 
 
 def allocation_inputs(wc):

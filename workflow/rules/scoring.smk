@@ -9,7 +9,7 @@ rule score:
         py=PY,
         model=model_args,
         scorer=scorer_args,
-    threads: THREADS["score"]
+    threads: scorer_threads
     resources:
         gpu=GPU,
         mem_mb=estimated("score", "mem_mb"),
