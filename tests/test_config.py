@@ -57,10 +57,11 @@ def test_other_rejections():
     assert "scorers.owl.n_samples" in check(lambda c: c["scorers"]["owl"].update(n_samples=1000))
 
 
-def _snakemake(*args, configfile=REPO / "config.yaml", workdir):
-    """Dry runs plan from an empty folder, so results of earlier runs do not hide jobs."""
-    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-                           "--configfile", str(configfile), "--cores", "1", *args],
+def _snakemake(*args, configfile=REPO / "config.yaml", workdir, targets=()):
+    """Dry runs plan from an empty folder, so results of earlier runs do not hide jobs.
+    Targets go before --configfile, which would take them as more config files."""
+    return subprocess.run([sys.executable, "-m", "snakemake", *targets, "-s", str(REPO / "Snakefile"),
+                           "--directory", str(workdir), "--configfile", str(configfile), "--cores", "1", *args],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -81,6 +82,19 @@ def test_dry_run_paper_config_plans_everything(tmp_path):
     assert "results/llama-7b/wanda/2of4/pruning.json" in text
     assert "results/llama-7b/ecoflap_zo_wanda/2of4" not in text  # N:M only for uniform methods
     assert '"dataset": "wikitext2"' in text and "boolq" in text
+
+
+def test_a_scorer_takes_its_own_threads(tmp_path):
+    """config.yaml runs zo on one thread beside the other jobs; the other scorers keep the
+    score stage's two; `threads` stays out of the scorer's spec."""
+    out = _snakemake("-n", "-p", "--cores", "2", workdir=tmp_path,
+                     targets=("results/smollm2-135m/scores/zo.json", "results/smollm2-135m/scores/fo.json"))
+    assert out.returncode == 0, out.stderr
+    commands = [line for line in out.stdout.splitlines() if " score --model" in line]
+    threads = {line.split("--out results/smollm2-135m/scores/")[1].split(".json")[0]: line.split("--threads ")[1].split()[0]
+               for line in commands}
+    assert threads == {"zo": "1", "fo": "2"}
+    assert all('"threads"' not in line for line in commands)
 
 
 def test_bad_config_fails_before_any_job(tmp_path):

@@ -120,3 +120,72 @@ def test_wanda_prefers_high_activation_columns():
     # scores 10, 0.1, 0.2, 2 -> the two middle columns go (magnitude alone would drop the first two)
     assert mask.tolist() == [[False, True, True, False]]
     assert torch.equal(nm_mask(torch.tensor([[10.0, 0.1, 0.2, 2.0]]), 2, 4), mask)
+
+
+def _layer_inputs(step, layers, keep_outputs=False):
+    from ecoflap.blocks.walk import feed_layers
+
+    got = {name: [] for name in layers}
+    seen = feed_layers(step, layers, lambda name, x: got[name].append(x.clone()), keep_outputs=keep_outputs)
+    return got, seen
+
+
+def _calls(block):
+    """Count how many Linear layers of `block` actually multiply (forward hooks fire after)."""
+    counter = {"n": 0}
+    handles = [m.register_forward_hook(lambda *_: counter.__setitem__("n", counter["n"] + 1))
+               for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    return counter, handles
+
+
+def test_statistics_pass_stops_after_the_last_layer_with_the_same_inputs(tiny, calib_batches):
+    """Without keep_outputs, inputs after the first stop once the block's last layer has its
+    input: every layer still gets exactly what a full pass gives it, and the last layer (and
+    the block's output) is not computed."""
+    from ecoflap.blocks.walk import walk_stack
+
+    model, _tok, adapter = tiny
+    stack = adapter.stacks(model)[0]
+    step = next(walk_stack(model, adapter, stack, calib_batches, CPU, desc=None))
+    layers = adapter.prunable_layers(step.block)
+    counter, handles = _calls(step.block)
+    stopped, seen = _layer_inputs(step, layers)
+    multiplied_stopped = counter["n"]
+    counter["n"] = 0
+    full, _ = _layer_inputs(step, layers, keep_outputs=True)
+    for h in handles:
+        h.remove()
+    assert len(calib_batches) >= 2
+    assert set(seen.values()) == {len(calib_batches)}
+    for name in layers:
+        assert len(stopped[name]) == len(full[name])
+        for a, b in zip(stopped[name], full[name]):
+            assert torch.equal(a, b), name
+    # the first input runs whole (it shows the order); each later one skips the last layer
+    assert multiplied_stopped == counter["n"] - (len(calib_batches) - 1)
+
+
+def test_statistics_pass_runs_to_the_end_when_a_layer_runs_twice(tiny, calib_batches):
+    """A block that calls one of its layers twice per forward is never cut short: stopping
+    after the 'last' layer would lose the second call's input."""
+    from ecoflap.blocks.walk import walk_stack
+
+    model, _tok, adapter = tiny
+    stack = adapter.stacks(model)[0]
+    step = next(walk_stack(model, adapter, stack, calib_batches, CPU, desc=None))
+    layers = adapter.prunable_layers(step.block)
+    mlp = step.block.mlp
+    original = type(mlp).forward
+
+    def twice(self, x):  # the MLP runs all three of its layers a second time
+        out = original(self, x)
+        self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return out
+
+    mlp.forward = twice.__get__(mlp)
+    try:
+        got, seen = _layer_inputs(step, layers)
+    finally:
+        del mlp.forward
+    assert seen["mlp.down_proj"] == 2 * len(calib_batches)
+    assert len(got["mlp.down_proj"]) == 2 * len(calib_batches)
