@@ -196,16 +196,20 @@ class Family:
     image_calibration: bool = True
     prefix_calibration: bool = False  # ECoFLaP's prefix/target captioning loss (calibration protocol ecoflap)
     reranks: bool = False  # retrieval re-ranks its top k with an image-text matching head
+    encoder_decoder: bool = False  # text calibration split into an encoder input and a decoder target
+    labelled_images: bool = False  # calibrated on labelled images (a classifier's own loss), not captions
 
 
 TEXT_EVALS = ("perplexity", "lm_eval")  # evaluation entries named by their task; run together in one job
 
 FAMILIES: dict[str, Family] = {
     "causal_lm": Family(TEXT_EVALS, ("language",), single_stack=True, image_calibration=False),
+    "seq2seq_lm": Family(("lm_eval",), ("language",), image_calibration=False, encoder_decoder=True),
     "blip2": Family(("vqa", "caption"), ("vision", "qformer", "language"), prefix_calibration=True),
     "instructblip": Family(("vqa", "caption"), ("vision", "qformer", "language"), prefix_calibration=True),
     "blip2_retrieval": Family(("retrieval",), ("vision", "qformer"), reranks=True),
     "clip": Family(("retrieval", "classification"), ("vision", "language")),
+    "image_classifier": Family(("classification",), ("vision",), labelled_images=True),
     "blip_caption": Family(("caption",), ("vision", "language")),
     "blip_vqa": Family(("vqa",), ("vision", "language")),
     "blip_retrieval": Family(("retrieval",), ("vision", "language")),
@@ -224,6 +228,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 class CalibrationSource:
     image: bool  # image-caption pairs (else text windows)
     needs: tuple[str, ...] = ()  # calibration keys the source reads
+    labelled: bool = False  # images with class labels (image classifiers calibrate on these)
+    captioned: bool = True  # images with captions (or captions made from the labels)
 
 
 CALIBRATION_SOURCES: dict[str, CalibrationSource] = {
@@ -231,11 +237,12 @@ CALIBRATION_SOURCES: dict[str, CalibrationSource] = {
     "c4": CalibrationSource(image=False),
     "cc3m": CalibrationSource(image=True, needs=("pairs",)),
     "coco": CalibrationSource(image=True, needs=("captions", "image_dir")),
-    "fashion-mnist": CalibrationSource(image=True),  # embedded
+    "fashion-mnist": CalibrationSource(image=True, labelled=True),  # embedded
+    "imagenet": CalibrationSource(image=True, needs=("train_dir",), labelled=True, captioned=False),
 }
 IMAGE_SOURCES = tuple(k for k, v in CALIBRATION_SOURCES.items() if v.image)
 # calibration keys that name files of image-caption pairs (passed to `calibrate`, hashed in provenance)
-PAIR_FILE_KEYS = ("pairs", "image_root", "captions", "image_dir", "cache_dir")
+PAIR_FILE_KEYS = ("pairs", "image_root", "captions", "image_dir", "cache_dir", "train_dir")
 CAPTION_PROTOCOLS = ("caption", "ecoflap")
 CALIBRATION_DEFAULTS: dict[str, Any] = {"source": "austen-emma", "n_samples": 128, "seq_len": 128, "prompt": "",
                                         "protocol": "caption", "max_txt_len": 32}

@@ -98,7 +98,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from ecoflap.data.calibration import build_calibration, save_calibration
+    from ecoflap.data.calibration import build_calibration, save_calibration, seq2seq_calibration
     from ecoflap.models.image_calibration import build_image_caption_calibration
     from ecoflap.utils.io import save_tensors
 
@@ -119,6 +119,13 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
                                                c["protocol"], c["max_txt_len"])
         save_tensors(args.out, data, metadata={**meta, "prompt": c["prompt"], "protocol": c["protocol"]})
         inputs.update({k: v for k, v in paths.items() if k in ("pairs", "captions") and Path(v).is_file()})
+    elif _family_of(args.model).encoder_decoder:  # an encoder input and a decoder target per sample
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.model)
+        data = seq2seq_calibration(tok, c["source"], c["n_samples"], c["seq_len"], args.seed, c["protocol"],
+                                   c["max_txt_len"])
+        save_tensors(args.out, data, metadata={**meta, "protocol": c["protocol"], "max_txt_len": str(c["max_txt_len"])})
     else:
         from transformers import AutoTokenizer
 
@@ -128,6 +135,14 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     inputs["calibration"] = args.out
     _finish(args.out + ".json", {"shapes": {k: list(v.shape) for k, v in data.items()}},
             _settings(args, c), inputs, t0)
+
+
+def _family_of(model_dir: str) -> catalog.Family:
+    """The family of a downloaded checkpoint, from its config alone."""
+    from ecoflap.models.layout import skeleton_of_folder
+    from ecoflap.models.registry import adapter_for
+
+    return adapter_for(skeleton_of_folder(model_dir)).capabilities
 
 
 def _settings(args: argparse.Namespace, resolved: dict[str, Any]) -> dict[str, Any]:
@@ -462,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", help="coco: captions_train2017.json")
     p.add_argument("--image-dir", help="coco: the train2017 image folder")
     p.add_argument("--cache-dir", help="cc3m webdataset: where sampled images are extracted")
+    p.add_argument("--train-dir", help="imagenet: the training images, one folder per wnid (image classifiers)")
     p.add_argument("--prompt", help="text before the caption (image-caption calibration; default none)")
     p.add_argument("--protocol", choices=list(catalog.CAPTION_PROTOCOLS),
                    help="image-caption calibration: caption (random pairs, prompt + caption as target) or ecoflap "

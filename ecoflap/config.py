@@ -120,6 +120,9 @@ def _built_schema() -> dict[str, Any]:
                   "description": "one keep budget for the whole model (paper) or one per sub-model"},
         "submodels": {"type": "array", "minItems": 1, "items": {"enum": list(C.SUBMODELS)},
                       "description": "prune only these sub-models (default: all); the rest stay dense"},
+        "threads": {"type": "integer", "minimum": 1,
+                    "description": "torch threads of this method's prune jobs (default: stage_threads.prune, else "
+                                   "threads); SparseGPT's masks depend on the thread count"},
     }
     method_common["refine"] = {"enum": [C.NO_REFINE, *C.REFINERS], "default": C.NO_REFINE,
                                "description": "refine each layer's mask after its pruner, at the same sparsity: "
@@ -327,9 +330,19 @@ def _family_errors(config: dict[str, Any]) -> list[str]:
             want = f"{'image-caption pairs' if fam.image_calibration else 'text'} ({', '.join(kinds)})"
             errors.append(f"config key models.{model}.calibration.source: {family} calibrates on {want}, "
                           f"not {calib['source']!r}")
-        if calib.get("protocol", "caption") == "ecoflap" and not fam.prefix_calibration:
-            errors.append(f"config key models.{model}.calibration.protocol: ecoflap is the authors' BLIP-2 captioning "
-                          f"loss; {family} has none (allowed: caption)")
+        source = CALIBRATION_SOURCES.get(calib["source"])
+        if source is not None and source.image and fam.image_calibration:
+            if fam.labelled_images and not source.labelled:
+                labelled = [k for k, v in CALIBRATION_SOURCES.items() if v.labelled]
+                errors.append(f"config key models.{model}.calibration.source: {family} calibrates on labelled images "
+                              f"({', '.join(labelled)}), not {calib['source']!r}")
+            elif not fam.labelled_images and not source.captioned:
+                captioned = [k for k, v in CALIBRATION_SOURCES.items() if v.image and v.captioned]
+                errors.append(f"config key models.{model}.calibration.source: {family} calibrates on image-caption "
+                              f"pairs ({', '.join(captioned)}); {calib['source']!r} has class labels only")
+        if calib.get("protocol", "caption") == "ecoflap" and not (fam.prefix_calibration or fam.encoder_decoder):
+            errors.append(f"config key models.{model}.calibration.protocol: ecoflap is the authors' prefix/target "
+                          f"loss of BLIP-2 and FlanT5; {family} has none (allowed: caption)")
         for key in CALIBRATION_SOURCES[calib["source"]].needs:
             if not calib.get(key):
                 errors.append(f"config key calibration.{key}: calibration source {calib['source']} needs it "

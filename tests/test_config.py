@@ -84,16 +84,21 @@ def test_dry_run_paper_config_plans_everything(tmp_path):
     assert '"dataset": "wikitext2"' in text and "boolq" in text
 
 
-def test_a_scorer_takes_its_own_threads(tmp_path):
-    """config.yaml runs zo on one thread beside the other jobs; the other scorers keep the
-    score stage's two; `threads` stays out of the scorer's spec."""
-    out = _snakemake("-n", "-p", "--cores", "2", workdir=tmp_path,
-                     targets=("results/smollm2-135m/scores/zo.json", "results/smollm2-135m/scores/fo.json"))
+def test_scorers_and_methods_take_their_own_threads(tmp_path):
+    """config.yaml runs zo, Wanda and magnitude on one thread each, side by side; fo and
+    SparseGPT keep two (SparseGPT's masks depend on the thread count). `threads` stays out of
+    the stages' specs."""
+    targets = ("results/smollm2-135m/scores/zo.json", "results/smollm2-135m/scores/fo.json",
+               "results/smollm2-135m/wanda/0.5/pruning.json", "results/smollm2-135m/sparsegpt/0.5/pruning.json",
+               "results/smollm2-135m/magnitude/0.5/pruning.json")
+    out = _snakemake("-n", "-p", "--cores", "2", workdir=tmp_path, targets=targets)
     assert out.returncode == 0, out.stderr
-    commands = [line for line in out.stdout.splitlines() if " score --model" in line]
-    threads = {line.split("--out results/smollm2-135m/scores/")[1].split(".json")[0]: line.split("--threads ")[1].split()[0]
-               for line in commands}
-    assert threads == {"zo": "1", "fo": "2"}
+    commands = [line for line in out.stdout.splitlines() if " score --model" in line or " prune --model" in line
+                or " allocate --layout" in line]
+    threads = {line.split("--out results/smollm2-135m/")[1].split()[0]: line.split("--threads ")[1].split()[0]
+               for line in commands if "--threads" in line}
+    assert threads == {"scores/zo.json": "1", "scores/fo.json": "2", "wanda/0.5/model": "1",
+                       "sparsegpt/0.5/model": "2", "magnitude/0.5/model": "1"}
     assert all('"threads"' not in line for line in commands)
 
 

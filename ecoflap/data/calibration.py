@@ -1,5 +1,7 @@
 """Calibration windows: fixed-length token windows drawn with a fixed seed, saved once
 (as safetensors, with the tokenizer's and source's identity) and reused by every method.
+Encoder-decoder models get each sample as an encoder input and a decoder target
+(`seq2seq_calibration`).
 Saving, loading and batching serve the image-caption sets (`models/image_calibration.py`, which
 encodes pairs with a family's processors) too."""
 from __future__ import annotations
@@ -11,7 +13,8 @@ from typing import Any
 
 import torch
 
-from ecoflap.data.corpora import c4_documents, embedded_text
+from ecoflap.data.captions import blip_pre_caption
+from ecoflap.data.corpora import C4_VALIDATION_SHARD, c4_documents, embedded_paragraphs, embedded_text
 from ecoflap.utils.io import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
@@ -50,22 +53,71 @@ def build_calibration(tokenizer: Any, source: str, n_samples: int, seq_len: int,
     return windows_from_text(tokenizer, embedded_text(source), n_samples, seq_len, seed)
 
 
+def seq2seq_calibration(tokenizer: Any, source: str, n_samples: int, seq_len: int, seed: int, protocol: str,
+                        max_txt_len: int) -> dict[str, torch.Tensor]:
+    """Encoder inputs and decoder targets: {"input_ids", "attention_mask", "labels"}, padded
+    to the longest sample (labels at -100 there, so neither the loss nor the statistics see it).
+
+    protocol "ecoflap", as the authors' FlanT5 pruner builds it (ylsung/ECoFLaP, LAVIS
+    c4_dataset.py and t5_models/t5.py): the first `n_samples` documents in file order (C4's
+    validation shard 00000-of-00008; the embedded text: its paragraphs of 20 words or more),
+    each through BLIP's pre_caption (lower case, punctuation dropped, 50 words), split at a
+    random character 1 .. len // 2 into an encoder prefix and a target, each tokenised with
+    the tokenizer's special tokens (T5 closes each with </s>) and cut to `max_txt_len` tokens.
+    protocol "caption" (the plain one): `seq_len`-token windows drawn as for a causal LM, the
+    first half to the encoder and the second half as the target, each closed by the
+    end-of-sequence token."""
+    rng = random.Random(seed)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if protocol == "ecoflap":
+        docs = c4_documents(C4_VALIDATION_SHARD, split="validation") if source == "c4" else embedded_paragraphs(source)
+        if len(docs) < n_samples:
+            raise ValueError(f"{source} has {len(docs)} documents, fewer than calibration.n_samples = {n_samples}")
+        log.info("building %d prefix/target pairs from the first %d documents of %s (seed %d, protocol ecoflap)",
+                 n_samples, n_samples, source, seed)
+        prefixes, targets = [], []
+        for doc in docs[:n_samples]:
+            text = blip_pre_caption(doc)
+            if len(text) < 2:
+                raise ValueError(f"calibration document {doc[:80]!r} is too short to split into a prefix and a target")
+            split = rng.randint(1, len(text) // 2)
+            prefixes.append(tokenizer(text[:split], truncation=True, max_length=max_txt_len).input_ids)
+            targets.append(tokenizer(text[split:], truncation=True, max_length=max_txt_len).input_ids)
+    elif protocol == "caption":
+        windows = build_calibration(tokenizer, source, n_samples, seq_len, seed).tolist()
+        prefixes = [w[:seq_len // 2] + eos for w in windows]
+        targets = [w[seq_len // 2:] + eos for w in windows]
+    else:
+        raise ValueError(f"unknown calibration protocol {protocol!r} (allowed: caption, ecoflap)")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return {"input_ids": _pad(prefixes, pad), "attention_mask": _pad([[1] * len(r) for r in prefixes], 0),
+            "labels": _pad(targets, -100)}
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
 def save_calibration(path: str | Path, input_ids: torch.Tensor, meta: dict[str, str]) -> None:
     save_tensors(path, {"input_ids": input_ids}, metadata=meta)
 
 
 def load_calibration(path: str | Path, n_samples: int | None = None) -> dict[str, torch.Tensor]:
     """The first `n_samples` calibration samples (stages needing fewer than were built take a
-    prefix): {"input_ids"} for text, plus pixel values, masks and labels for image-caption sets."""
+    prefix): {"input_ids"} for text, plus pixel values, masks and labels for image-caption sets;
+    pixel values and class labels for image classifiers."""
     data = load_tensors(path)
     ids = data.get("input_ids")
-    if ids is None or ids.dim() != 2 or ids.dtype != torch.int64:
+    if "pixel_values" not in data and (ids is None or ids.dim() != 2 or ids.dtype != torch.int64):
+        # every family's batch has token ids, except an image classifier's (pixels and labels)
         raise ValueError(f"{path} does not hold an int64 [n, seq_len] 'input_ids' tensor; delete it and rerun calibration")
-    if any(t.shape[0] != ids.shape[0] for t in data.values()):
+    count = next(iter(data.values())).shape[0]
+    if any(t.shape[0] != count for t in data.values()):
         raise ValueError(f"{path} holds tensors with different sample counts; delete it and rerun calibration")
     if n_samples is not None:
-        if n_samples > ids.shape[0]:
-            raise ValueError(f"{n_samples} calibration samples asked for but {path} holds {ids.shape[0]}; "
+        if n_samples > count:
+            raise ValueError(f"{n_samples} calibration samples asked for but {path} holds {count}; "
                              "raise calibration.n_samples in config.yaml")
         data = {k: t[:n_samples] for k, t in data.items()}
     return data

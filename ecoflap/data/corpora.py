@@ -1,6 +1,7 @@
 """Text sources: the embedded public-domain excerpts, and the real datasets users run online."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -17,12 +18,22 @@ def embedded_text(name: str) -> str:
     return EMBEDDED_TEXTS[name].read_text(encoding="utf-8")
 
 
-def c4_documents(shard: str = "en/c4-train.00000-of-01024.json.gz") -> list[str]:
-    """The C4 shard Wanda and SparseGPT calibrate on (needs network the first time)."""
+C4_TRAIN_SHARD = "en/c4-train.00000-of-01024.json.gz"  # Wanda's and SparseGPT's calibration
+C4_VALIDATION_SHARD = "en/c4-validation.00000-of-00008.json.gz"  # the authors' FlanT5 calibration
+
+
+def embedded_paragraphs(name: str, min_words: int = 20) -> list[str]:
+    """An embedded text's paragraphs of at least `min_words` words, in order (the documents
+    of the seq2seq calibration offline; headings and short lines left out)."""
+    return [p for p in re.split(r"\n\s*\n", embedded_text(name)) if len(p.split()) >= min_words]
+
+
+def c4_documents(shard: str = C4_TRAIN_SHARD, split: str = "train") -> list[str]:
+    """A C4 shard's documents in file order (needs network the first time)."""
     from datasets import load_dataset  # optional (C4 / WikiText only); not in the core environment
 
     try:
-        ds = load_dataset("allenai/c4", data_files={"train": shard}, split="train")
+        ds = load_dataset("allenai/c4", data_files={split: shard}, split=split)
     except Exception as exc:
         raise RuntimeError(f"could not load C4 shard {shard} ({exc}). It needs network access once "
                            "(then the datasets cache); offline, use calibration.source: austen-emma") from exc

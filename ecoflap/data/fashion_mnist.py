@@ -46,3 +46,10 @@ def caption_pairs(n: int, seed: int) -> list[tuple[Image.Image, str]]:
     rng = random.Random(seed)
     picks = rng.sample(range(len(labels)), n)
     return [(to_image(images[i]), caption(int(labels[i]), rng)) for i in picks]
+
+
+def labelled_pairs(n: int, seed: int) -> list[tuple[Image.Image, int]]:
+    """n seeded (image, class index) pairs from the training subset (classifier calibration)."""
+    images, labels = load_split("train")
+    picks = random.Random(seed).sample(range(len(labels)), n)
+    return [(to_image(images[i]), int(labels[i])) for i in picks]

@@ -1,5 +1,6 @@
 """Image-caption pairs for calibration: CC3M (a local TSV/CSV or JSON/JSONL list, or webdataset
-shards) and COCO captions, sampled with a fixed seed or taken in file order.
+shards) and COCO captions, sampled with a fixed seed or taken in file order; and labelled
+ImageNet training images for image classifiers.
 
 Formats: a TSV/CSV (caption, local image path), a JSON/JSONL list of ``{"image", "caption"}``, or
 webdataset shards (``.tar`` with ``KEY.jpg`` + ``KEY.txt``) such as img2dataset writes for CC3M;
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ecoflap.data.files import SOURCES, PathLike, bad_format, check_images, read_json, require_dir, require_file
+from ecoflap.data.files import (IMAGE_EXTENSIONS, SOURCES, PathLike, bad_format, check_images, read_json,
+                                require_dir, require_file)
+from ecoflap.data.imagenet_classes import WNID_TO_INDEX
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -252,3 +255,32 @@ def load_coco_caption_pairs(captions_json: PathLike, image_dir: PathLike, n: int
 
 
 __all__ = ["ImageCaption", "PAIR_ORDERS", "load_cc3m_pairs", "load_coco_caption_pairs"]
+
+
+@dataclass
+class LabelledImage:
+    image_path: Path
+    label: int
+
+
+def load_imagenet_train(train_dir: PathLike, n: int = 128, seed: int = 0) -> list[LabelledImage]:
+    """`n` images drawn with random.Random(seed) from ImageNet-1k's training set in its per-class
+    layout ``train_dir/{wnid}/*.JPEG``; the label is the wnid's position among the sorted 1000
+    wnids, the index ImageNet-1k classifiers (ViT, DeiT) predict."""
+    dataset, key = "ImageNet", "calibration.train_dir"
+    root = require_dir(train_dir, "training", dataset, key)
+    wnids = sorted(e.name for e in os.scandir(root) if e.is_dir() and re.match(r"^n\d{8}$", e.name))
+    if not wnids:
+        raise FileNotFoundError(f"{dataset}: no wnid class folders (n########) in {root}. Get ILSVRC2012's training "
+                                f"images from https://image-net.org/download.php (one folder per wnid, as the "
+                                f"archive unpacks) and set `{key}`.")
+    unknown = [w for w in wnids if w not in WNID_TO_INDEX]
+    if unknown:
+        raise ValueError(f"{dataset}: {root} has folders that are not ImageNet-1k classes: {unknown[:5]}")
+    items = [LabelledImage(root / w / f, WNID_TO_INDEX[w]) for w in wnids
+             for f in sorted(e.name for e in os.scandir(root / w) if e.name.lower().endswith(IMAGE_EXTENSIONS))]
+    if len(items) < n:
+        raise ValueError(f"{dataset}: {root} holds {len(items)} images, fewer than calibration.n_samples = {n}")
+    picks = random.Random(seed).sample(items, n)
+    check_images([p.image_path for p in picks], dataset, key)
+    return picks

@@ -55,8 +55,9 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: list[str], batch_size: 
                                       num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
                                       torch_random_seed=seed, fewshot_random_seed=seed, log_samples=True)
     results = task_metrics(out, tasks)
-    for task in tasks:  # per-item correctness, in document order, for the bootstrap interval
-        samples = sorted(out.get("samples", {}).get(task, []), key=lambda d: d["doc_id"])
+    for task in tasks:  # per-item correctness, in document order (a group: its tasks' in turn), for the interval
+        samples = [d for leaf in leaf_tasks(out, task)
+                   for d in sorted(out.get("samples", {}).get(leaf, []), key=lambda d: d["doc_id"])]
         if "acc" in results[task] and len(samples) > 1 and all("acc" in d for d in samples):
             items = [float(d["acc"]) for d in samples]
             results[task]["item_acc"] = items
@@ -66,14 +67,28 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: list[str], batch_size: 
     return results
 
 
+def leaf_tasks(out: dict[str, Any], task: str) -> list[str]:
+    """The tasks that hold items under `task`: itself, or for a group (mmlu: four groups of 57
+    subjects) every task below it, in lm-eval's order."""
+    below = out.get("group_subtasks", {}).get(task)
+    if not below:
+        return [task]
+    return [leaf for sub in below for leaf in leaf_tasks(out, sub)]
+
+
 def task_metrics(out: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, float]]:
-    """lm-eval's result dict ({"results": {task: {"acc,none": ...}}}) as {task: {"acc": ...}}."""
+    """lm-eval's result dict ({"results": {task: {"acc,none": ...}}}) as {task: {"acc": ...}}.
+    A group's metrics are lm-eval's aggregate (mmlu: the mean over all questions, weighted by
+    subject size, as the authors' MMLU script reports it); its n counts every item below it."""
     results = {}
     for task in tasks:
         res = out["results"][task]
         results[task] = {k.split(",")[0]: float(v) for k, v in res.items()
                          if "," in k and isinstance(v, (int, float))}
-        results[task]["n"] = int(out["n-samples"][task]["effective"]) if "n-samples" in out else None
+        counts = out.get("n-samples", {})
+        leaves = leaf_tasks(out, task)
+        results[task]["n"] = sum(int(counts[t]["effective"]) for t in leaves) if all(t in counts for t in leaves) \
+            else None
     return results
 
 

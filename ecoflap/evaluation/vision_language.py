@@ -151,6 +151,14 @@ def _classification_set(spec) -> tuple[list, list[int], tuple[str, ...], tuple[s
 
 def _classification(model, procs, adapter, spec) -> tuple[dict, dict]:
     loaders, labels, classnames, templates = _classification_set(spec)
+    if adapter.capabilities.labelled_images:  # a classifier: its own head's logits
+        n_classes = model.config.num_labels
+        if n_classes != len(classnames):
+            raise ValueError(f"this classifier predicts {n_classes} classes and {spec['dataset']} has "
+                             f"{len(classnames)}; evaluate it on the data set its head was trained for")
+        logits = _embed(lambda m, p, chunk: adapter.classify(m, p, [load() for load in chunk]),
+                        model, procs, loaders, spec.get("batch_size", 32), "classifier logits")
+        return M.topk_accuracy(logits, torch.tensor(labels)), {}
     classes = []
     for name in tqdm(classnames, desc="class embeddings (prompt ensemble)", unit="class"):
         emb = adapter.text_embeddings(model, procs, [t.format(name) for t in templates]).mean(0)

@@ -1,6 +1,7 @@
 """Image-caption calibration: seeded pairs (CC3M, COCO captions or the vendored Fashion-MNIST)
 turned into the model family's calibration batch, under the plain captioning protocol or the
-authors' ECoFLaP one (prefix/target split, train-time crop and flip)."""
+authors' ECoFLaP one (prefix/target split, train-time crop and flip); image classifiers get
+labelled images instead (ImageNet train, Fashion-MNIST)."""
 from __future__ import annotations
 
 import logging
@@ -12,11 +13,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ecoflap.catalog import CAPTION_PROTOCOLS, IMAGE_SOURCES
+from ecoflap.catalog import CALIBRATION_SOURCES, CAPTION_PROTOCOLS, IMAGE_SOURCES
 from ecoflap.data import fashion_mnist
 from ecoflap.data.captions import blip_pre_caption
 from ecoflap.data.files import open_image
-from ecoflap.data.pairs import load_cc3m_pairs, load_coco_caption_pairs
+from ecoflap.data.pairs import load_cc3m_pairs, load_coco_caption_pairs, load_imagenet_train
 from ecoflap.models.layout import skeleton_of_folder
 from ecoflap.models.processors import load_processors
 from ecoflap.models.registry import adapter_for
@@ -39,6 +40,13 @@ def build_image_caption_calibration(model_dir: str | Path, source: str, n_sample
     (scale 0.5-1) and flipped as the blip2_image_train processor does."""
     if protocol not in CAPTION_PROTOCOLS:
         raise ValueError(f"unknown calibration protocol {protocol!r} (allowed: {', '.join(CAPTION_PROTOCOLS)})")
+    skeleton = skeleton_of_folder(model_dir)  # the adapter only needs the config
+    adapter = adapter_for(skeleton)
+    if adapter.capabilities.labelled_images:
+        return _labelled_calibration(model_dir, skeleton, adapter, source, n_samples, seed, paths)
+    if not CALIBRATION_SOURCES[source].captioned:
+        raise ValueError(f"calibration source {source} has class labels, not captions; {adapter.family} calibrates "
+                         "on image-caption pairs (cc3m, coco, fashion-mnist)")
     order = "file" if protocol == "ecoflap" else "random"
     log.info("building %d image-caption calibration pairs from %s (seed %d, protocol %s)", n_samples, source, seed,
              protocol)
@@ -53,8 +61,6 @@ def build_image_caption_calibration(model_dir: str | Path, source: str, n_sample
         pairs = None
     else:
         raise ValueError(f"unknown image-caption calibration source {source!r} (allowed: {', '.join(IMAGE_SOURCES)})")
-    skeleton = skeleton_of_folder(model_dir)  # the adapter only needs the config
-    adapter = adapter_for(skeleton)
     if not adapter.capabilities.image_calibration:
         raise ValueError(f"{adapter.family} is a language model; calibrate it on text (source austen-emma or c4)")
     procs = load_processors(Path(model_dir))
@@ -77,6 +83,21 @@ def build_image_caption_calibration(model_dir: str | Path, source: str, n_sample
         prefixes.append(text[:split])
         continuations.append(text[split:])
     return adapter.prefix_calibration_batch(skeleton, procs, list(images), prefixes, continuations, max_txt_len)
+
+
+def _labelled_calibration(model_dir: str | Path, skeleton: Any, adapter: Any, source: str, n_samples: int, seed: int,
+                          paths: dict[str, str]) -> dict[str, torch.Tensor]:
+    """An image classifier's calibration: `n_samples` labelled images drawn with the seed,
+    through the checkpoint's own image processor, with their class indices."""
+    if source == "fashion-mnist":
+        images, labels = zip(*fashion_mnist.labelled_pairs(n_samples, seed))
+    elif source == "imagenet":
+        picks = load_imagenet_train(_required(paths, "train_dir", source), n_samples, seed)
+        images, labels = [open_image(p.image_path) for p in picks], [p.label for p in picks]
+    else:
+        labelled = [k for k, v in CALIBRATION_SOURCES.items() if v.labelled]
+        raise ValueError(f"{adapter.family} calibrates on labelled images ({', '.join(labelled)}), not {source!r}")
+    return adapter.labelled_batch(skeleton, load_processors(Path(model_dir)), list(images), list(labels))
 
 
 def _processor_size(image_processor: Any) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.utils import HfHubHTTPError
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from ecoflap.models.fashion_clip import train_fashion_clip
 from ecoflap.models.processors import load_processors
@@ -253,7 +253,7 @@ def _model_without_block_weights(path: Path, cls: type, files: CheckpointFiles, 
     the files with its shape, and the files hold nothing else."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) are computed, not stored
-        if cls is AutoModelForCausalLM:
+        if cls in (AutoModelForCausalLM, AutoModelForSeq2SeqLM):  # the Auto classes build from a config
             model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         else:
             model = cls._from_config(config, dtype=dtype)

@@ -23,7 +23,8 @@ class Processors:
         return self.image_processor(images=images, return_tensors="pt").pixel_values
 
     def save_pretrained(self, out: Any) -> None:
-        self.tokenizer.save_pretrained(out)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(out)
         if self.image_processor is not None:
             self.image_processor.save_pretrained(out)
         if self.qformer_tokenizer is not None:
@@ -31,14 +32,19 @@ class Processors:
 
 
 
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "vocab.txt", "spiece.model")
+
+
 def load_processors(path: Path, trust_remote_code: bool = False) -> Any:
     """A text tokenizer for LMs; `Processors` for vision-language checkpoints (those with a
     preprocessor_config.json). PIL image processors only: the fast ones need torchvision,
     which the core environment does not have."""
     path = Path(path)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not (path / "preprocessor_config.json").exists():
-        return tok
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    # an image classifier (ViT, DeiT) ships an image processor and no tokenizer
+    has_tokenizer = any((path / f).exists() for f in TOKENIZER_FILES)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) if has_tokenizer else None
     image = AutoImageProcessor.from_pretrained(path, backend="pil")
     qtok = AutoTokenizer.from_pretrained(path / "qformer_tokenizer") if (path / "qformer_tokenizer").is_dir() else None
     return Processors(tok, image, qtok)

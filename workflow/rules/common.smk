@@ -181,6 +181,11 @@ def scorer_args(wc):
     return spec_arg({**spec, "n_samples": n}) + targets
 
 
+def prune_threads(wc):
+    """A method's own `threads`, else the prune stage's."""
+    return method(wc).get("threads") or THREADS["prune"]
+
+
 def scorer_threads(wc):
     """A scorer's own `threads`, else the score stage's."""
     return config["scorers"][wc.scorer].get("threads") or THREADS["score"]
@@ -196,7 +201,7 @@ def allocation_inputs(wc):
 def allocation_args(wc, input):
     """The methods: entry (its pruner, nm and refiner are the prune rule's business) and the row's target."""
     target, _nm = parse_label(wc.sparsity)
-    fine_stage = {"pruner", "nm", "refine", *(k for m in REFINERS.values() for k in m.options)}
+    fine_stage = {"pruner", "nm", "refine", "threads", *(k for m in REFINERS.values() for k in m.options)}
     entry = {k: v for k, v in method(wc).items() if k not in fine_stage}
     args = [spec_arg(entry), f"--target {target}"]
     if "scores" in input.keys():

@@ -12,7 +12,7 @@ rule prune:
         py=PY,
         model=model_args,
         prune=prune_args,
-    threads: THREADS["prune"]
+    threads: prune_threads
     resources:
         gpu=GPU,
         mem_mb=estimated("prune", "mem_mb"),
