@@ -85,13 +85,17 @@ def test_dry_run_paper_config_plans_everything(tmp_path):
 
 
 def test_scorers_and_methods_take_their_own_threads(tmp_path):
-    """config.yaml runs zo, Wanda and magnitude on one thread each, side by side; fo and
-    SparseGPT keep two (SparseGPT's masks depend on the thread count). `threads` stays out of
+    """config.yaml runs every job on one thread except SparseGPT's prunes (two: its masks depend
+    on the thread count); a scorer's own `threads` overrides the stage's. `threads` stays out of
     the stages' specs."""
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["scorers"]["fo"]["threads"] = 2
+    (tmp_path / "threads.yaml").write_text(yaml.safe_dump(cfg))
     targets = ("results/smollm2-135m/scores/zo.json", "results/smollm2-135m/scores/fo.json",
                "results/smollm2-135m/wanda/0.5/pruning.json", "results/smollm2-135m/sparsegpt/0.5/pruning.json",
                "results/smollm2-135m/magnitude/0.5/pruning.json")
-    out = _snakemake("-n", "-p", "--cores", "2", workdir=tmp_path, targets=targets)
+    out = _snakemake("-n", "-p", "--cores", "2", configfile=tmp_path / "threads.yaml", workdir=tmp_path,
+                     targets=targets)
     assert out.returncode == 0, out.stderr
     commands = [line for line in out.stdout.splitlines() if " score --model" in line or " prune --model" in line
                 or " allocate --layout" in line]
@@ -168,3 +172,12 @@ def test_vision_language_dataset_checks():
 def test_block_rerunning_scorer_is_refused_for_multi_stack_models():
     msg = _vl(lambda c: c["scorers"]["zo"].update(reuse_block_inputs=True))
     assert "scorers.zo" in msg and "several stacks" in msg
+
+
+def test_dry_run_blip2_at_0_6_plans_vqav2_beside_the_figure(tmp_path):
+    out = _snakemake("-n", "-p", configfile=REPO / "config/paper/blip2_0.6.yaml", workdir=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    for method in ("wanda", "sparsegpt", "ecoflap_zo_wanda", "ecoflap_fo_wanda"):
+        assert f"results/blip2-flant5-xl/{method}/0.6/eval/vqav2.json" in text
+    assert "--target 0.6" in text and "--reference config/paper/published/blip2_0.6.yaml" in text

@@ -9,9 +9,9 @@ rule calibration:
     params:
         py=PY,
         args=calibration_args,
-    # both cores while it runs (it takes seconds): a single-threaded evaluation started beside it
-    # would hold one core for a minute while a two-threaded scorer or pruner waits (common.smk)
-    threads: 2
+    # one core: a two-core reservation would wait for both cores to free up, leaving one idle
+    # for the length of a single-threaded job (common.smk)
+    threads: 1
     priority: 1  # before evaluations: they then run in pairs of single-threaded jobs (common.smk)
     log:
         "results/{model}/logs/calibration.log",

@@ -21,9 +21,11 @@ PY = config.get("python") or sys.executable
 # status means (a job killed by a memory limit or the scheduler says so), and the job still fails
 EXPLAIN_EXIT = "|| {{{{ rc=$?; {py} -m ecoflap.utils.exits $rc >> {{log}}; exit $rc; }}}}".format(py=PY)
 # torch threads per job of each model-running stage (Snakemake runs jobs side by side while
-# their threads fit in --cores): `threads`, unless `stage_threads` says otherwise. The stages
-# before evaluation carry `priority: 1`, so a freed core is not left idle beside one
-# single-threaded evaluation while a two-threaded prune waits: evaluations gather and run in pairs.
+# their threads fit in --cores): `threads`, unless `stage_threads` says otherwise, or a scorer's
+# or method's own `threads`. The stages before evaluation carry `priority: 1`, so the pruned
+# rows become ready early. A job wider than one core starts only when enough cores are free at
+# once, and Snakemake fills a lone free core with a one-core job meanwhile; on few cores,
+# single-threaded jobs pack best (config.yaml keeps two threads for SparseGPT alone).
 THREADS = {stage: config["stage_threads"].get(stage, config["threads"]) for stage in ("score", "prune", "evaluate")}
 GPU = config["resources"]["gpu"]
 
