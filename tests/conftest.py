@@ -16,6 +16,17 @@ torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parent.parent
 
 
+def run_snakemake(workdir, configfile, *args, targets=(), timeout=600):
+    """The workflow as a user runs it, on a config in a work folder (targets before
+    --configfile, which would read them as more config files)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "snakemake", *targets, "-s", str(REPO / "Snakefile"),
+                           "--directory", str(workdir), "--configfile", str(configfile), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def build_tokenizer():
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast

@@ -3,16 +3,13 @@ calibration, the loss and the evaluation logits equal the model's own, the Image
 folder reader, the config checks, and the whole workflow under Snakemake on the vendored
 Fashion-MNIST images."""
 import json
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import REPO
+from conftest import REPO, run_snakemake
 
 CPU = torch.device("cpu")
 FIX = REPO / "tests" / "fixtures" / "vl"
@@ -145,9 +142,7 @@ def classifier_config(model_dir):
 
 def test_workflow_end_to_end(vit_dir, tmp_path):
     (tmp_path / "vit.yaml").write_text(yaml.safe_dump(classifier_config(vit_dir)))
-    out = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
-                          str(tmp_path), "--configfile", str(tmp_path / "vit.yaml"), "--cores", "2"],
-                         capture_output=True, text=True, timeout=600)
+    out = run_snakemake(tmp_path, tmp_path / "vit.yaml", "--cores", "2")
     assert out.returncode == 0, out.stderr[-4000:]
     table = pd.read_csv(tmp_path / "results/vit/summary/summary.csv")
     assert set(table["method"]) == {"dense", "wanda", "ecoflap_zo_wanda"}
@@ -160,9 +155,7 @@ def test_workflow_end_to_end(vit_dir, tmp_path):
 
 
 def test_hub_config_dry_run(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "-s", str(REPO / "Snakefile"), "--directory",
-                          str(tmp_path), "--configfile", str(REPO / "config/hub/vit_imagenet.yaml"), "--cores", "1"],
-                         capture_output=True, text=True, timeout=120)
+    out = run_snakemake(tmp_path, REPO / "config/hub/vit_imagenet.yaml", "-n", "-p", "--cores", "1", timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout + out.stderr
     for model in ("vit-b16", "deit-b16-distilled"):

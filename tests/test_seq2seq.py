@@ -2,15 +2,12 @@
 code: the calibration loss and the block-by-block walk equal the model's own forward, the
 lm-eval log-likelihoods equal a direct forward, and the whole workflow runs under Snakemake."""
 import json
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 import torch
 import yaml
 
-from conftest import REPO, build_tokenizer
+from conftest import REPO, build_tokenizer, run_snakemake
 
 CPU = torch.device("cpu")
 
@@ -193,9 +190,7 @@ def t5_workflow_config(model_dir):
 
 def test_workflow_end_to_end(t5_dir, tmp_path):
     (tmp_path / "t5.yaml").write_text(yaml.safe_dump(t5_workflow_config(t5_dir)))
-    out = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
-                          str(tmp_path), "--configfile", str(tmp_path / "t5.yaml"), "--cores", "2"],
-                         capture_output=True, text=True, timeout=600)
+    out = run_snakemake(tmp_path, tmp_path / "t5.yaml", "--cores", "2")
     assert out.returncode == 0, out.stderr[-4000:]
     table = pd.read_csv(tmp_path / "results/t5/summary/summary.csv")
     assert set(table["method"]) == {"dense", "wanda", "sparsegpt", "ecoflap_zo_wanda"}
@@ -228,9 +223,7 @@ def test_a_task_group_reports_its_aggregate_and_every_item():
 
 
 def test_paper_config_dry_run_plans_mmlu(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "-s", str(REPO / "Snakefile"), "--directory",
-                          str(tmp_path), "--configfile", str(REPO / "config/paper/flant5_mmlu.yaml"), "--cores", "1"],
-                         capture_output=True, text=True, timeout=120)
+    out = run_snakemake(tmp_path, REPO / "config/paper/flant5_mmlu.yaml", "-n", "-p", "--cores", "1", timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout + out.stderr
     for row in ("wanda/0.5", "wanda/0.6", "ecoflap_zo_wanda/0.5", "ecoflap_zo_wanda/0.6"):
