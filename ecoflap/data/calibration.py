@@ -90,13 +90,18 @@ def seq2seq_calibration(tokenizer: Any, source: str, n_samples: int, seq_len: in
     else:
         raise ValueError(f"unknown calibration protocol {protocol!r} (allowed: caption, ecoflap)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return {"input_ids": _pad(prefixes, pad), "attention_mask": _pad([[1] * len(r) for r in prefixes], 0),
-            "labels": _pad(targets, -100)}
+    return {"input_ids": pad_rows(prefixes, pad), "attention_mask": mask_rows(prefixes), "labels": pad_rows(targets, -100)}
 
 
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
+    """Token-id rows of different lengths as one [rows, longest] tensor, `value` after each row."""
     width = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def mask_rows(rows: list[list[int]]) -> torch.Tensor:
+    """The attention mask of pad_rows(rows, ...): 1 on each row's tokens, 0 after."""
+    return pad_rows([[1] * len(r) for r in rows], 0)
 
 
 def save_calibration(path: str | Path, input_ids: torch.Tensor, meta: dict[str, str]) -> None:

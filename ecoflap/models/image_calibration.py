@@ -44,7 +44,7 @@ def build_image_caption_calibration(model_dir: str | Path, source: str, n_sample
     adapter = adapter_for(skeleton)
     if adapter.capabilities.labelled_images:
         return _labelled_calibration(model_dir, skeleton, adapter, source, n_samples, seed, paths)
-    if not CALIBRATION_SOURCES[source].captioned:
+    if source in CALIBRATION_SOURCES and not CALIBRATION_SOURCES[source].captioned:
         raise ValueError(f"calibration source {source} has class labels, not captions; {adapter.family} calibrates "
                          "on image-caption pairs (cc3m, coco, fashion-mnist)")
     order = "file" if protocol == "ecoflap" else "random"

@@ -22,15 +22,6 @@ from ecoflap.models.families.decoder import decoder_adapter
 from ecoflap.models.processors import Processors
 
 
-def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
-
-
-def mask_rows(rows: list[list[int]]) -> torch.Tensor:
-    return pad_rows([[1] * len(r) for r in rows], 0)
-
-
 def token_ids(tokenizer: Any, text: str, special: bool = True, max_length: int | None = None) -> list[int]:
     if max_length is None:
         return tokenizer(text, add_special_tokens=special).input_ids

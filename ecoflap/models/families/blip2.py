@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ecoflap.data.calibration import mask_rows, pad_rows
 from ecoflap.models.base import Batch, Stack
 from ecoflap.models.processors import Processors
-from ecoflap.models.vision_language import (VisionLanguageAdapter, language_stacks, mask_rows, pad_rows,
-                                           token_ids)
+from ecoflap.models.vision_language import VisionLanguageAdapter, language_stacks, token_ids
 
 
 @dataclass(frozen=True)

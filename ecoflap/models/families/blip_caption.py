@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from ecoflap.models.base import Stack
-from ecoflap.models.vision_language import VisionLanguageAdapter, mask_rows, pad_rows, token_ids
+from ecoflap.data.calibration import mask_rows, pad_rows
+from ecoflap.models.vision_language import VisionLanguageAdapter, token_ids
 
 
 @dataclass(frozen=True)
