@@ -198,6 +198,7 @@ class Family:
     reranks: bool = False  # retrieval re-ranks its top k with an image-text matching head
     encoder_decoder: bool = False  # text calibration split into an encoder input and a decoder target
     labelled_images: bool = False  # calibrated on labelled images (a classifier's own loss), not captions
+    context_padding: bool = False  # OpenAI CLIP's text input: padded to the whole context (calibration protocol coop)
 
 
 TEXT_EVALS = ("perplexity", "lm_eval")  # evaluation entries named by their task; run together in one job
@@ -208,7 +209,7 @@ FAMILIES: dict[str, Family] = {
     "blip2": Family(("vqa", "caption"), ("vision", "qformer", "language"), prefix_calibration=True),
     "instructblip": Family(("vqa", "caption"), ("vision", "qformer", "language"), prefix_calibration=True),
     "blip2_retrieval": Family(("retrieval",), ("vision", "qformer"), reranks=True),
-    "clip": Family(("retrieval", "classification"), ("vision", "language")),
+    "clip": Family(("retrieval", "classification"), ("vision", "language"), context_padding=True),
     "image_classifier": Family(("classification",), ("vision",), labelled_images=True),
     "blip_caption": Family(("caption",), ("vision", "language")),
     "blip_vqa": Family(("vqa",), ("vision", "language")),
@@ -239,11 +240,13 @@ CALIBRATION_SOURCES: dict[str, CalibrationSource] = {
     "coco": CalibrationSource(image=True, needs=("captions", "image_dir")),
     "fashion-mnist": CalibrationSource(image=True, labelled=True),  # embedded
     "imagenet": CalibrationSource(image=True, needs=("train_dir",), labelled=True, captioned=False),
+    # a CoOp data set's train split (the CLIP table): captions from the data set's zero-shot prompt
+    "coop": CalibrationSource(image=True, needs=("root", "dataset")),
 }
 IMAGE_SOURCES = tuple(k for k, v in CALIBRATION_SOURCES.items() if v.image)
 # calibration keys that name files of image-caption pairs (passed to `calibrate`, hashed in provenance)
-PAIR_FILE_KEYS = ("pairs", "image_root", "captions", "image_dir", "cache_dir", "train_dir")
-CAPTION_PROTOCOLS = ("caption", "ecoflap")
+PAIR_FILE_KEYS = ("pairs", "image_root", "captions", "image_dir", "cache_dir", "train_dir", "root")
+CAPTION_PROTOCOLS = ("caption", "ecoflap", "coop")
 CALIBRATION_DEFAULTS: dict[str, Any] = {"source": "austen-emma", "n_samples": 128, "seq_len": 128, "prompt": "",
                                         "protocol": "caption", "max_txt_len": 32}
 
@@ -265,6 +268,10 @@ DATASETS: dict[str, Dataset] = {
     "flickr30k": Dataset("retrieval", ("karpathy_json", "image_dir")),
     "imagenet": Dataset("classification", ("val_dir",)),
     "fashion_mnist": Dataset("classification"),
+    # the rest of the CLIP table's data sets, in CoOp's layout (data/coop.py); imagenet is above
+    **{name: Dataset("classification", ("root",)) for name in (
+        "caltech101", "dtd", "eurosat", "fgvc_aircraft", "food101", "oxford_flowers", "oxford_pets",
+        "stanford_cars", "sun397", "ucf101")},
 }
 PERPLEXITY_DATASETS = ("brown-heldout", "wikitext2")
 TEXT_EVAL_DEFAULTS: dict[str, dict[str, Any]] = {

@@ -104,7 +104,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     spec = _spec(args, source=args.source, n_samples=args.n_samples, seq_len=args.seq_len, prompt=args.prompt,
-                 protocol=args.protocol, max_txt_len=args.max_txt_len,
+                 protocol=args.protocol, max_txt_len=args.max_txt_len, dataset=args.dataset,
                  **{k: getattr(args, k) for k in catalog.PAIR_FILE_KEYS})
     c = {**catalog.CALIBRATION_DEFAULTS, **spec}
     source = catalog.CALIBRATION_SOURCES.get(c["source"])
@@ -116,7 +116,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     if source.image:
         paths = {k: c[k] for k in catalog.PAIR_FILE_KEYS if c.get(k)}
         data = build_image_caption_calibration(args.model, c["source"], c["n_samples"], args.seed, paths, c["prompt"],
-                                               c["protocol"], c["max_txt_len"])
+                                               c["protocol"], c["max_txt_len"], coop_dataset=c.get("dataset"))
         save_tensors(args.out, data, metadata={**meta, "prompt": c["prompt"], "protocol": c["protocol"]})
         inputs.update({k: v for k, v in paths.items() if k in ("pairs", "captions") and Path(v).is_file()})
     elif _family_of(args.model).encoder_decoder:  # an encoder input and a decoder target per sample
@@ -478,10 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dir", help="coco: the train2017 image folder")
     p.add_argument("--cache-dir", help="cc3m webdataset: where sampled images are extracted")
     p.add_argument("--train-dir", help="imagenet: the training images, one folder per wnid (image classifiers)")
+    p.add_argument("--root", help="coop: the folder holding the CoOp data sets (caltech-101/, dtd/, ...)")
+    p.add_argument("--dataset", help="coop: which data set's train split (caltech101, dtd, ..., imagenet)")
     p.add_argument("--prompt", help="text before the caption (image-caption calibration; default none)")
     p.add_argument("--protocol", choices=list(catalog.CAPTION_PROTOCOLS),
-                   help="image-caption calibration: caption (random pairs, prompt + caption as target) or ecoflap "
-                        "(the authors' BLIP-2 pruners: first pairs in file order, random prefix split, crop/flip)")
+                   help="image-caption calibration: caption (random pairs, prompt + caption as target), ecoflap "
+                        "(the authors' BLIP-2 pruners: first pairs in file order, random prefix split, crop/flip) "
+                        "or coop (their CLIP runs: train-time crop/flip, captions padded to CLIP's 77 tokens)")
     p.add_argument("--max-txt-len", type=int, help="ecoflap protocol: tokens per prefix and target (default 32)")
     p.add_argument("--n-samples", type=int)
     p.add_argument("--seq-len", type=int, help="tokens per text window (default 128)")

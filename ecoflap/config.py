@@ -19,6 +19,7 @@ import yaml
 
 from ecoflap import catalog as C
 from ecoflap.catalog import CALIBRATION_SOURCES, DATASETS, FAMILIES, IMAGE_SOURCES, TEXT_EVALS
+from ecoflap.data.coop import COOP_DATASETS
 
 SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -142,6 +143,7 @@ def _built_schema() -> dict[str, Any]:
     _enum(defs["family"], FAMILIES)
     _enum(defs["calibration_fields"]["source"], CALIBRATION_SOURCES)
     _enum(defs["calibration_fields"]["protocol"], C.CAPTION_PROTOCOLS)
+    _enum(defs["calibration_fields"]["dataset"], COOP_DATASETS)
     for variant in defs["model"]["allOf"]:
         if variant["if"]["properties"]["source"]["const"] == "embedded":
             _enum(variant["then"]["properties"]["name"], C.EMBEDDED_MODELS)
@@ -343,6 +345,16 @@ def _family_errors(config: dict[str, Any]) -> list[str]:
         if calib.get("protocol", "caption") == "ecoflap" and not (fam.prefix_calibration or fam.encoder_decoder):
             errors.append(f"config key models.{model}.calibration.protocol: ecoflap is the authors' prefix/target "
                           f"loss of BLIP-2 and FlanT5; {family} has none (allowed: caption)")
+        coop_source, protocol = calib["source"] == "coop", calib.get("protocol", "caption")
+        if (protocol == "coop" and not coop_source) or (coop_source and protocol not in ("coop", "caption")):
+            errors.append(f"config key models.{model}.calibration.protocol: protocol coop goes with source coop "
+                          f"(a CoOp data set's train split), and source coop takes protocol coop or caption")
+        elif protocol == "coop" and not fam.context_padding:
+            errors.append(f"config key models.{model}.calibration.protocol: coop is the authors' CLIP calibration "
+                          f"(text padded to CLIP's context); {family} has none (allowed: caption)")
+        if coop_source and calib.get("dataset") and calib["dataset"] not in COOP_DATASETS:
+            errors.append(f"config key models.{model}.calibration.dataset: {calib['dataset']!r} is not a CoOp data "
+                          f"set (allowed: {', '.join(COOP_DATASETS)})")
         for key in CALIBRATION_SOURCES[calib["source"]].needs:
             if not calib.get(key):
                 errors.append(f"config key calibration.{key}: calibration source {calib['source']} needs it "

@@ -54,7 +54,7 @@ def test_the_schema_file_lists_no_catalog_name():
     source (embedded/hub/local) and ImageNet's prompt templates are listed there."""
     raw = (REPO / "workflow/schemas/config.schema.yaml").read_text()
     enums = [line.strip() for line in raw.splitlines() if "enum:" in line]
-    assert len(enums) == 2 and "embedded, hub, local" in enums[0] and "ensemble, simple" in enums[1], enums
+    assert len(enums) == 2 and "embedded, hub, local" in enums[0] and "ensemble, simple, coop" in enums[1], enums
 
 
 def test_implementations_match_the_catalog():

@@ -32,6 +32,12 @@ SOURCES: dict[str, str] = {
     "COCO captions": "https://cocodataset.org/#download (annotations_trainval2017.zip; train2017 images)",
 }
 
+# The CLIP table's data sets, as CoOp arranges them (split files and folders under one root).
+COOP_GUIDE = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
+SOURCES.update({name: f"{COOP_GUIDE} (section {name})" for name in (
+    "Caltech101", "DescribableTextures", "EuroSAT", "FGVCAircraft", "Food101", "OxfordFlowers", "OxfordPets",
+    "StanfordCars", "SUN397", "UCF101")})
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -107,6 +113,6 @@ def open_image(path: PathLike) -> Image.Image:
 
 
 __all__ = [
-    "PathLike", "SOURCES", "IMAGE_EXTENSIONS", "UnreadableImageError", "open_image", "require_file",
+    "PathLike", "SOURCES", "COOP_GUIDE", "IMAGE_EXTENSIONS", "UnreadableImageError", "open_image", "require_file",
     "require_dir", "check_images", "check_limit", "take", "read_json", "bad_format",
 ]

@@ -1,5 +1,6 @@
 """Zero-shot vision-language evaluation: VQA (VQAv2, OK-VQA, GQA), captioning (NoCaps,
-COCO Karpathy), image-text retrieval (Flickr30k 1k) and ImageNet zero-shot classification.
+COCO Karpathy), image-text retrieval (Flickr30k 1k) and zero-shot classification (ImageNet, the
+CoOp data sets of the paper's CLIP table, Fashion-MNIST).
 Datasets are read from their official annotation files (paths in config.yaml); the model
 family's adapter says how to generate or embed; metrics live in `metrics.py`."""
 from __future__ import annotations
@@ -13,6 +14,7 @@ from tqdm import tqdm
 
 from ecoflap.catalog import DATASETS, default_protocol
 from ecoflap.data import fashion_mnist as fm
+from ecoflap.data.coop import COOP_DATASETS, load_coop_split
 from ecoflap.data.eval_sets import (load_coco_karpathy, load_flickr30k_retrieval, load_gqa, load_imagenet_val,
                                     load_nocaps, load_okvqa, load_vqav2)
 from ecoflap.data.files import open_image
@@ -142,11 +144,34 @@ def _classification_set(spec) -> tuple[list, list[int], tuple[str, ...], tuple[s
         images, labels = fm.load_split("test")
         n = spec.get("limit") or len(labels)
         return [lambda a=a: fm.to_image(a) for a in images[:n]], [int(y) for y in labels[:n]], fm.CLASSES, fm.TEMPLATES
+    # the prompt CoOp's zero-shot CLIP uses (the paper's CLIP table); ImageNet defaults to CLIP's ensemble
+    coop_prompt = (COOP_DATASETS[spec["dataset"]].template,)
+    if spec["dataset"] != "imagenet":
+        if spec.get("templates", "coop") != "coop":
+            raise ValueError(f"{spec['dataset']}: the only prompt it has is CoOp's (templates: coop)")
+        split = load_coop_split(spec["root"], spec["dataset"], spec.get("split", "test"), _key(spec))
+        order = _by_class(split.labels, spec.get("limit"))
+        return ([lambda p=split.image_paths[i]: open_image(p) for i in order], [split.labels[i] for i in order],
+                split.classnames, coop_prompt)
     items = load_imagenet_val(spec["val_dir"], spec.get("limit"), allow_subset=spec.get("limit") is not None,
                               config_key=_key(spec))
-    templates = IMAGENET_TEMPLATES if spec.get("templates", "ensemble") == "ensemble" else IMAGENET_SIMPLE_TEMPLATES
+    templates = {"ensemble": IMAGENET_TEMPLATES, "simple": IMAGENET_SIMPLE_TEMPLATES,
+                 "coop": coop_prompt}[spec.get("templates") or "ensemble"]
     return ([lambda p=i.image_path: open_image(p) for i in items], [i.label for i in items],
             tuple(IMAGENET_CLASSNAMES), tuple(templates))
+
+
+def _by_class(labels: list[int], limit: int | None) -> list[int]:
+    """Item indices, all of them in file order, or with a `limit` the first of every class, then
+    the second of every class, ... (so a small limit still spans the classes)."""
+    if limit is None:
+        return list(range(len(labels)))
+    per_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        per_class.setdefault(y, []).append(i)
+    queues = [per_class[y] for y in sorted(per_class)]
+    order = [q[j] for j in range(max(map(len, queues))) for q in queues if j < len(q)]
+    return order[:limit]
 
 
 def _classification(model, procs, adapter, spec) -> tuple[dict, dict]:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from ecoflap.catalog import CALIBRATION_SOURCES, CAPTION_PROTOCOLS, IMAGE_SOURCES
 from ecoflap.data import fashion_mnist
+from ecoflap.data.coop import COOP_DATASETS, coop_dataset, load_coop_split
 from ecoflap.data.captions import blip_pre_caption
 from ecoflap.data.files import open_image
 from ecoflap.data.pairs import load_cc3m_pairs, load_coco_caption_pairs, load_imagenet_train
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def build_image_caption_calibration(model_dir: str | Path, source: str, n_samples: int, seed: int,
                                     paths: dict[str, str], prompt: str = "", protocol: str = "caption",
-                                    max_txt_len: int = 32) -> dict[str, torch.Tensor]:
+                                    max_txt_len: int = 32, coop_dataset: str | None = None) -> dict[str, torch.Tensor]:
     """Seeded image-caption pairs (CC3M as the paper, or COCO captions) turned into the model
     family's calibration batch by its adapter (pixel values, token ids, masks, labels).
 
@@ -37,7 +38,8 @@ def build_image_caption_calibration(model_dir: str | Path, source: str, n_sample
     prefix_language_pretraining.py and blip2_t5.py): the first `n_samples` pairs in file order,
     captions through BLIP's pre_caption, each split at a random character (1 .. len // 2) into
     an encoder prefix and a target, both cut to `max_txt_len` tokens, images randomly cropped
-    (scale 0.5-1) and flipped as the blip2_image_train processor does."""
+    (scale 0.5-1) and flipped as the blip2_image_train processor does.
+    source "coop" (a CoOp data set's train split, `coop_dataset`): see `_coop_calibration`."""
     if protocol not in CAPTION_PROTOCOLS:
         raise ValueError(f"unknown calibration protocol {protocol!r} (allowed: {', '.join(CAPTION_PROTOCOLS)})")
     skeleton = skeleton_of_folder(model_dir)  # the adapter only needs the config
@@ -47,6 +49,8 @@ def build_image_caption_calibration(model_dir: str | Path, source: str, n_sample
     if source in CALIBRATION_SOURCES and not CALIBRATION_SOURCES[source].captioned:
         raise ValueError(f"calibration source {source} has class labels, not captions; {adapter.family} calibrates "
                          "on image-caption pairs (cc3m, coco, fashion-mnist)")
+    if source == "coop":
+        return _coop_calibration(model_dir, skeleton, adapter, paths, coop_dataset, n_samples, seed, protocol, prompt)
     order = "file" if protocol == "ecoflap" else "random"
     log.info("building %d image-caption calibration pairs from %s (seed %d, protocol %s)", n_samples, source, seed,
              protocol)
@@ -83,6 +87,44 @@ def build_image_caption_calibration(model_dir: str | Path, source: str, n_sample
         prefixes.append(text[:split])
         continuations.append(text[split:])
     return adapter.prefix_calibration_batch(skeleton, procs, list(images), prefixes, continuations, max_txt_len)
+
+
+def _coop_calibration(model_dir: str | Path, skeleton: Any, adapter: Any, paths: dict[str, str],
+                      dataset: str | None, n_samples: int, seed: int, protocol: str, prompt: str
+                      ) -> dict[str, torch.Tensor]:
+    """CLIP calibrated as the authors' CLIP runs do (ylsung/ECoFLaP CoOp/trainers/zsclip.py):
+    `n_samples` images of the data set's own train split, each captioned with the data set's
+    zero-shot prompt filled with its class name, under the contrastive loss.
+
+    protocol "coop" also follows their inputs: train-time augmentation (CoOp's vit_b16 config:
+    RandomResizedCrop(224, scale 0.08-1, bicubic) and a flip), and captions tokenised as OpenAI's
+    clip.tokenize does (padded to the 77-token context with token 0, no padding mask, so the
+    padded positions enter the statistics as theirs do). Draws come from random.Random(seed);
+    theirs come from Dassl's shuffled loader and cannot be replayed.
+    protocol "caption": the same pairs through the checkpoint's evaluation processor, captions
+    padded to the longest and padding kept out of the statistics."""
+    if not dataset:
+        raise ValueError("calibration source coop needs calibration.dataset (one of: "
+                         f"{', '.join(COOP_DATASETS)})")
+    template = coop_dataset(dataset).template
+    split = load_coop_split(_required(paths, "root", "coop"), dataset, "train", "calibration")
+    if len(split.labels) < n_samples:
+        raise ValueError(f"{dataset}: the train split holds {len(split.labels)} images, fewer than "
+                         f"calibration.n_samples = {n_samples}")
+    picks = random.Random(seed).sample(range(len(split.labels)), n_samples)
+    log.info("calibration: %d %s train images, captions '%s' (seed %d, protocol %s)", n_samples, dataset, template,
+             seed, protocol)
+    images = [open_image(split.image_paths[i]) for i in picks]
+    captions = [split.prompt(split.labels[i], template) for i in picks]
+    procs = load_processors(Path(model_dir))
+    if protocol == "caption":
+        return adapter.calibration_batch(skeleton, procs, images, captions, prompt)
+    if protocol != "coop":
+        raise ValueError(f"calibration source coop takes protocol coop or caption, not {protocol!r}")
+    rng = random.Random(seed + 1)  # crops independent of which images were drawn
+    size = _processor_size(procs.image_processor)
+    images = [_train_crop_flip(im, rng, size, scale=(0.08, 1.0)) for im in images]
+    return adapter.context_padded_batch(skeleton, procs, images, captions)
 
 
 def _labelled_calibration(model_dir: str | Path, skeleton: Any, adapter: Any, source: str, n_samples: int, seed: int,

@@ -29,6 +29,19 @@ class ClipAdapter(VisionLanguageAdapter):
         return {"pixel_values": procs.pixels(images), "input_ids": enc.input_ids,
                 "attention_mask": enc.attention_mask}
 
+    def context_padded_batch(self, model, procs, images, captions):
+        """Captions as OpenAI's clip.tokenize gives them, which the authors' CLIP calibration
+        uses: every caption padded to the whole context with token 0 and no padding mask (the
+        text tower's causal mask alone), so the padded positions enter the statistics. The
+        pooled token is still the end-of-text token (the highest id, as CLIP's argmax picks)."""
+        context = model.config.text_config.max_position_embeddings
+        ids = procs.tokenizer(captions, truncation=True, max_length=context).input_ids
+        padded = torch.zeros(len(ids), context, dtype=torch.long)
+        for row, seq in enumerate(ids):
+            padded[row, :len(seq)] = torch.tensor(seq)
+        return {"pixel_values": procs.pixels(images), "input_ids": padded,
+                "attention_mask": torch.ones_like(padded)}
+
     def loss(self, model, batch):
         return at_least_fp32(model(**batch, return_loss=True).loss)
 
