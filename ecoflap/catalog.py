@@ -211,6 +211,8 @@ FAMILIES: dict[str, Family] = {
     "blip2_retrieval": Family(("retrieval",), ("vision", "qformer"), reranks=True),
     "clip": Family(("retrieval", "classification"), ("vision", "language"), context_padding=True),
     "image_classifier": Family(("classification",), ("vision",), labelled_images=True),
+    # open_clip's EVA-CLIP: the vision tower pruned, calibrated and scored with the zero-shot classifier
+    "eva_clip": Family(("classification",), ("vision",), labelled_images=True),
     "blip_caption": Family(("caption",), ("vision", "language")),
     "blip_vqa": Family(("vqa",), ("vision", "language")),
     "blip_retrieval": Family(("retrieval",), ("vision", "language")),

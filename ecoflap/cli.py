@@ -403,6 +403,30 @@ def cmd_seed_summary(args: argparse.Namespace) -> None:
     seed_group_summary(Path(args.results), args.group, args.members, read_json(args.run_config), Path(args.out_dir))
 
 
+def cmd_paper(args: argparse.Namespace) -> None:
+    """Every paper config: planned (--dry-run), run one after another, or only the page."""
+    from ecoflap.reporting.paper import load_manifest, write_paper_page
+    from ecoflap.utils.snakemake_runs import dry_run_all, run_all
+
+    manifest = load_manifest(args.manifest)
+    tables = {k: v for k, v in manifest["tables"].items() if not args.only or k in args.only}
+    unknown = sorted(set(args.only or []) - set(manifest["tables"]))
+    if unknown:
+        raise ValueError(f"--only {unknown}: not in {args.manifest} (tables: {', '.join(manifest['tables'])})")
+    extra = [a for a in args.snakemake_args if a != "--"]
+    if args.dry_run:
+        plans = dry_run_all({k: t["config"] for k, t in tables.items()}, extra)
+        for name, jobs in plans.items():
+            counts = ", ".join(f"{rule} {n}" for rule, n in jobs.items() if rule not in ("total", "all"))
+            print(f"{name:18s} {jobs.get('total', 0):5d} jobs  ({counts})")
+        print(f"{'all tables':18s} {sum(j.get('total', 0) for j in plans.values()):5d} jobs", flush=True)
+        return
+    if not args.report:
+        run_all({k: t["config"] for k, t in tables.items()}, extra)
+    df = write_paper_page(manifest, Path(args.results), Path(args.out))
+    print(f"{args.out}/index.md: {len(df)} published numbers, ours for {int(df['ours'].notna().sum())}")
+
+
 def cmd_catalog(args: argparse.Namespace) -> None:
     if args.schema:
         from ecoflap.config import schema
@@ -586,6 +610,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-config", required=True, help="JSON of the workflow configuration (methods, scorers, seeds)")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_seed_summary)
+
+    p = sub.add_parser("paper", help="every table of the paper: plan (--dry-run), run, and the page beside the "
+                                     "published numbers (results/paper/index.md)")
+    p.add_argument("--manifest", default="config/paper.yaml", help="the tables and figures, a config each")
+    p.add_argument("--dry-run", action="store_true", help="plan every table (snakemake -n), print the jobs per table")
+    p.add_argument("--report", action="store_true", help="only write the page from what results/ holds")
+    p.add_argument("--only", nargs="+", help="these tables of the manifest only")
+    p.add_argument("--results", default="results")
+    p.add_argument("--out", default="results/paper")
+    p.add_argument("snakemake_args", nargs=argparse.REMAINDER,
+                   help="after --: passed to every snakemake call (e.g. -- --cores 8, or --profile profiles/slurm)")
+    p.set_defaults(func=cmd_paper)
 
     p = sub.add_parser("catalog", help="every scorer, allocation, pruner, family, source and dataset, with defaults")
     p.add_argument("--schema", action="store_true", help="print the complete config JSON schema instead")

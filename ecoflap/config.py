@@ -342,9 +342,11 @@ def _family_errors(config: dict[str, Any]) -> list[str]:
                 captioned = [k for k, v in CALIBRATION_SOURCES.items() if v.image and v.captioned]
                 errors.append(f"config key models.{model}.calibration.source: {family} calibrates on image-caption "
                               f"pairs ({', '.join(captioned)}); {calib['source']!r} has class labels only")
-        if calib.get("protocol", "caption") == "ecoflap" and not (fam.prefix_calibration or fam.encoder_decoder):
+        if calib.get("protocol", "caption") == "ecoflap" and not (
+                fam.prefix_calibration or fam.encoder_decoder or (fam.labelled_images and calib["source"] == "imagenet")):
             errors.append(f"config key models.{model}.calibration.protocol: ecoflap is the authors' prefix/target "
-                          f"loss of BLIP-2 and FlanT5; {family} has none (allowed: caption)")
+                          f"loss of BLIP-2 and FlanT5 (or, for image classifiers, ImageNet images in folder order); "
+                          f"{family} on {calib['source']} has none (allowed: caption)")
         coop_source, protocol = calib["source"] == "coop", calib.get("protocol", "caption")
         if (protocol == "coop" and not coop_source) or (coop_source and protocol not in ("coop", "caption")):
             errors.append(f"config key models.{model}.calibration.protocol: protocol coop goes with source coop "

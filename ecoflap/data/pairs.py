@@ -263,10 +263,15 @@ class LabelledImage:
     label: int
 
 
-def load_imagenet_train(train_dir: PathLike, n: int = 128, seed: int = 0) -> list[LabelledImage]:
+def load_imagenet_train(train_dir: PathLike, n: int = 128, seed: int = 0, order: str = "random"
+                        ) -> list[LabelledImage]:
     """`n` images drawn with random.Random(seed) from ImageNet-1k's training set in its per-class
     layout ``train_dir/{wnid}/*.JPEG``; the label is the wnid's position among the sorted 1000
-    wnids, the index ImageNet-1k classifiers (ViT, DeiT) predict."""
+    wnids, the index ImageNet-1k classifiers (ViT, DeiT) predict. order "file": the first `n`
+    in folder order (classes by wnid, files by name), as an unshuffled torchvision ImageFolder
+    loader gives them (the authors' EVA-CLIP calibration)."""
+    if order not in PAIR_ORDERS:
+        raise ValueError(f"order must be one of {PAIR_ORDERS}, got {order!r}")
     dataset, key = "ImageNet", "calibration.train_dir"
     root = require_dir(train_dir, "training", dataset, key)
     wnids = sorted(e.name for e in os.scandir(root) if e.is_dir() and re.match(r"^n\d{8}$", e.name))
@@ -281,6 +286,6 @@ def load_imagenet_train(train_dir: PathLike, n: int = 128, seed: int = 0) -> lis
              for f in sorted(e.name for e in os.scandir(root / w) if e.name.lower().endswith(IMAGE_EXTENSIONS))]
     if len(items) < n:
         raise ValueError(f"{dataset}: {root} holds {len(items)} images, fewer than calibration.n_samples = {n}")
-    picks = random.Random(seed).sample(items, n)
+    picks = items[:n] if order == "file" else random.Random(seed).sample(items, n)
     check_images([p.image_path for p in picks], dataset, key)
     return picks

@@ -45,7 +45,7 @@ def build_image_caption_calibration(model_dir: str | Path, source: str, n_sample
     skeleton = skeleton_of_folder(model_dir)  # the adapter only needs the config
     adapter = adapter_for(skeleton)
     if adapter.capabilities.labelled_images:
-        return _labelled_calibration(model_dir, skeleton, adapter, source, n_samples, seed, paths)
+        return _labelled_calibration(model_dir, skeleton, adapter, source, n_samples, seed, paths, protocol)
     if source in CALIBRATION_SOURCES and not CALIBRATION_SOURCES[source].captioned:
         raise ValueError(f"calibration source {source} has class labels, not captions; {adapter.family} calibrates "
                          "on image-caption pairs (cc3m, coco, fashion-mnist)")
@@ -128,13 +128,16 @@ def _coop_calibration(model_dir: str | Path, skeleton: Any, adapter: Any, paths:
 
 
 def _labelled_calibration(model_dir: str | Path, skeleton: Any, adapter: Any, source: str, n_samples: int, seed: int,
-                          paths: dict[str, str]) -> dict[str, torch.Tensor]:
+                          paths: dict[str, str], protocol: str = "caption") -> dict[str, torch.Tensor]:
     """An image classifier's calibration: `n_samples` labelled images drawn with the seed,
-    through the checkpoint's own image processor, with their class indices."""
+    through the checkpoint's own image processor, with their class indices. protocol ecoflap
+    (ImageNet): the first `n_samples` images in folder order instead, as the authors' EVA-CLIP
+    pruner reads them (an unshuffled loader)."""
     if source == "fashion-mnist":
         images, labels = zip(*fashion_mnist.labelled_pairs(n_samples, seed))
     elif source == "imagenet":
-        picks = load_imagenet_train(_required(paths, "train_dir", source), n_samples, seed)
+        picks = load_imagenet_train(_required(paths, "train_dir", source), n_samples, seed,
+                                    order="file" if protocol == "ecoflap" else "random")
         images, labels = [open_image(p.image_path) for p in picks], [p.label for p in picks]
     else:
         labelled = [k for k, v in CALIBRATION_SOURCES.items() if v.labelled]

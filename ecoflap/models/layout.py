@@ -9,10 +9,13 @@ from torch import nn
 from transformers import AutoConfig
 
 from ecoflap.models.base import model_layout
+from ecoflap.models.open_clip_format import build_skeleton, is_open_clip_folder
 from ecoflap.models.registry import adapter_for, model_class
 
 
 def skeleton_of_folder(model_dir: str | Path, trust_remote_code: bool = False) -> nn.Module:
+    if is_open_clip_folder(model_dir):
+        return build_skeleton(model_dir)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     cls = model_class(model_dir, trust_remote_code)
     with torch.device("meta"):

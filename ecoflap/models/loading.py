@@ -22,6 +22,7 @@ from ecoflap.models.fashion_clip import train_fashion_clip
 from ecoflap.models.processors import load_processors
 from ecoflap.models.offload import AUTO_FIT_SHARE, HOST, check_host_fits, choose_offload, host_available_bytes, model_bytes, \
     place_model, set_activation_place, stub
+from ecoflap.models.open_clip_format import as_open_clip_folder, is_open_clip_folder, load_open_clip
 from ecoflap.models.shards import DTYPE_BYTES, CheckpointFiles
 from ecoflap.models.registry import adapter_for, model_class
 from ecoflap.utils.io import atomic_path, verify_checksums, write_checksums, write_json
@@ -124,6 +125,8 @@ def fetch_model(spec: dict[str, Any], out_dir: str | Path) -> None:
             info = copy_local(Path(spec["path"]), tmp)
         else:
             info = download_hub(spec["id"], spec["revision"], tmp, spec.get("allow_pickle", False))
+        if is_open_clip_folder(tmp):
+            as_open_clip_folder(tmp)
         write_json(tmp / "ecoflap_source.json", info)
         write_checksums(tmp)
 
@@ -168,6 +171,8 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust
     says whether the blocks live on `device`, wait in host memory, or stay on disk between uses;
     `activations` where the calibration activations wait between blocks (blocks/walk.py)."""
     path = Path(path)
+    if is_open_clip_folder(path):
+        return _load_open_clip_model(path, device, dtype, offload, family, activations)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} holds no config.json; run the download rule first")
     verify_checksums(path)
@@ -193,6 +198,26 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust
         if hasattr(getattr(module, "config", None), "use_cache"):
             module.config.use_cache = False  # calibration re-runs blocks; a KV cache would grow
     return model, procs
+
+
+def _load_open_clip_model(path: Path, device: torch.device, dtype: torch.dtype, offload: str, family: str | None,
+                          activations: str) -> tuple[nn.Module, Any]:
+    """An open_clip checkpoint (EVA-CLIP): loaded whole into host memory, then placed as the
+    others (offload none or cpu; disk reads transformers' architectures only)."""
+    verify_checksums(path)
+    files = CheckpointFiles(path)
+    mode = choose_offload(offload, loaded_bytes(files, dtype), device)
+    if mode == "disk":
+        raise ValueError(f"{path} is an open_clip model; offload: disk builds transformers architectures only. "
+                         "Set offload: cpu (or none) for this model")
+    model = load_open_clip(path, dtype)
+    procs = load_processors(path)
+    model.ecoflap_tokenizer = procs.tokenizer  # the zero-shot classifier's prompts
+    adapter = adapter_for(model, family)
+    named = adapter.named_blocks(model)
+    place_model(model, [b for _, b in named], device, mode, [n for n, _ in named], files)
+    set_activation_place(model, activations)
+    return model.eval(), procs
 
 
 def load_dispatched(path: str | Path, dtype: torch.dtype, mode: str, offload_folder: str | Path,

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer
 
+from ecoflap.models.open_clip_format import is_open_clip_folder, load_open_clip_processors
+
 
 @dataclass
 class Processors:
@@ -40,6 +42,8 @@ def load_processors(path: Path, trust_remote_code: bool = False) -> Any:
     preprocessor_config.json). PIL image processors only: the fast ones need torchvision,
     which the core environment does not have."""
     path = Path(path)
+    if is_open_clip_folder(path):
+        return load_open_clip_processors(path)
     if not (path / "preprocessor_config.json").exists():
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     # an image classifier (ViT, DeiT) ships an image processor and no tokenizer

@@ -18,6 +18,7 @@ from ecoflap.models.families.blip_retrieval import BlipRetrievalAdapter
 from ecoflap.models.families.blip_vqa import BlipVqaAdapter
 from ecoflap.models.families.clip import ClipAdapter
 from ecoflap.models.families.decoder import DECODERS, decoder_adapter
+from ecoflap.models.families.eva_clip import EvaClipAdapter
 from ecoflap.models.families.image_classifier import ImageClassifierAdapter
 from ecoflap.models.families.seq2seq import SEQ2SEQ
 from ecoflap.models.vision_language import VisionLanguageAdapter
@@ -34,6 +35,7 @@ VISION_LANGUAGE: dict[str, VisionLanguageAdapter] = {
     "ViTForImageClassification": ImageClassifierAdapter("vit"),
     "DeiTForImageClassification": ImageClassifierAdapter("deit"),
     "DeiTForImageClassificationWithTeacher": ImageClassifierAdapter("deit"),
+    "CustomTextCLIP": EvaClipAdapter(),  # open_clip's class (models/open_clip_format.py builds it)
 }
 
 

@@ -137,3 +137,43 @@ def plot_variants(table: pd.DataFrame, metrics: list[str], panel_of: dict[str, s
     fig.suptitle(title, y=1.02)
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_published_vs_ours(rows: pd.DataFrame, metric: str, path: str | Path, title: str,
+                           log_scale: bool = False) -> None:
+    """The paper's figure redrawn: `metric` against sparsity, a line per method, the published
+    values solid and ours dashed in the same colour, dense as a horizontal line; with a single
+    sparsity, grouped bars (published, ours) per method. `rows` has the paper page's columns
+    (method, sparsity, paper, ours)."""
+    dense = rows[rows["method"] == "dense"]
+    pruned = rows[rows["method"] != "dense"].assign(x=lambda d: d["sparsity"].astype(float))
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    if pruned["x"].nunique() > 1:
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, (method, r) in enumerate(pruned.groupby("method", sort=False)):
+            r = r.sort_values("x")
+            colour = colours[i % len(colours)]
+            ax.plot(r["x"], r["paper"], marker="o", color=colour, label=f"{method} (paper)")
+            if r["ours"].notna().any():
+                ax.plot(r["x"], r["ours"], marker="s", ls="--", color=colour, label=f"{method} (ours)")
+        ax.set_xlabel("sparsity")
+    else:
+        methods = list(dict.fromkeys(rows["method"]))
+        at = range(len(methods))
+        paper = [rows.loc[rows["method"] == m, "paper"].iloc[0] for m in methods]
+        ours = [rows.loc[rows["method"] == m, "ours"].iloc[0] for m in methods]
+        ax.bar([i - 0.2 for i in at], paper, width=0.4, label="paper")
+        ax.bar([i + 0.2 for i in at], [0 if pd.isna(v) else v for v in ours], width=0.4, label="ours", hatch="//")
+        ax.set_xticks(list(at), methods, rotation=20, ha="right", fontsize=8)
+        dense = dense.iloc[0:0]  # dense is a bar here
+    for _, d in dense.iterrows():
+        ax.axhline(d["paper"], color="k", lw=1, label="dense (paper)")
+        if pd.notna(d["ours"]):
+            ax.axhline(d["ours"], color="k", lw=1, ls="--", label="dense (ours)")
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)

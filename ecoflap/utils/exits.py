@@ -26,6 +26,10 @@ def explain(status: int) -> str:
         return f"ecoflap: the job exited with status {status}: {CAUSES.get(sig, f'killed by {sig.name}')}."
     if status == 1:
         return "ecoflap: the job exited with status 1: the error above says what failed and what to do."
+    if status in (126, 127):  # the shell could not run the interpreter
+        return (f"ecoflap: the job exited with status {status}: the shell could not run the interpreter. If this "
+                "model names its own (models.<name>.python, e.g. .venv-eva/bin/python), create that environment "
+                "first (bash workflow/scripts/setup_env.sh --eva) or fix the path.")
     return f"ecoflap: the job exited with status {status}."
 
 

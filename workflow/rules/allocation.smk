@@ -8,7 +8,7 @@ rule allocate:
                     caption="../report/allocation.rst",
                     labels={"method": "{method}", "sparsity": "{sparsity}"}),
     params:
-        py=PY,
+        py=model_python,
         args=allocation_args,
     # one core: a two-core reservation would wait for both cores to free up, leaving one idle
     # for the length of a single-threaded job (common.smk)

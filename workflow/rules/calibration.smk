@@ -7,7 +7,7 @@ rule calibration:
         windows="results/{model}/calibration.safetensors",
         meta="results/{model}/calibration.safetensors.json",
     params:
-        py=PY,
+        py=model_python,
         args=calibration_args,
     # one core: a two-core reservation would wait for both cores to free up, leaving one idle
     # for the length of a single-threaded job (common.smk)

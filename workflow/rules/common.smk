@@ -4,6 +4,7 @@ import functools
 import json
 from pathlib import Path
 import shlex
+import shutil
 import sys
 
 from ecoflap.catalog import ALLOCATION_SCORERS, NO_PRUNER, NO_REFINE, REFINERS, SCORERS, TEXT_EVALS
@@ -17,6 +18,19 @@ except ConfigError as err:
 fill_defaults(config)  # every default the schema and the catalog name
 
 PY = config.get("python") or sys.executable
+
+
+def model_python(wc):
+    """The interpreter of a model's jobs: its own environment where the config names one (open_clip
+    models need torchvision, which the core environment lacks), else PY."""
+    return config["models"][wc.model].get("python") or PY
+
+
+for _name, _spec in config["models"].items():  # planning works without it; running its jobs does not
+    if _spec.get("python") and not shutil.which(_spec["python"]):
+        logger.warning(f"models.{_name}.python: {_spec['python']} is not an executable here; create that "
+                       "environment (bash workflow/scripts/setup_env.sh --eva) before running this model's jobs")
+
 # appended to every model-running rule's shell: on failure the log ends with what the exit
 # status means (a job killed by a memory limit or the scheduler says so), and the job still fails
 EXPLAIN_EXIT = "|| {{{{ rc=$?; {py} -m ecoflap.utils.exits $rc >> {{log}}; exit $rc; }}}}".format(py=PY)

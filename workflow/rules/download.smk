@@ -5,11 +5,13 @@ rule download_model:
         model=directory("results/{model}/model"),
         layout="results/{model}/layout.json",
     params:
-        py=PY,
+        py=model_python,
         # the config entry, with the family the download checks; keys sorted, so a config file
         # listing them in another order does not count as changed settings (and rerun everything);
-        # without the model's seed, which the download does not use (replicates share weights)
-        spec=lambda wc: spec_arg({"family": "causal_lm", **{k: v for k, v in model_spec(wc).items() if k != "seed"}}),
+        # without the model's seed, which the download does not use (replicates share weights), nor
+        # the interpreter it runs with (a moved environment is not a different model)
+        spec=lambda wc: spec_arg({"family": "causal_lm",
+                                  **{k: v for k, v in model_spec(wc).items() if k not in ("seed", "python")}}),
     priority: 1  # before evaluations: they then run in pairs of single-threaded jobs (common.smk)
     log:
         "results/{model}/logs/download.log",

@@ -6,7 +6,7 @@ rule evaluate:
     output:
         "results/{model}/{method}/{sparsity}/eval/{task}.json",
     params:
-        py=PY,
+        py=model_python,
         model=model_args,
         args=eval_args,
         kind=eval_kind,
@@ -38,7 +38,7 @@ if TEXT_ENTRIES:
         output:
             [f"results/{{model}}/{{method}}/{{sparsity}}/eval/{name}.json" for name in TEXT_ENTRIES],
         params:
-            py=PY,
+            py=model_python,
             model=model_args,
             args=text_eval_args,
             out_dir=lambda wc: f"results/{wc.model}/{wc.method}/{wc.sparsity}/eval",

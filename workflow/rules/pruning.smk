@@ -9,7 +9,7 @@ rule prune:
         model=maybe_temp(directory("results/{model}/{method}/{sparsity}/model")),
         report="results/{model}/{method}/{sparsity}/pruning.json",
     params:
-        py=PY,
+        py=model_python,
         model=model_args,
         prune=prune_args,
     threads: prune_threads

@@ -6,7 +6,7 @@ rule score:
     output:
         "results/{model}/scores/{scorer}.json",
     params:
-        py=PY,
+        py=model_python,
         model=model_args,
         scorer=scorer_args,
     threads: scorer_threads
