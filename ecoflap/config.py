@@ -226,9 +226,11 @@ def _reference_errors(config: dict[str, Any]) -> list[str]:
         errors.append(f"config key pruning.n_samples: {pn} exceeds calibration.n_samples ({calib_n}) "
                       f"(allowed: <= {calib_n})")
     for name, spec in config["models"].items():
-        if spec["source"] == "local" and not _is_file(Path(spec["path"]) / "config.json"):
-            errors.append(f"config key models.{name}.path: {spec['path']!r} holds no config.json "
-                          "(allowed: a folder written by save_pretrained, with safetensors weights)")
+        if spec["source"] == "local" and not any(_is_file(Path(spec["path"]) / f)
+                                                 for f in ("config.json", "open_clip_config.json")):
+            errors.append(f"config key models.{name}.path: {spec['path']!r} holds no config.json (allowed: a "
+                          "folder written by save_pretrained, or open_clip's with open_clip_config.json, with "
+                          "safetensors weights)")
     labels: dict[str, float] = {}
     for i, value in enumerate(config["sparsities"]):
         label = f"{value:g}"  # the results/{model}/{method}/{label}/ folder name

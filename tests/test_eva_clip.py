@@ -37,9 +37,9 @@ def fake_open_clip(monkeypatch):
     sys.modules.pop("open_clip", None)
 
 
-def make_hub_folder(out, seed=0):
+def make_hub_folder(out, seed=0, timm_files=True):
     """What the hub holds for an open_clip EVA model: open_clip's config and safetensors weights,
-    beside timm's vision-only config.json and model.safetensors."""
+    beside (timm_files) timm's vision-only config.json and model.safetensors."""
     sys.path.insert(0, str(FAKE))
     try:
         import open_clip
@@ -59,8 +59,9 @@ def make_hub_folder(out, seed=0):
                 p.mul_(0.5 + i)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
     (out / "open_clip_config.json").write_text(json.dumps(CONFIG))
-    (out / "config.json").write_text(json.dumps({"architecture": "eva_giant_patch14_clip_224"}))
-    save_file({"head.weight": torch.zeros(2, 2)}, out / "model.safetensors")
+    if timm_files:
+        (out / "config.json").write_text(json.dumps({"architecture": "eva_giant_patch14_clip_224"}))
+        save_file({"head.weight": torch.zeros(2, 2)}, out / "model.safetensors")
     return out
 
 
@@ -161,11 +162,12 @@ def test_calibration_loss_is_the_cross_entropy_of_cosine_similarities(model_dir,
         assert torch.equal(adapter.classify(model, procs, images).argmax(1), (feats @ classifier.t()).argmax(1))
 
 
-def test_workflow_runs_the_model_with_its_own_interpreter(hub_folder, tmp_path):
+def test_workflow_runs_the_model_with_its_own_interpreter(tmp_path):
     """The model's jobs run with `models.<name>.python` (here a wrapper that puts the test double
     on the path; Snakemake's own interpreter has no open_clip): download, layout, ImageNet
     calibration in folder order, zeroth-order scores, ECoFLaP and Wanda (whole-matrix groups,
     as the authors' EVA pruner) at 0.5, the pruned checkpoint reloaded and evaluated."""
+    hub_folder = make_hub_folder(tmp_path / "hub", timm_files=False)  # open_clip's files alone
     wrapper = tmp_path / "python-eva"
     wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{FAKE}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{sys.executable}" "$@"\n')
     wrapper.chmod(0o755)

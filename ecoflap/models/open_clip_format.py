@@ -79,8 +79,8 @@ def _create(path: Path, device: str) -> nn.Module:
         name = "ecoflap-" + path.resolve().name.replace(".", "-")
         (Path(tmp) / f"{name}.json").write_text(json.dumps(source["model_cfg"]))
         open_clip.add_model_config(tmp)
-        with torch.device(device):
-            model = open_clip.create_model(name, pretrained=None)
+        with torch.device(device):  # open_clip then moves it to `device` (a no-op on meta)
+            model = open_clip.create_model(name, pretrained=None, device=device)
     model.config = OpenClipConfig(source)
     model.ecoflap_arch = name
     return model

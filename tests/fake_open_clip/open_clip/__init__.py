@@ -139,10 +139,13 @@ class CustomTextCLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
 
-def create_model(model_name, pretrained=None, **kwargs):
+def create_model(model_name, pretrained=None, device="cpu", **kwargs):
     if pretrained is not None:
         raise ValueError("the test double loads no pretrained weights")
-    return CustomTextCLIP(_CONFIGS[model_name])
+    model = CustomTextCLIP(_CONFIGS[model_name])
+    if torch.device(device).type != "meta" and any(p.is_meta for p in model.parameters()):
+        raise NotImplementedError("Cannot copy out of meta tensor (as open_clip's create_model moves the model)")
+    return model.to(device)
 
 
 class _HashTokenizer:
