@@ -121,6 +121,11 @@ def _built_schema() -> dict[str, Any]:
                   "description": "one keep budget for the whole model (paper) or one per sub-model"},
         "submodels": {"type": "array", "minItems": 1, "items": {"enum": list(C.SUBMODELS)},
                       "description": "prune only these sub-models (default: all); the rest stay dense"},
+        "dense_blocks": {"type": "array", "minItems": 1, "items": {"type": "string"},
+                         "description": "blocks (layout.json names) left dense after the allocation, their budget "
+                                        "not given to others, so the model ends below the target: what the authors' "
+                                        "EVA-CLIP evaluation does to the last vision block (it restores its dense "
+                                        "weights)"},
         "threads": {"type": "integer", "minimum": 1,
                     "description": "torch threads of this method's prune jobs (default: stage_threads.prune, else "
                                    "threads); SparseGPT's masks depend on the thread count"},

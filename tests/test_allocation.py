@@ -82,3 +82,21 @@ def test_ecoflap_properties(units, target, offset):
     assert sum(keep.values()) == round((1 - target) * sum(sizes.values()))
     for u, n in sizes.items():
         assert math.floor((1 - max_sparsity) * n + 1e-9) <= keep[u] <= n
+
+
+def test_dense_blocks_are_emptied_after_the_allocation_without_redistribution():
+    """The authors' EVA-CLIP evaluation restores the last vision block's dense weights: the other
+    blocks keep the ratios the allocation gave them, and the model ends below the target."""
+    from ecoflap.allocation.plan import plan_allocation
+
+    layout = {f"b.{i}": {f"b.{i}.fc": 100} for i in range(4)}
+    laid = {"layout": layout, "submodel_of_block": {b: "vision" for b in layout}}
+    scored = {"granularity": "block", "scores": {"b.0": 4.0, "b.1": 3.0, "b.2": 2.0, "b.3": 1.0}}
+    method = {"allocation": "ecoflap", "max_sparsity_offset": 0.1}
+    full = plan_allocation(laid, scored, method, 0.5)
+    kept = plan_allocation(laid, scored, {**method, "dense_blocks": ["b.3"]}, 0.5)
+    assert kept["layer_sparsity"]["b.3.fc"] == 0.0 and full["layer_sparsity"]["b.3.fc"] > 0
+    assert all(kept["layer_sparsity"][f"b.{i}.fc"] == full["layer_sparsity"][f"b.{i}.fc"] for i in range(3))
+    assert math.isclose(kept["planned_global_sparsity"], 0.5 - full["layer_sparsity"]["b.3.fc"] / 4)
+    with pytest.raises(ValueError, match="not blocks of this model's layout"):
+        plan_allocation(laid, scored, {**method, "dense_blocks": ["b.9"]}, 0.5)

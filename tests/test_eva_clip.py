@@ -180,7 +180,11 @@ def test_workflow_runs_the_model_with_its_own_interpreter(tmp_path):
                            "reuse_block_inputs": False, "n_samples": 4, "batch_size": 2}},
         "methods": {"dense": {"pruner": "none"}, "wanda": {"pruner": "wanda"},
                     "ecoflap_zo_wanda": {"pruner": "wanda", "allocation": "ecoflap", "scorer": "zo",
-                                         "max_sparsity_offset": 0.1}},
+                                         "max_sparsity_offset": 0.1},
+                    # the authors' evaluation puts the last vision block back dense
+                    "ecoflap_zo_wanda_last_dense": {"pruner": "wanda", "allocation": "ecoflap", "scorer": "zo",
+                                                    "max_sparsity_offset": 0.1,
+                                                    "dense_blocks": ["visual.trunk.blocks.1"]}},
         "pruning": {"batch_size": 2, "comparison": {"vision": "matrix"}},
         "evaluation": {"imagenet": {"task": "classification", "dataset": "imagenet", "val_dir": str(IMAGENET),
                                     "limit": 4, "batch_size": 2}},
@@ -189,10 +193,16 @@ def test_workflow_runs_the_model_with_its_own_interpreter(tmp_path):
     out = run_snakemake(tmp_path, tmp_path / "eva.yaml", "--cores", "2", timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     table = pd.read_csv(tmp_path / "results/tiny-eva/summary/summary.csv")
-    assert set(table["method"]) == {"dense", "wanda", "ecoflap_zo_wanda"}
+    assert set(table["method"]) == {"dense", "wanda", "ecoflap_zo_wanda", "ecoflap_zo_wanda_last_dense"}
     assert table["imagenet top1"].between(0, 100).all()
-    pruned = table[table["method"] != "dense"]
+    pruned = table[table["method"].isin(["wanda", "ecoflap_zo_wanda"])]
     assert (pruned["achieved_sparsity"].sub(0.5).abs() < 5e-3).all()
+    full = json.loads((tmp_path / "results/tiny-eva/ecoflap_zo_wanda/0.5/pruning.json").read_text())
+    last = json.loads((tmp_path / "results/tiny-eva/ecoflap_zo_wanda_last_dense/0.5/pruning.json").read_text())
+    block1 = [k for k in full["layer_sparsity"] if k.startswith("visual.trunk.blocks.1.")]
+    assert all(last["layer_sparsity"][k] == 0 for k in block1) and all(full["layer_sparsity"][k] > 0 for k in block1)
+    assert all(abs(last["layer_sparsity"][k] - full["layer_sparsity"][k]) < 1e-3
+               for k in full["layer_sparsity"] if k not in block1)  # block 0: the same mask
     alloc = json.loads((tmp_path / "results/tiny-eva/ecoflap_zo_wanda/0.5/allocation.json").read_text())
     assert set(alloc["unit_sparsity"]) == {"visual.trunk.blocks.0", "visual.trunk.blocks.1"}
     assert max(alloc["unit_sparsity"].values()) - min(alloc["unit_sparsity"].values()) > 0.005

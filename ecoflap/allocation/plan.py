@@ -39,6 +39,13 @@ def plan_allocation(laid_out: dict[str, Any], scored: dict[str, Any] | None, met
     allocate = allocator.load()
     unit = ratios.per_group(lambda sc, sz: allocate(sc, sz, target, **allocator.arguments(options)),
                             scores, sizes, group_of_unit)
+    dense = method.get("dense_blocks") or []
+    unknown = [b for b in dense if b not in layout]
+    if unknown:
+        raise ValueError(f"dense_blocks {unknown} are not blocks of this model's layout (e.g. {list(layout)[-1]})")
+    # after the allocation, without redistributing: the last block of a stack kept dense this way is
+    # exactly "prune, then put its dense weights back" (nothing after it read its pruned outputs)
+    unit = {u: 0.0 if block_of_unit[u] in dense else s for u, s in unit.items()}
     per_layer = ratios.expand_to_layers(unit, layout)
     layer_sizes = {k: n for v in layout.values() for k, n in v.items()}
     submodel_of_layer = {k: submodel_of_block[b] for b, layers in layout.items() for k in layers}

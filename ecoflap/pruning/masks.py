@@ -32,7 +32,10 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def matrix_threshold_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """One threshold over the whole matrix, exactly as ECoFLaP's BLIP-2 Wanda pruner treats the
     ViT: prune every score <= the int(numel * sparsity)-th smallest (so floor(numel * s) + 1
-    weights, more on ties; wanda_pruner.py in ylsung/ECoFLaP)."""
+    weights, more on ties; wanda_pruner.py in ylsung/ECoFLaP). Sparsity 0 prunes nothing (a
+    block kept dense), where their comparison would still take the lowest weight."""
+    if sparsity <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
     flat = score.flatten()
     k = min(int(flat.numel() * sparsity), flat.numel() - 1)
     threshold = torch.kthvalue(flat.float().cpu(), k + 1).values.to(score.device)
