@@ -213,6 +213,9 @@ FAMILIES: dict[str, Family] = {
     "image_classifier": Family(("classification",), ("vision",), labelled_images=True),
     # open_clip's EVA-CLIP: the vision tower pruned, calibrated and scored with the zero-shot classifier
     "eva_clip": Family(("classification",), ("vision",), labelled_images=True),
+    # chat VLMs (models/chat_vlm.py): vision tower and language model, the projector kept dense
+    **{name: Family(("vqa", "caption"), ("vision", "language"))
+       for name in ("llava", "qwen_vl", "idefics3", "gemma3", "internvl")},
     "blip_caption": Family(("caption",), ("vision", "language")),
     "blip_vqa": Family(("vqa",), ("vision", "language")),
     "blip_retrieval": Family(("retrieval",), ("vision", "language")),

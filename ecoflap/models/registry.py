@@ -19,7 +19,12 @@ from ecoflap.models.families.blip_vqa import BlipVqaAdapter
 from ecoflap.models.families.clip import ClipAdapter
 from ecoflap.models.families.decoder import DECODERS, decoder_adapter
 from ecoflap.models.families.eva_clip import EvaClipAdapter
+from ecoflap.models.families.gemma3 import Gemma3Adapter
+from ecoflap.models.families.idefics3 import Idefics3Adapter
 from ecoflap.models.families.image_classifier import ImageClassifierAdapter
+from ecoflap.models.families.internvl import InternVLAdapter
+from ecoflap.models.families.llava import LlavaAdapter
+from ecoflap.models.families.qwen_vl import QwenVLAdapter
 from ecoflap.models.families.seq2seq import SEQ2SEQ
 from ecoflap.models.vision_language import VisionLanguageAdapter
 
@@ -36,6 +41,17 @@ VISION_LANGUAGE: dict[str, VisionLanguageAdapter] = {
     "DeiTForImageClassification": ImageClassifierAdapter("deit"),
     "DeiTForImageClassificationWithTeacher": ImageClassifierAdapter("deit"),
     "CustomTextCLIP": EvaClipAdapter(),  # open_clip's class (models/open_clip_format.py builds it)
+    # chat VLMs: the processor renders the chat template and expands the image tokens
+    "LlavaForConditionalGeneration": LlavaAdapter(),
+    "LlavaNextForConditionalGeneration": LlavaAdapter(),
+    "LlavaOnevisionForConditionalGeneration": LlavaAdapter(),
+    "Qwen2VLForConditionalGeneration": QwenVLAdapter(),
+    "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter(),
+    "Qwen3VLForConditionalGeneration": QwenVLAdapter(deepstack=True),  # refused, with the reason
+    "Idefics3ForConditionalGeneration": Idefics3Adapter(),
+    "SmolVLMForConditionalGeneration": Idefics3Adapter(),
+    "Gemma3ForConditionalGeneration": Gemma3Adapter(),
+    "InternVLForConditionalGeneration": InternVLAdapter(),
 }
 
 

@@ -1,0 +1,139 @@
+"""What the chat vision-language families share (LLaVA, Qwen-VL, Idefics3 / SmolVLM, Gemma 3,
+InternVL; one module each in models/families/): the model's own processor renders a
+conversation through the checkpoint's chat template and expands each image into its image
+tokens, so the adapters never count image tokens themselves.
+
+* Calibration: one image-caption pair is a user turn (the image, then the instruction) and an
+  assistant turn (the caption). The loss counts the assistant turn only: the image tokens, the
+  instruction and the template's own tokens are -100, and so is padding (right padding). The
+  language model's statistics leave padding out (mask_key attention_mask).
+* VQA and captioning: the user turn alone with the generation prompt, left padding, greedy
+  decoding; the answer is what follows the prompt.
+* Several processors return tensors without a per-example dimension (Qwen-VL's flattened
+  patches, InternVL's tiles). The calibration file and the engine's batches slice every tensor
+  along its first dimension, so those tensors are stored per example, padded to the longest
+  (`pack`), with each example's row count, and put back together before the model sees them
+  (`model_inputs`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ecoflap.models.base import Batch, Stack, at_least_fp32
+from ecoflap.models.processors import Processors
+from ecoflap.models.vision_language import VisionLanguageAdapter
+
+# The short-answer instruction LLaVA-1.5 evaluates VQAv2 / GQA / TextVQA with, which the later
+# families report with too
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+CALIBRATION_INSTRUCTION = "Give a short caption of this image."  # when calibration.prompt is empty
+ROWS = "_rows"  # suffix of the per-example row counts that `pack` stores
+
+
+def user_turn(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def conversation(text: str, answer: str) -> list[dict[str, Any]]:
+    return user_turn(text) + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+
+class ChatVLMAdapter(VisionLanguageAdapter):
+    """Subclasses set `family`, `vision_path`, `language_path`, and, where the processor
+    returns a tensor without a per-example dimension, `rows_per_example`."""
+
+    vision_path: str
+    language_path: str
+    nested_images: bool = False  # the processor wants one list of images per example
+    vqa_prompt: str = "{}\n" + SHORT_ANSWER
+
+    def stacks(self, model: nn.Module) -> list[Stack]:
+        # the projector (or merger) between the two stays dense, as the published settings leave it.
+        # Blocks get arguments of their own: Qwen2.5-VL's windowed vision blocks other segment bounds
+        # than its full-attention ones, Gemma 3's sliding-window layers other masks and rotary tables
+        return [Stack("vision", self.vision_path, "vision", per_block_inputs=True),
+                Stack("language", self.language_path, "language", per_block_inputs=True, mask_key="attention_mask")]
+
+    # -- tensors without a per-example dimension ------------------------------------------------
+    def rows_per_example(self, model: nn.Module, encoded: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+        """{key: rows of that tensor belonging to each example, in order}; none by default."""
+        return {}
+
+    def pack(self, model: nn.Module, encoded: dict[str, torch.Tensor]) -> Batch:
+        batch = dict(encoded)
+        for key, rows in self.rows_per_example(model, encoded).items():
+            parts = torch.split(encoded[key], rows)
+            width = max(rows)
+            batch[key] = torch.stack([torch.cat([p, p.new_zeros((width - len(p), *p.shape[1:]))]) for p in parts])
+            batch[key + ROWS] = torch.tensor(rows)
+        return batch
+
+    def model_inputs(self, batch: Batch) -> Batch:
+        out = {k: v for k, v in batch.items() if not k.endswith(ROWS)}
+        for key in [k[: -len(ROWS)] for k in batch if k.endswith(ROWS)]:
+            rows = batch[key + ROWS].tolist()
+            out[key] = torch.cat([batch[key][i, :n] for i, n in enumerate(rows)])
+        return out
+
+    # -- calibration ------------------------------------------------------------------------------
+    def _images(self, images: list) -> list:
+        return [[im] for im in images] if self.nested_images else list(images)
+
+    def _image_token_id(self, model: nn.Module) -> int:
+        config = model.config
+        return getattr(config, "image_token_id", None) or getattr(config, "image_token_index")
+
+    def calibration_batch(self, model: nn.Module, procs: Processors, images: list, captions: list[str],
+                          prompt: str) -> Batch:
+        proc = procs.multimodal
+        instruction = prompt or CALIBRATION_INSTRUCTION
+        prompts = [proc.apply_chat_template(user_turn(instruction), add_generation_prompt=True, tokenize=False)] * len(captions)
+        fulls = [proc.apply_chat_template(conversation(instruction, c), tokenize=False) for c in captions]
+        for p, f in zip(prompts, fulls):
+            if not f.startswith(p):
+                raise ValueError(f"{self.family}: the chat template's generation prompt {p[-60:]!r} is not a prefix of "
+                                 "the rendered conversation, so the caption tokens cannot be told apart")
+        enc = proc(images=self._images(images), text=fulls, padding=True, padding_side="right", return_tensors="pt")
+        alone = proc(images=self._images(images), text=prompts, padding=True, padding_side="right",
+                     return_tensors="pt")
+        prompt_lengths = alone["attention_mask"].sum(1)
+        labels = enc["input_ids"].clone()
+        labels[enc["attention_mask"] == 0] = -100
+        for i, n in enumerate(prompt_lengths.tolist()):
+            if not torch.equal(enc["input_ids"][i, :n], alone["input_ids"][i, :n]):
+                raise ValueError(f"{self.family}: the processed prompt is not a prefix of the processed conversation")
+            labels[i, :n] = -100
+        if (labels == self._image_token_id(model)).any():
+            raise ValueError(f"{self.family}: image tokens left in the calibration targets")
+        batch = self.pack(model, dict(enc))
+        batch["labels"] = labels
+        return batch
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return at_least_fp32(model(**self.model_inputs(batch)).loss)
+
+    def forward(self, model: nn.Module, batch: Batch) -> None:
+        model(**self.model_inputs(batch))
+
+    # -- generation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, model: nn.Module, procs: Processors, images: list, prompts: list[str],
+                 gen_kwargs: dict[str, Any]) -> list[str]:
+        """Greedy answers (unless the entry asks for beams) to `prompts`, one image each, the batch
+        left-padded so that every answer starts right after its own prompt."""
+        proc = procs.multimodal
+        texts = [proc.apply_chat_template(user_turn(p), add_generation_prompt=True, tokenize=False) for p in prompts]
+        enc = proc(images=self._images(images), text=texts, padding=True, padding_side="left", return_tensors="pt")
+        device = next(model.parameters()).device
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        enc = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in enc.items()}
+        settings = {"do_sample": False, "max_new_tokens": 10, **gen_kwargs}
+        out = model.generate(**enc, **settings, pad_token_id=proc.tokenizer.pad_token_id)
+        answers = proc.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [a.strip() for a in answers]
+
+
+__all__ = ["CALIBRATION_INSTRUCTION", "ChatVLMAdapter", "SHORT_ANSWER", "conversation", "user_turn"]

@@ -1,0 +1,43 @@
+"""Qwen2-VL and Qwen2.5-VL (family qwen_vl): a native-resolution ViT (`model.visual.blocks`) ->
+a patch merger -> a Qwen2 decoder with multimodal rotary positions (M-RoPE).
+
+Quirks, kept here:
+* the processor returns every image's patches in one [patches, values] tensor; image i owns
+  prod(image_grid_thw[i]) rows. They are stored per example (ChatVLMAdapter.pack) and joined
+  again before the model runs;
+* Qwen2.5-VL's vision blocks attend within windows except the `fullatt_block_indexes` ones: each
+  block is called with its own `cu_seqlens` (segment bounds), and the hidden states arrive in
+  window order. The engine records every block's own arguments (per_block_inputs);
+* `mm_token_type_ids` must stay in the batch: without it Qwen2.5-VL silently falls back to 1-D
+  positions (Qwen2-VL raises).
+
+Qwen3-VL is refused: its DeepStack adds vision features to the language model's hidden states
+between its first layers, which a block-by-block walk does not replay."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ecoflap.models.base import Stack
+from ecoflap.models.chat_vlm import ChatVLMAdapter
+
+
+@dataclass(frozen=True)
+class QwenVLAdapter(ChatVLMAdapter):
+    family: str = "qwen_vl"
+    vision_path: str = "model.visual.blocks"
+    language_path: str = "model.language_model.layers"
+    deepstack: bool = False  # Qwen3-VL
+
+    def stacks(self, model: nn.Module) -> list[Stack]:
+        if self.deepstack:
+            raise ValueError("Qwen3-VL is not supported: its DeepStack adds vision features to the language model's "
+                             "hidden states between its first layers (deepstack_visual_indexes), which the block-by-block "
+                             "walk does not replay. Qwen2-VL and Qwen2.5-VL are (family qwen_vl)")
+        return super().stacks(model)
+
+    def rows_per_example(self, model: nn.Module, encoded: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+        # one image per example: its patches are prod(t, h, w) rows of pixel_values
+        return {"pixel_values": encoded["image_grid_thw"].prod(-1).tolist()}

@@ -1,0 +1,134 @@
+"""Chat vision-language models (LLaVA-1.5 / -NeXT, Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM, Gemma 3,
+InternVL) on tiny random models built in code: the calibration loss is the model's own loss with
+only the caption counted, VQA answers are what `generate` gives each example alone, per-example
+packing round-trips, and every class is scored, allocated, pruned and evaluated through Snakemake."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import chat_vlm_models as C
+from conftest import REPO, run_snakemake
+from ecoflap.models.chat_vlm import SHORT_ANSWER, conversation
+
+FIX = REPO / "tests" / "fixtures" / "vl"
+CAPTIONS = ["a red house by a river", "two cats on a sofa", "a dog in the park", "the sea at night"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat_vlm")
+    return {kind: C.build(kind, root / kind) for kind in C.KINDS}
+
+
+@pytest.fixture(scope="module")
+def images():
+    from ecoflap.data.files import open_image
+
+    return [open_image(p) for p in sorted(FIX.rglob("*.jpg"))[:4]]
+
+
+def _load(path):
+    from ecoflap.models.loading import load_model
+    from ecoflap.models.registry import adapter_for
+
+    model, procs = load_model(path, torch.device("cpu"), torch.float32)
+    return model, procs, adapter_for(model)
+
+
+@pytest.mark.parametrize("kind", C.KINDS)
+def test_calibration_loss_is_the_models_own_on_the_caption_tokens(kind, built, images):
+    """The adapter's batch, loss and label mask against a direct processor call and forward: the
+    loss counts exactly the caption's tokens and the end of the turn."""
+    model, procs, adapter = _load(built[kind])
+    assert adapter.family == C.FAMILY_OF[kind]
+    batch = adapter.calibration_batch(model, procs, images, CAPTIONS, "Describe it.")
+    proc = procs.multimodal
+    texts = [proc.apply_chat_template(conversation("Describe it.", c), tokenize=False) for c in CAPTIONS]
+    nested = [[im] for im in images] if adapter.nested_images else images
+    enc = proc(images=nested, text=texts, padding=True, padding_side="right", return_tensors="pt")
+    for i, caption in enumerate(CAPTIONS):
+        counted = batch["labels"][i][batch["labels"][i] != -100]
+        assert proc.tokenizer.decode(counted).strip() == f"{caption}</s>", kind
+    with torch.no_grad():
+        direct = model(**enc, labels=batch["labels"]).loss
+        ours = adapter.loss(model, batch)
+    assert torch.equal(enc["input_ids"], batch["input_ids"])
+    assert torch.allclose(ours, direct, atol=1e-6), kind
+
+
+@pytest.mark.parametrize("kind", C.KINDS)
+def test_vqa_answers_are_generate_on_each_example_alone(kind, built, images):
+    model, procs, adapter = _load(built[kind])
+    questions = ["What is in the picture?", "What colour is it?", "Is it day?"]
+    answers = adapter.generate(model, procs, images[:3], [adapter.vqa_prompt.format(q) for q in questions],
+                               {"max_new_tokens": 4})
+    proc = procs.multimodal
+    for image, question, answer in zip(images, questions, answers):
+        text = proc.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": f"{question}\n{SHORT_ANSWER}"}]}],
+            add_generation_prompt=True, tokenize=False)
+        enc = proc(images=[[image]] if adapter.nested_images else [image], text=[text], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=proc.tokenizer.pad_token_id)
+        alone = proc.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        assert answer == alone, (kind, question)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "internvl"])
+def test_tensors_without_an_example_dimension_are_packed_per_example(kind, built, images):
+    """Qwen-VL's patches and InternVL's tiles are stored per example and joined back unchanged, so
+    a calibration batch of two is the first two examples' own pixels."""
+    model, procs, adapter = _load(built[kind])
+    batch = adapter.calibration_batch(model, procs, images, CAPTIONS, "")
+    two = adapter.model_inputs({k: v[:2] for k, v in batch.items()})
+    alone = adapter.calibration_batch(model, procs, images[:2], CAPTIONS[:2], "")
+    assert torch.equal(two["pixel_values"], adapter.model_inputs(alone)["pixel_values"])
+    with torch.no_grad():
+        assert torch.allclose(adapter.loss(model, {k: v[:2] for k, v in batch.items()}),
+                              adapter.loss(model, alone), atol=1e-5)
+
+
+def test_qwen3_vl_is_refused_with_the_reason():
+    from ecoflap.models.families.qwen_vl import QwenVLAdapter
+
+    with pytest.raises(ValueError, match="DeepStack"):
+        QwenVLAdapter(deepstack=True).stacks(None)
+
+
+def test_every_class_through_the_workflow(built, tmp_path):
+    """Each class: calibration on CC3M-format pairs through its chat template, gradient scores,
+    ECoFLaP and Wanda at 0.5 over both towers and over the language model only (the published
+    setting), and VQAv2 answers on the fixture questions."""
+    config = {
+        "models": {kind: {"source": "local", "path": str(path), "family": C.FAMILY_OF[kind]}
+                   for kind, path in built.items()},
+        "device": "cpu", "dtype": "float32", "threads": 1, "seed": 0, "sparsities": [0.5],
+        "calibration": {"source": "cc3m", "pairs": str(FIX / "cc3m/pairs.tsv"), "image_root": str(FIX / "cc3m"),
+                        "n_samples": 4},
+        "scorers": {"fast": {"kind": "checkpointed", "granularity": "block", "reduce": "l2", "batch_size": 2}},
+        "methods": {
+            "dense": {"pruner": "none"},
+            "wanda_language": {"pruner": "wanda", "submodels": ["language"]},
+            "ecoflap_fast_wanda": {"pruner": "wanda", "allocation": "ecoflap", "scorer": "fast"},
+        },
+        "pruning": {"batch_size": 2},
+        "evaluation": {"vqav2": {"task": "vqa", "dataset": "vqav2",
+                                 "questions": str(FIX / "vqav2/v2_OpenEnded_mscoco_val2014_questions.json"),
+                                 "annotations": str(FIX / "vqav2/v2_mscoco_val2014_annotations.json"),
+                                 "image_dir": str(FIX / "coco/val2014"), "max_new_tokens": 3, "batch_size": 2,
+                                 "limit": 3}},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    out = run_snakemake(tmp_path, tmp_path / "c.yaml", "--cores", "2", timeout=1500)
+    assert out.returncode == 0, out.stderr[-4000:]
+    for kind in C.KINDS:
+        table = pd.read_csv(tmp_path / f"results/{kind}/summary/summary.csv")
+        assert set(table["method"]) == {"dense", "wanda_language", "ecoflap_fast_wanda"}, kind
+        assert table["vqav2 accuracy"].between(0, 100).all(), kind
+        lang = json.loads((tmp_path / f"results/{kind}/wanda_language/0.5/pruning.json").read_text())
+        assert lang["submodel_sparsity"].get("vision", 0) == 0 and abs(lang["submodel_sparsity"]["language"] - 0.5) < 0.01
+        both = json.loads((tmp_path / f"results/{kind}/ecoflap_fast_wanda/0.5/pruning.json").read_text())
+        assert abs(both["global_sparsity"] - 0.5) < 0.01 and both["submodel_sparsity"]["vision"] > 0, kind
