@@ -268,6 +268,7 @@ DATASETS: dict[str, Dataset] = {
     "vqav2": Dataset("vqa", ("questions", "annotations", "image_dir"), ("vqaeval2016", "vqaeval2021")),
     "okvqa": Dataset("vqa", ("questions", "annotations", "image_dir"), ("vqaeval2016", "vqaeval2021")),
     "gqa": Dataset("vqa", ("questions", "image_dir"), ("lavis_gqa", "lavis_gqa_2023_12")),
+    "textvqa": Dataset("vqa", ("questions", "image_dir"), ("textvqa_m4c",)),
     "nocaps": Dataset("caption", ("annotations", "image_dir")),
     "coco_karpathy": Dataset("caption", ("karpathy_json", "image_root")),
     "flickr30k": Dataset("retrieval", ("karpathy_json", "image_dir")),

@@ -132,3 +132,47 @@ def test_every_class_through_the_workflow(built, tmp_path):
         assert lang["submodel_sparsity"].get("vision", 0) == 0 and abs(lang["submodel_sparsity"]["language"] - 0.5) < 0.01
         both = json.loads((tmp_path / f"results/{kind}/ecoflap_fast_wanda/0.5/pruning.json").read_text())
         assert abs(both["global_sparsity"] - 0.5) < 0.01 and both["submodel_sparsity"]["vision"] > 0, kind
+
+
+def test_textvqa_reader_and_official_accuracy():
+    """TextVQA's official rule (m4c_evaluator, as LLaVA scores it): EvalAI's processing of the
+    prediction and of all 10 answers, then the mean over leaving each annotator out of
+    min(1, matches / 3). Hand-worked on the fixture's questions."""
+    from ecoflap.data.eval_sets import load_textvqa
+    from ecoflap.evaluation.metrics import vqa_accuracy, vqa_scores
+
+    items = load_textvqa(FIX / "textvqa/TextVQA_0.5.1_val.json", FIX / "textvqa/train_images")
+    assert [it.question_id for it in items] == ["34602", "34603", "34604"] and all(p.image_path.is_file() for p in items)
+    brand, sign, number = (it.answers for it in items)
+    assert vqa_accuracy("Dakota", brand, "textvqa_m4c") == 1.0
+    assert vqa_accuracy("nous les gosses", brand, "textvqa_m4c") == pytest.approx((7 + 3 * 2 / 3) / 10)
+    assert vqa_accuracy("stop sign", sign, "textvqa_m4c") == pytest.approx(9 * (1 / 3) / 10)
+    assert vqa_accuracy("The twelve.", number, "textvqa_m4c") == pytest.approx((3 * 2 / 3 + 7) / 10)
+    assert vqa_accuracy("12", number, "textvqa_m4c") == 1.0
+    scores = vqa_scores({"34602": "dakota", "34603": "stop sign", "34604": "12"},
+                        {it.question_id: it.answers for it in items}, protocol="textvqa_m4c")
+    assert scores["accuracy"] == pytest.approx(round(100 * (1 + 0.3 + 1) / 3, 2))
+    with pytest.raises(ValueError, match="10 answers"):
+        vqa_accuracy("x", ["x"] * 9, "textvqa_m4c")
+
+
+def test_textvqa_through_a_chat_vlm(built):
+    from ecoflap.data.files import open_image
+    from ecoflap.evaluation.vision_language import evaluate_vision_language
+
+    model, procs, adapter = _load(built["llava"])
+    spec = {"task": "vqa", "dataset": "textvqa", "name": "textvqa", "questions": str(FIX / "textvqa/TextVQA_0.5.1_val.json"),
+            "image_dir": str(FIX / "textvqa/train_images"), "max_new_tokens": 3, "batch_size": 2}
+    metrics, preds = evaluate_vision_language(model, procs, adapter, spec)
+    assert metrics["protocol"] == "textvqa_m4c" and metrics["n"] == 3 and 0 <= metrics["accuracy"] <= 100
+    image = open_image(FIX / "textvqa/train_images/0054c91397f2fe05.jpg")
+    alone = adapter.generate(model, procs, [image], [adapter.vqa_prompt.format("what does the sign say?")],
+                             {"max_new_tokens": 3, "use_cache": True})
+    assert preds["34603"] == alone[0]
+
+
+@pytest.mark.parametrize("config", ["llava15_7b.yaml", "qwen25vl_7b.yaml"])
+def test_hub_configs_plan_offline(config, tmp_path):
+    out = run_snakemake(tmp_path, REPO / "config/hub" / config, "-n", "--cores", "1", timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "wanda_lm" in out.stdout and "textvqa" in out.stdout

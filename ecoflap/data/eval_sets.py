@@ -138,6 +138,30 @@ def load_gqa(questions_json: PathLike, image_dir: PathLike, limit: int | None = 
     return items
 
 
+def load_textvqa(questions_json: PathLike, image_dir: PathLike, limit: int | None = None, *,
+                  config_key: str = "evaluation.textvqa") -> list[VQAItem]:
+    """TextVQA val: ``TextVQA_0.5.1_val.json`` ({"data": [{"question_id", "image_id", "question",
+    "answers": [10 answers]}]}), images ``{image_id}.jpg`` (the val images sit in train_images/).
+    Items follow the file."""
+    dataset = "TextVQA"
+    check_limit(limit)
+    qpath = require_file(questions_json, "questions", dataset, f"{config_key}.questions")
+    idir = require_dir(image_dir, "image", dataset, f"{config_key}.image_dir")
+    data = read_json(qpath, dataset)
+    expected = '{"data": [{"question_id", "image_id", "question", "answers"}]}'
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise bad_format(qpath, dataset, expected)
+    items = []
+    for q in data["data"][: len(data["data"]) if limit is None else limit]:
+        try:
+            items.append(VQAItem(question_id=str(q["question_id"]), image_path=idir / f"{q['image_id']}.jpg",
+                                 question=q["question"], answers=list(q["answers"])))
+        except (KeyError, TypeError) as exc:
+            raise bad_format(qpath, dataset, expected, exc) from exc
+    check_images((it.image_path for it in items), dataset, f"{config_key}.image_dir")
+    return items
+
+
 # ----------------------------------------------------------------------------- captions / retrieval
 
 
@@ -291,5 +315,6 @@ def load_imagenet_val(val_dir: PathLike, limit: int | None = None, *, allow_subs
 
 __all__ = [
     "VQAItem", "CaptionItem", "RetrievalSet", "ClassificationItem", "load_vqav2", "load_okvqa", "load_gqa",
+    "load_textvqa",
     "load_coco_karpathy", "load_nocaps", "load_flickr30k_retrieval", "load_imagenet_val",
 ]

@@ -87,7 +87,7 @@ _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 # The official script passes re.UNICODE (== 32) positionally as `count`; we keep that limit.
 _PERIOD_STRIP_COUNT = int(re.UNICODE)
 
-VQA_PROTOCOLS = ("vqaeval2016", "vqaeval2021")
+VQA_PROTOCOLS = ("vqaeval2016", "vqaeval2021", "textvqa_m4c")
 GQA_PROTOCOLS = ("lavis_gqa", "lavis_gqa_2023_12")
 
 
@@ -128,6 +128,15 @@ def _leave_one_out(prediction: str, gts: Sequence[str]) -> float:
     return sum(min(1.0, (n_match - (g == prediction)) / 3.0) for g in gts) / len(gts)
 
 
+def evalai_answer(text: str) -> str:
+    """EvalAI's answer processor, which TextVQA's official evaluation (m4c_evaluator's
+    TextVQAAccuracyEvaluator, as LLaVA runs it) applies to the prediction and to every human answer:
+    lower case, commas and question marks dropped, "'s" split off, then vqaEval's punctuation, digit
+    and article rules."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return process_digit_article(process_punctuation(_clean_whitespace(text)))
+
+
 def vqa_accuracy(prediction: str, gt_answers: Sequence[str], protocol: str = "vqaeval2016") -> float:
     """One question's VQA accuracy in [0, 1] under `protocol` (see the module notes above)."""
     if isinstance(gt_answers, str) or len(gt_answers) == 0:
@@ -137,6 +146,11 @@ def vqa_accuracy(prediction: str, gt_answers: Sequence[str], protocol: str = "vq
         pred = normalize_vqa_answer(prediction)
         if len(set(gts)) > 1:
             gts = [process_punctuation(g) for g in gts]
+    elif protocol == "textvqa_m4c":  # every answer processed; the mean over leaving each annotator out
+        if len(gts) != 10:
+            raise ValueError(f"TextVQA's evaluation expects 10 answers per question, got {len(gts)}")
+        gts = [evalai_answer(g) for g in gts]
+        pred = evalai_answer(prediction)
     elif protocol == "vqaeval2021":
         gts = [_clean_whitespace(g) for g in gts]
         pred = _clean_whitespace(prediction)

@@ -16,7 +16,7 @@ from ecoflap.catalog import DATASETS, default_protocol
 from ecoflap.data import fashion_mnist as fm
 from ecoflap.data.coop import COOP_DATASETS, load_coop_split
 from ecoflap.data.eval_sets import (load_coco_karpathy, load_flickr30k_retrieval, load_gqa, load_imagenet_val,
-                                    load_nocaps, load_okvqa, load_vqav2)
+                                    load_nocaps, load_okvqa, load_textvqa, load_vqav2)
 from ecoflap.data.files import open_image
 from ecoflap.data.imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_SIMPLE_TEMPLATES, IMAGENET_TEMPLATES
 from ecoflap.evaluation import metrics as M
@@ -42,6 +42,8 @@ def _vqa(model, procs, adapter, spec) -> tuple[dict, dict]:
     ds, limit, key = spec["dataset"], spec.get("limit"), _key(spec)
     if ds == "gqa":
         items = load_gqa(spec["questions"], spec["image_dir"], limit, config_key=key)
+    elif ds == "textvqa":
+        items = load_textvqa(spec["questions"], spec["image_dir"], limit, config_key=key)
     else:
         load = load_vqav2 if ds == "vqav2" else load_okvqa
         items = load(spec["questions"], spec["annotations"], spec["image_dir"], limit, config_key=key)

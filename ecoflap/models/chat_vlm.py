@@ -29,7 +29,8 @@ from ecoflap.models.vision_language import VisionLanguageAdapter
 # The short-answer instruction LLaVA-1.5 evaluates VQAv2 / GQA / TextVQA with, which the later
 # families report with too
 SHORT_ANSWER = "Answer the question using a single word or phrase."
-CALIBRATION_INSTRUCTION = "Give a short caption of this image."  # when calibration.prompt is empty
+# the instruction when calibration.prompt (or a captioning entry's prompt) is empty
+CALIBRATION_INSTRUCTION = "Give a short caption of this image."
 ROWS = "_rows"  # suffix of the per-example row counts that `pack` stores
 
 
@@ -125,7 +126,9 @@ class ChatVLMAdapter(VisionLanguageAdapter):
         """Greedy answers (unless the entry asks for beams) to `prompts`, one image each, the batch
         left-padded so that every answer starts right after its own prompt."""
         proc = procs.multimodal
-        texts = [proc.apply_chat_template(user_turn(p), add_generation_prompt=True, tokenize=False) for p in prompts]
+        # captioning passes no prompt: the chat models are asked for a caption in words
+        texts = [proc.apply_chat_template(user_turn(p or CALIBRATION_INSTRUCTION), add_generation_prompt=True,
+                                          tokenize=False) for p in prompts]
         enc = proc(images=self._images(images), text=texts, padding=True, padding_side="left", return_tensors="pt")
         device = next(model.parameters()).device
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
