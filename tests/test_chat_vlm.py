@@ -176,3 +176,27 @@ def test_hub_configs_plan_offline(config, tmp_path):
     out = run_snakemake(tmp_path, REPO / "config/hub" / config, "-n", "--cores", "1", timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "wanda_lm" in out.stdout and "textvqa" in out.stdout
+
+
+def test_textvqa_with_ocr_tokens_asks_what_llava_asks(built):
+    """LLaVA-1.5's TextVQA prompt: the question, the image's Rosetta OCR tokens when it has any,
+    then the short-answer instruction (three lines; two without tokens)."""
+    from ecoflap.evaluation.vision_language import evaluate_vision_language
+
+    model, procs, adapter = _load(built["llava"])
+    asked = []
+
+    class Recording(type(adapter)):
+        def generate(self, model, procs, images, prompts, gen_kwargs):
+            asked.extend(prompts)
+            return ["dakota"] * len(prompts)
+
+    spec = {"task": "vqa", "dataset": "textvqa", "name": "textvqa", "questions": str(FIX / "textvqa/TextVQA_0.5.1_val.json"),
+            "image_dir": str(FIX / "textvqa/train_images"),
+            "ocr_tokens": str(FIX / "textvqa/TextVQA_Rosetta_OCR_v0.2_val.json"), "batch_size": 8}
+    metrics, _ = evaluate_vision_language(model, procs, Recording(), spec)
+    assert asked == [
+        "what is the brand of this camera?\nReference OCR token: dakota, 12\n" + SHORT_ANSWER,
+        "what does the sign say?\n" + SHORT_ANSWER,
+        "what number is on the shirt?\nReference OCR token: dakota, 12\n" + SHORT_ANSWER]
+    assert metrics["accuracy"] == pytest.approx(round(100 * 1 / 3, 2))

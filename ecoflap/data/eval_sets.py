@@ -162,6 +162,18 @@ def load_textvqa(questions_json: PathLike, image_dir: PathLike, limit: int | Non
     return items
 
 
+def load_textvqa_ocr(ocr_json: PathLike, config_key: str = "evaluation.textvqa") -> dict[str, list[str]]:
+    """Rosetta OCR tokens per image (``TextVQA_Rosetta_OCR_v0.2_val.json``: {"data": [{"image_id",
+    "ocr_tokens": [...]}]}), for the prompt LLaVA-1.5 evaluates TextVQA with."""
+    dataset = "TextVQA"
+    path = require_file(ocr_json, "Rosetta OCR", dataset, f"{config_key}.ocr_tokens")
+    data = read_json(path, dataset)
+    try:
+        return {str(d["image_id"]): list(d["ocr_tokens"]) for d in data["data"]}
+    except (KeyError, TypeError) as exc:
+        raise bad_format(path, dataset, '{"data": [{"image_id", "ocr_tokens": [...]}]}', exc) from exc
+
+
 # ----------------------------------------------------------------------------- captions / retrieval
 
 
@@ -315,6 +327,6 @@ def load_imagenet_val(val_dir: PathLike, limit: int | None = None, *, allow_subs
 
 __all__ = [
     "VQAItem", "CaptionItem", "RetrievalSet", "ClassificationItem", "load_vqav2", "load_okvqa", "load_gqa",
-    "load_textvqa",
+    "load_textvqa", "load_textvqa_ocr",
     "load_coco_karpathy", "load_nocaps", "load_flickr30k_retrieval", "load_imagenet_val",
 ]

@@ -29,8 +29,8 @@ SOURCES: dict[str, str] = {
                 "sorted into val/{wnid}/ folders)",
     "CC3M": "https://ai.google.com/research/ConceptualCaptions/download (Train_GCC-training.tsv), "
             "images fetched with img2dataset (https://github.com/rom1504/img2dataset)",
-    "TextVQA": "https://textvqa.org/dataset (TextVQA_0.5.1_val.json; images: train_val_images.zip, whose "
-               "train_images/ folder holds the val images)",
+    "TextVQA": "https://textvqa.org/dataset (TextVQA_0.5.1_val.json and TextVQA_Rosetta_OCR_v0.2_val.json; "
+               "images: train_val_images.zip, whose train_images/ folder holds the val images)",
     "COCO captions": "https://cocodataset.org/#download (annotations_trainval2017.zip; train2017 images)",
 }
 

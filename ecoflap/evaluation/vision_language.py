@@ -16,7 +16,7 @@ from ecoflap.catalog import DATASETS, default_protocol
 from ecoflap.data import fashion_mnist as fm
 from ecoflap.data.coop import COOP_DATASETS, load_coop_split
 from ecoflap.data.eval_sets import (load_coco_karpathy, load_flickr30k_retrieval, load_gqa, load_imagenet_val,
-                                    load_nocaps, load_okvqa, load_textvqa, load_vqav2)
+                                    load_nocaps, load_okvqa, load_textvqa, load_textvqa_ocr, load_vqav2)
 from ecoflap.data.files import open_image
 from ecoflap.data.imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_SIMPLE_TEMPLATES, IMAGENET_TEMPLATES
 from ecoflap.evaluation import metrics as M
@@ -48,10 +48,18 @@ def _vqa(model, procs, adapter, spec) -> tuple[dict, dict]:
         load = load_vqav2 if ds == "vqav2" else load_okvqa
         items = load(spec["questions"], spec["annotations"], spec["image_dir"], limit, config_key=key)
     prompt = spec.get("prompt") or adapter.vqa_prompt  # the family's own zero-shot prompt
+    questions = {it.question_id: it.question for it in items}
+    if ds == "textvqa" and spec.get("ocr_tokens"):
+        # LLaVA-1.5's TextVQA prompt: the question, then the image's OCR tokens when it has any
+        ocr = load_textvqa_ocr(spec["ocr_tokens"], key)
+        for it in items:
+            tokens = ocr.get(it.image_path.stem, [])
+            if tokens:
+                questions[it.question_id] = f"{it.question}\nReference OCR token: {', '.join(tokens)}"
     raw = {}
     for chunk in tqdm(list(_chunks(items, spec.get("batch_size", 8))), desc=f"{ds} answers", unit="batch"):
         images = [open_image(it.image_path) for it in chunk]
-        answers = adapter.generate(model, procs, images, [prompt.format(it.question) for it in chunk],
+        answers = adapter.generate(model, procs, images, [prompt.format(questions[it.question_id]) for it in chunk],
                                    _gen_kwargs(spec))
         raw.update({it.question_id: a for it, a in zip(chunk, answers)})
     # BLIP-2's OK-VQA evaluation lemmatises its answers (LAVIS apply_lemmatizer) before scoring
