@@ -1,5 +1,5 @@
 """Tiny randomly initialised chat vision-language models built in code, saved with their
-processors (no network): LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM,
+processors (no network): LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM,
 Gemma 3 and InternVL. Two blocks per tower, widths 32 / 64, a byte-level BPE tokenizer with
 each family's image tokens, and a plain chat template (USER: <image>question / ASSISTANT:)."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-FAMILY_OF = {"llava": "llava", "llava_next": "llava", "qwen2_vl": "qwen_vl", "qwen2_5_vl": "qwen_vl",
+FAMILY_OF = {"llava": "llava", "llava_next": "llava", "llava_onevision": "llava", "qwen2_vl": "qwen_vl", "qwen2_5_vl": "qwen_vl",
              "idefics3": "idefics3", "smolvlm": "idefics3", "gemma3": "gemma3", "internvl": "internvl"}
 KINDS = tuple(FAMILY_OF)
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -77,6 +77,18 @@ def build(kind: str, out: Path, seed: int = 0) -> Path:
             proc = T.LlavaNextProcessor(image_processor=ip, **kwargs)
             model = T.LlavaNextForConditionalGeneration(T.LlavaNextConfig(
                 vision_config=vision, text_config=T.LlamaConfig(**_lm(tok)), image_grid_pinpoints=pins, **common))
+    elif kind == "llava_onevision":  # SigLIP tower (all patches, no CLS) + Qwen2
+        tok = _tokenizer({"image_token": "<image>", "video_token": "<video>"})
+        pins = [[32, 32], [32, 64], [64, 32], [64, 64]]
+        ip = T.LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pins)
+        proc = without_video(T.LlavaOnevisionProcessor)(
+            image_processor=ip, tokenizer=tok, num_image_tokens=16, vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9", chat_template=_template("<image>\n"))
+        model = T.LlavaOnevisionForConditionalGeneration(T.LlavaOnevisionConfig(
+            vision_config=dict(model_type="siglip_vision_model", vision_use_head=False, **VISION),
+            text_config=dict(model_type="qwen2", **_lm(tok)), image_token_index=tok.image_token_id,
+            video_token_index=tok.video_token_id, image_grid_pinpoints=pins, vision_feature_select_strategy="full",
+            vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9"))
     elif kind in ("qwen2_vl", "qwen2_5_vl"):
         tok = _tokenizer(QWEN_TOKENS)
         ids = {k: tok.convert_tokens_to_ids(v) for k, v in QWEN_TOKENS.items()}
