@@ -200,3 +200,16 @@ def test_textvqa_with_ocr_tokens_asks_what_llava_asks(built):
         "what does the sign say?\n" + SHORT_ANSWER,
         "what number is on the shirt?\nReference OCR token: dakota, 12\n" + SHORT_ANSWER]
     assert metrics["accuracy"] == pytest.approx(round(100 * 1 / 3, 2))
+
+
+def test_native_resolution_calibration_images_are_bounded(built):
+    """Qwen-VL stores every patch of a calibration image: a large photo is scaled down to the
+    adapter's pixel budget first (its patches, not its aspect ratio, are bounded)."""
+    from PIL import Image
+
+    model, procs, adapter = _load(built["qwen2_5_vl"])
+    large = Image.new("RGB", (1400, 700), (120, 30, 200))
+    bounded = adapter._bounded([large])[0]
+    assert bounded.width * bounded.height <= adapter.calibration_max_pixels and abs(bounded.width / bounded.height - 2) < 0.01
+    batch = adapter.calibration_batch(model, procs, [large], ["a purple wall"], "")
+    assert int(batch["pixel_values_rows"][0]) <= adapter.calibration_max_pixels // (7 * 7)

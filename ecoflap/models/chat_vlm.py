@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from ecoflap.models.base import Batch, Stack, at_least_fp32
@@ -49,6 +50,9 @@ class ChatVLMAdapter(VisionLanguageAdapter):
     vision_path: str
     language_path: str
     nested_images: bool = False  # the processor wants one list of images per example
+    # calibration images larger than this many pixels are scaled down first (0: never); for the
+    # native-resolution families, whose stored patches would otherwise grow with the image
+    calibration_max_pixels: int = 0
     vqa_prompt: str = "{}\n" + SHORT_ANSWER
 
     def stacks(self, model: nn.Module) -> list[Stack]:
@@ -87,9 +91,20 @@ class ChatVLMAdapter(VisionLanguageAdapter):
         config = model.config
         return getattr(config, "image_token_id", None) or getattr(config, "image_token_index")
 
+    def _bounded(self, images: list) -> list:
+        if not self.calibration_max_pixels:
+            return list(images)
+        out = []
+        for im in images:
+            scale = (self.calibration_max_pixels / (im.width * im.height)) ** 0.5
+            out.append(im.resize((max(1, int(im.width * scale)), max(1, int(im.height * scale))), Image.BICUBIC)
+                       if scale < 1 else im)
+        return out
+
     def calibration_batch(self, model: nn.Module, procs: Processors, images: list, captions: list[str],
                           prompt: str) -> Batch:
         proc = procs.multimodal
+        images = self._bounded(images)
         instruction = prompt or CALIBRATION_INSTRUCTION
         prompts = [proc.apply_chat_template(user_turn(instruction), add_generation_prompt=True, tokenize=False)] * len(captions)
         fulls = [proc.apply_chat_template(conversation(instruction, c), tokenize=False) for c in captions]

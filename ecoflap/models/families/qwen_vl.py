@@ -2,6 +2,8 @@
 a patch merger -> a Qwen2 decoder with multimodal rotary positions (M-RoPE).
 
 Quirks, kept here:
+* calibration images are scaled down to at most 448 x 448 pixels' worth first (evaluation keeps
+  the native resolution);
 * the processor returns every image's patches in one [patches, values] tensor; image i owns
   prod(image_grid_thw[i]) rows. They are stored per example (ChatVLMAdapter.pack) and joined
   again before the model runs;
@@ -30,6 +32,9 @@ class QwenVLAdapter(ChatVLMAdapter):
     vision_path: str = "model.visual.blocks"
     language_path: str = "model.language_model.layers"
     deepstack: bool = False  # Qwen3-VL
+    # native resolution: a 12-megapixel photo would be 16k patches of 1,176 values in the stored
+    # calibration batch; 448 x 448 pixels (1,024 patches, 256 image tokens) bounds it
+    calibration_max_pixels: int = 448 * 448
 
     def stacks(self, model: nn.Module) -> list[Stack]:
         if self.deepstack:
