@@ -106,14 +106,14 @@ class ChatVLMAdapter(VisionLanguageAdapter):
         proc = procs.multimodal
         images = self._bounded(images)
         instruction = prompt or CALIBRATION_INSTRUCTION
-        prompts = [proc.apply_chat_template(user_turn(instruction), add_generation_prompt=True, tokenize=False)] * len(captions)
+        asked = proc.apply_chat_template(user_turn(instruction), add_generation_prompt=True, tokenize=False)
         fulls = [proc.apply_chat_template(conversation(instruction, c), tokenize=False) for c in captions]
-        for p, f in zip(prompts, fulls):
-            if not f.startswith(p):
-                raise ValueError(f"{self.family}: the chat template's generation prompt {p[-60:]!r} is not a prefix of "
-                                 "the rendered conversation, so the caption tokens cannot be told apart")
+        if not all(f.startswith(asked) for f in fulls):
+            raise ValueError(f"{self.family}: the chat template's generation prompt {asked[-60:]!r} is not a prefix of "
+                             "the rendered conversation, so the caption tokens cannot be told apart")
         enc = proc(images=self._images(images), text=fulls, padding=True, padding_side="right", return_tensors="pt")
-        alone = proc(images=self._images(images), text=prompts, padding=True, padding_side="right",
+        # the prompt alone, through the processor too: where the caption starts after image-token expansion
+        alone = proc(images=self._images(images), text=[asked] * len(captions), padding=True, padding_side="right",
                      return_tensors="pt")
         prompt_lengths = alone["attention_mask"].sum(1)
         labels = enc["input_ids"].clone()

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from tqdm import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
 
 from ecoflap.data import fashion_mnist as fm
+from ecoflap.models.embedded_training import train_epochs
 from ecoflap.models.processors import Processors
 
 log = logging.getLogger(__name__)
@@ -62,35 +62,27 @@ def train_fashion_clip(out_dir: Path, seed: int = 0, epochs: int = 10, batch_siz
     images, labels = fm.load_split("train")
     pixels = procs.pixels([fm.to_image(a) for a in images])
     labels_t = torch.as_tensor(labels.astype("int64"))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    steps = epochs * math.ceil(len(labels) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    bar = tqdm(total=steps, desc="training the embedded fashion CLIP", unit="step")
-    for _epoch in range(epochs):
-        order = torch.randperm(len(labels))
-        for start in range(0, len(labels), batch_size):
-            idx = order[start:start + batch_size]
-            y = labels_t[idx]
-            text = tok([fm.caption(int(c), rng) for c in y], padding=True, return_tensors="pt")
-            img = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels[idx]).pooler_output), dim=-1)
-            txt = F.normalize(model.text_projection(model.text_model(input_ids=text.input_ids,
-                                                                     attention_mask=text.attention_mask).pooler_output), dim=-1)
-            logits = img @ txt.t() * model.logit_scale.exp()
-            same = (y[:, None] == y[None, :]).float()
-            target = same / same.sum(1, keepdim=True)
-            loss = -(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.t().log_softmax(1)).sum(1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        y = labels_t[idx]
+        text = tok([fm.caption(int(c), rng) for c in y], padding=True, return_tensors="pt")
+        img = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels[idx]).pooler_output), dim=-1)
+        txt = F.normalize(model.text_projection(model.text_model(input_ids=text.input_ids,
+                                                                 attention_mask=text.attention_mask).pooler_output), dim=-1)
+        logits = img @ txt.t() * model.logit_scale.exp()
+        same = (y[:, None] == y[None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        return -(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.t().log_softmax(1)).sum(1).mean()
+
+    def clamp_temperature() -> None:
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+
+    final = train_epochs(model, len(labels), epochs, batch_size, lr, "training the embedded fashion CLIP", loss_of,
+                         clamp_temperature)
     model.eval()
     model.save_pretrained(out_dir)
     procs.save_pretrained(out_dir)
     return {"source": "embedded", "name": "fashion-clip", "trained": {"seed": seed, "epochs": epochs,
-            "batch_size": batch_size, "lr": lr, "train_images": len(labels), "final_loss": round(loss.item(), 4)},
+            "batch_size": batch_size, "lr": lr, "train_images": len(labels), "final_loss": round(final, 4)},
             "note": "CLIP trained from scratch on the vendored Fashion-MNIST subset (MIT)"}

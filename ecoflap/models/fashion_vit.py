@@ -5,16 +5,15 @@ family produce real accuracy numbers on a CPU machine: top-1 on the 1,000 held-o
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 from ecoflap.data import fashion_mnist as fm
+from ecoflap.models.embedded_training import train_epochs
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +39,17 @@ def train_fashion_vit(out_dir: Path, seed: int = 0, epochs: int = 8, batch_size:
     images, labels = fm.load_split("train")
     pixels = pix(images=[fm.to_image(a) for a in images], return_tensors="pt").pixel_values
     labels_t = torch.as_tensor(labels.astype("int64"))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    steps = epochs * math.ceil(len(labels) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    bar = tqdm(total=steps, desc="training the embedded fashion ViT", unit="step")
-    for _epoch in range(epochs):
-        order = torch.randperm(len(labels))
-        for start in range(0, len(labels), batch_size):
-            idx = order[start:start + batch_size]
-            x = pixels[idx]
-            flip = torch.rand(len(idx)) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            loss = F.cross_entropy(model(pixel_values=x).logits, labels_t[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        x = pixels[idx]
+        flip = torch.rand(len(idx)) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return F.cross_entropy(model(pixel_values=x).logits, labels_t[idx])
+
+    final = train_epochs(model, len(labels), epochs, batch_size, lr, "training the embedded fashion ViT", loss_of)
     model.eval()
     model.save_pretrained(out_dir)
     pix.save_pretrained(out_dir)
     return {"source": "embedded", "name": "fashion-vit", "trained": {"seed": seed, "epochs": epochs,
-            "batch_size": batch_size, "lr": lr, "train_images": len(labels), "final_loss": round(loss.item(), 4)},
+            "batch_size": batch_size, "lr": lr, "train_images": len(labels), "final_loss": round(final, 4)},
             "note": "ViT classifier trained from scratch on the vendored Fashion-MNIST subset (MIT)"}
