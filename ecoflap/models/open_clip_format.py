@@ -18,7 +18,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +122,6 @@ class OpenClipProcessors:
 
     tokenizer: Any
     preprocess: Any
-    source: Path = field(default=Path("."))
     image_processor: Any = None  # calibration crops read their size from here (None: 224)
 
     def pixels(self, images: list) -> torch.Tensor:
@@ -132,14 +131,14 @@ class OpenClipProcessors:
         pass  # open_clip_config.json (written with the config) is all open_clip needs
 
 
-def load_open_clip_processors(path: str | Path, model_name: str | None = None) -> OpenClipProcessors:
+def load_open_clip_processors(path: str | Path) -> OpenClipProcessors:
     open_clip = _open_clip()
     model = _create(Path(path), "meta")
     cfg = json.loads((Path(path) / OPEN_CLIP_CONFIG).read_text()).get("preprocess_cfg", {})
     size = model.visual.image_size
     preprocess = open_clip.image_transform(size, is_train=False, mean=cfg.get("mean"), std=cfg.get("std"),
                                            interpolation=cfg.get("interpolation"), resize_mode=cfg.get("resize_mode"))
-    return OpenClipProcessors(open_clip.get_tokenizer(model.ecoflap_arch), preprocess, Path(path))
+    return OpenClipProcessors(open_clip.get_tokenizer(model.ecoflap_arch), preprocess)
 
 
 def as_open_clip_folder(folder: Path) -> None:
