@@ -47,8 +47,9 @@ def build_image_caption_calibration(model_dir: str | Path, source: str, n_sample
     if adapter.capabilities.labelled_images:
         return _labelled_calibration(model_dir, skeleton, adapter, source, n_samples, seed, paths, protocol)
     if source in CALIBRATION_SOURCES and not CALIBRATION_SOURCES[source].captioned:
+        captioned = [k for k, v in CALIBRATION_SOURCES.items() if v.image and v.captioned]
         raise ValueError(f"calibration source {source} has class labels, not captions; {adapter.family} calibrates "
-                         "on image-caption pairs (cc3m, coco, fashion-mnist)")
+                         f"on image-caption pairs ({', '.join(captioned)})")
     if source == "coop":
         return _coop_calibration(model_dir, skeleton, adapter, paths, coop_dataset, n_samples, seed, protocol, prompt)
     order = "file" if protocol == "ecoflap" else "random"
