@@ -1,5 +1,5 @@
 """Tiny randomly initialised chat vision-language models built in code, saved with their
-processors (no network): LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM,
+processors (no network): LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Idefics3, SmolVLM,
 Gemma 3 and InternVL. Two blocks per tower, widths 32 / 64, a byte-level BPE tokenizer with
 each family's image tokens, and a plain chat template (USER: <image>question / ASSISTANT:)."""
 from __future__ import annotations
@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 FAMILY_OF = {"llava": "llava", "llava_next": "llava", "llava_onevision": "llava", "qwen2_vl": "qwen_vl", "qwen2_5_vl": "qwen_vl",
+             "qwen3_vl": "qwen_vl",
              "idefics3": "idefics3", "smolvlm": "idefics3", "gemma3": "gemma3", "internvl": "internvl"}
 KINDS = tuple(FAMILY_OF)
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -110,6 +111,23 @@ def build(kind: str, out: Path, seed: int = 0) -> Path:
                           spatial_merge_size=2, temporal_patch_size=2, window_size=28, out_hidden_size=64,
                           fullatt_block_indexes=[1])
             model = T.Qwen2_5_VLForConditionalGeneration(config(vision_config=vision, text_config=text, **tokens))
+    elif kind == "qwen3_vl":  # DeepStack: vision blocks 0 and 1 feed language layers 0 and 1 (of 3)
+        tok = _tokenizer(QWEN_TOKENS)
+        ids = {k: tok.convert_tokens_to_ids(v) for k, v in QWEN_TOKENS.items()}
+        ip = T.Qwen2VLImageProcessorPil(patch_size=8, temporal_patch_size=2, merge_size=2,
+                                        size={"shortest_edge": 1024, "longest_edge": 4096})
+        text = dict(model_type="qwen3_vl_text", head_dim=16, **{**_lm(tok), "num_hidden_layers": 3},
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                     "mrope_interleaved": True})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
+                      temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16,
+                      deepstack_visual_indexes=[0, 1])
+        proc = without_video(T.Qwen3VLProcessor)(image_processor=ip, tokenizer=tok,
+                                                 chat_template=_template("<|vision_start|><|image_pad|><|vision_end|>"))
+        model = T.Qwen3VLForConditionalGeneration(T.Qwen3VLConfig(
+            vision_config=vision, text_config=text, image_token_id=ids["image_token"],
+            video_token_id=ids["video_token"], vision_start_token_id=ids["vision_start_token"],
+            vision_end_token_id=ids["vision_end_token"]))
     elif kind in ("idefics3", "smolvlm"):
         tok = _tokenizer(unnamed=IDEFICS_TOKENS)
         text = dict(model_type="llama", **_lm(tok))

@@ -1,5 +1,5 @@
-"""Chat vision-language models (LLaVA-1.5 / -NeXT, Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM, Gemma 3,
-InternVL) on tiny random models built in code: the calibration loss is the model's own loss with
+"""Chat vision-language models (LLaVA-1.5 / -NeXT / -OneVision, Qwen2-VL / Qwen2.5-VL / Qwen3-VL,
+Idefics3 / SmolVLM, Gemma 3, InternVL) on tiny random models built in code: the calibration loss is the model's own loss with
 only the caption counted, VQA answers are what `generate` gives each example alone, per-example
 packing round-trips, and every class is scored, allocated, pruned and evaluated through Snakemake."""
 import json
@@ -91,11 +91,34 @@ def test_tensors_without_an_example_dimension_are_packed_per_example(kind, built
                               adapter.loss(model, alone), atol=1e-5)
 
 
-def test_qwen3_vl_is_refused_with_the_reason():
-    from ecoflap.models.families.qwen_vl import QwenVLAdapter
+def test_qwen3_vl_deepstack_is_replayed_between_language_blocks(built, images):
+    """Qwen3-VL adds vision features to the image positions after language layers 0 and 1, outside
+    any layer. While the walk prunes the language blocks one by one, each block's input must be
+    what the model, with the blocks pruned so far, hands it (a fresh capture); without the
+    injection the walk would feed block 1 something else."""
+    from ecoflap.blocks.capture import capture_stack_inputs, run_block
+    from ecoflap.blocks.walk import walk_stack
 
-    with pytest.raises(ValueError, match="DeepStack"):
-        QwenVLAdapter(deepstack=True).stacks(None)
+    model, procs, adapter = _load(built["qwen3_vl"])
+    batch = adapter.calibration_batch(model, procs, images, CAPTIONS, "")
+    language = adapter.stacks(model)[1]
+    cpu = torch.device("cpu")
+    assert language.injects_between_blocks
+    dense = capture_stack_inputs(model, adapter, language, [batch], cpu)[0]
+    image_positions = batch["input_ids"] == model.config.image_token_id
+    for inp in dense[:2]:  # the injection sits on the image positions only
+        assert inp.injection is not None and inp.injection[image_positions].abs().min() > 0
+        assert not inp.injection[~image_positions].any()
+    assert dense[2].injection is None
+    plain = run_block(adapter.stack_blocks(model, language)[0], dense[0])
+    assert not torch.allclose(plain, dense[1].hidden, atol=1e-3)  # the injection matters
+    for step in walk_stack(model, adapter, language, [batch], cpu, desc=None):
+        truth = capture_stack_inputs(model, adapter, language, [batch], cpu)[0][step.index]
+        assert torch.allclose(step.inputs[0].hidden, truth.hidden, atol=1e-5), step.name
+        with torch.no_grad():  # prune: the block's MLP loses its smaller half
+            for layer in adapter.prunable_layers(step.block).values():
+                w = layer.weight
+                w[w.abs() < w.abs().median()] = 0
 
 
 def test_every_class_through_the_workflow(built, tmp_path):

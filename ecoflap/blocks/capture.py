@@ -32,9 +32,20 @@ class BlockInput:
     # activations: cpu. The hidden states wait in host memory and go to this device only
     # while the block runs on them; the block's output comes back to host memory
     device: torch.device | None = None
+    # Stack.injects_between_blocks: what the model adds to this block's output before the next
+    # block (next input minus this output, in float32, from the capture pass); None: nothing
+    injection: torch.Tensor | None = None
 
     def with_hidden(self, hidden: torch.Tensor | None, device: torch.device | None = None) -> "BlockInput":
-        return BlockInput(hidden, self.args, self.kwargs, self.batch, self.valid, device or self.device)
+        return BlockInput(hidden, self.args, self.kwargs, self.batch, self.valid, device or self.device,
+                          self.injection)
+
+    def next_input(self, output: torch.Tensor) -> torch.Tensor:
+        """This block's output as the next block receives it: with the injection added (Qwen3-VL's
+        DeepStack), rounded once to the hidden states' dtype as the model itself does."""
+        if self.injection is None:
+            return output
+        return (output.float() + self.injection.to(output.device)).to(output.dtype)
 
     def real_positions(self, x: torch.Tensor) -> torch.Tensor:
         """A layer input without its padding positions (statistics must not see padding)."""
@@ -73,11 +84,18 @@ def capture_stack_inputs(model: nn.Module, adapter: Adapter, stack: Stack, batch
     """For each batch (and each run of the stack within one forward pass), the input of
     every block of `stack` ([sequence][block]). Only block 0's hidden states are real
     inputs; later blocks get theirs from the block before, on the way. Unless the stack has
-    per-block arguments, block 0's are reused for every block and the forward stops there."""
+    per-block arguments, block 0's are reused for every block and the forward stops there.
+    A stack that injects between blocks also has its blocks' outputs recorded: a block's
+    injection is the next block's input minus its output (exact on this pass, where both are
+    in the hidden states' dtype and their difference is exact in float32)."""
     blocks = adapter.stack_blocks(model, stack)
     watched = blocks if stack.per_block_inputs else blocks[:1]
     expected = len(watched) * stack.calls
     calls: list[tuple[torch.Tensor, tuple, dict]] = []
+    outputs: list[torch.Tensor] = []  # injects_between_blocks: every block's output but the last's
+
+    def record_output(_module: nn.Module, _args: tuple, output) -> None:
+        outputs.append(output[0] if isinstance(output, (tuple, list)) else output)
 
     def make_hook(last: bool):
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -88,11 +106,14 @@ def capture_stack_inputs(model: nn.Module, adapter: Adapter, stack: Stack, batch
 
     handles = [b.register_forward_pre_hook(make_hook(j == len(watched) - 1), with_kwargs=True)
                for j, b in enumerate(watched)]
+    if stack.injects_between_blocks:
+        handles += [b.register_forward_hook(record_output) for b in blocks[:-1]]
     out = []
     try:
         for batch in batches:
             batch = batch_to(batch, device)
             calls.clear()
+            outputs.clear()
             try:
                 adapter.forward(model, batch)
             except StopForward:
@@ -104,11 +125,20 @@ def capture_stack_inputs(model: nn.Module, adapter: Adapter, stack: Stack, batch
             for c in range(stack.calls):
                 per_block = [BlockInput(h, a, k, batch, valid)
                              for h, a, k in calls[c * len(watched):(c + 1) * len(watched)]]
+                if stack.injects_between_blocks:
+                    _set_injections(per_block, outputs[c * (len(blocks) - 1):(c + 1) * (len(blocks) - 1)])
                 out.append(per_block if stack.per_block_inputs else per_block * len(blocks))
     finally:
         for h in handles:
             h.remove()
     return out
+
+
+def _set_injections(per_block: list[BlockInput], outputs: list[torch.Tensor]) -> None:
+    """Block j's injection: block j+1's input minus block j's output, where they differ."""
+    for inp, nxt, output in zip(per_block, per_block[1:], outputs):
+        injection = nxt.hidden.float() - output.float()
+        inp.injection = injection if injection.any() else None
 
 
 def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:

@@ -52,6 +52,10 @@ def walk_stack(model: nn.Module, adapter: Adapter, stack: Stack, batches: list[B
     if park:  # activations: cpu. Host memory holds them; no reference to the device copies stays
         hidden = [h.to(HOST) for h in hidden]
         inputs = [[inp.with_hidden(None) for inp in per_block] for per_block in inputs]
+        for per_block in inputs:
+            for inp in per_block:
+                if inp.injection is not None:
+                    inp.injection = inp.injection.to(HOST)
     blocks = adapter.stack_blocks(model, stack)
     for j, block in enumerate(tqdm(blocks, desc=desc, unit="block", disable=desc is None)):
         step = BlockStep(j, f"{stack.path}.{j}", block,
@@ -61,6 +65,7 @@ def walk_stack(model: nn.Module, adapter: Adapter, stack: Stack, batches: list[B
             yield step
             if inputs and not step.last:
                 hidden = step.outputs if step.outputs is not None else [run_block(block, inp) for inp in step.inputs]
+                hidden = [inp.next_input(h) for inp, h in zip(step.inputs, hidden)]
                 check_finite(hidden[0], f"{step.name} outputs", hint)
 
 

@@ -50,6 +50,11 @@ class Stack:
     data of its own.
     mask_key: the batch entry marking the stack's real (non-padding) positions, so padding
     does not enter the pruners' activation statistics ("labels": those not -100).
+    injects_between_blocks: the model adds to the hidden states between blocks, outside any
+    block (Qwen3-VL's DeepStack adds vision features to the image positions after each of the
+    first language blocks). The capture records each block's output besides its input, and the
+    walk adds the difference, the injection, to the (pruned) block's outputs before the next
+    block sees them. Needs per_block_inputs.
     """
 
     name: str
@@ -58,6 +63,12 @@ class Stack:
     per_block_inputs: bool = False
     calls: int = 1
     mask_key: str | None = None
+    injects_between_blocks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.injects_between_blocks and not self.per_block_inputs:
+            raise ValueError(f"stack {self.name}: injects_between_blocks needs per_block_inputs (the injection is "
+                             "what separates one block's output from the next block's captured input)")
 
 
 class Adapter:

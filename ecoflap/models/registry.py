@@ -47,7 +47,7 @@ VISION_LANGUAGE: dict[str, VisionLanguageAdapter] = {
     "LlavaOnevisionForConditionalGeneration": LlavaAdapter(),
     "Qwen2VLForConditionalGeneration": QwenVLAdapter(),
     "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter(),
-    "Qwen3VLForConditionalGeneration": QwenVLAdapter(deepstack=True),  # refused, with the reason
+    "Qwen3VLForConditionalGeneration": QwenVLAdapter(deepstack=True),
     "Idefics3ForConditionalGeneration": Idefics3Adapter(),
     "SmolVLMForConditionalGeneration": Idefics3Adapter(),
     "Gemma3ForConditionalGeneration": Gemma3Adapter(),

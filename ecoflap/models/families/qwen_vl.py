@@ -1,4 +1,4 @@
-"""Qwen2-VL and Qwen2.5-VL (family qwen_vl): a native-resolution ViT (`model.visual.blocks`) ->
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (family qwen_vl): a native-resolution ViT (`model.visual.blocks`) ->
 a patch merger -> a Qwen2 decoder with multimodal rotary positions (M-RoPE).
 
 Quirks, kept here:
@@ -11,13 +11,16 @@ Quirks, kept here:
   block is called with its own `cu_seqlens` (segment bounds), and the hidden states arrive in
   window order. The engine records every block's own arguments (per_block_inputs);
 * `mm_token_type_ids` must stay in the batch: without it Qwen2.5-VL silently falls back to 1-D
-  positions (Qwen2-VL raises).
-
-Qwen3-VL is refused: its DeepStack adds vision features to the language model's hidden states
-between its first layers, which a block-by-block walk does not replay."""
+  positions (Qwen2-VL raises);
+* Qwen3-VL's DeepStack: features taken from three vision blocks (`deepstack_visual_indexes`),
+  each through a merger of its own, are added to the image positions of the language model's
+  hidden states after its first three layers, outside any layer. The language stack declares
+  it (Stack.injects_between_blocks): the capture records what is added after each block and
+  the walk adds it to the pruned block's outputs. The deepstack mergers, like the main merger,
+  stay dense."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -31,17 +34,16 @@ class QwenVLAdapter(ChatVLMAdapter):
     family: str = "qwen_vl"
     vision_path: str = "model.visual.blocks"
     language_path: str = "model.language_model.layers"
-    deepstack: bool = False  # Qwen3-VL
+    deepstack: bool = False  # Qwen3-VL: vision features added between the first language blocks
     # native resolution: a 12-megapixel photo would be 16k patches of 1,176 values in the stored
     # calibration batch; 448 x 448 pixels (1,024 patches, 256 image tokens) bounds it
     calibration_max_pixels: int = 448 * 448
 
     def stacks(self, model: nn.Module) -> list[Stack]:
+        vision, language = super().stacks(model)
         if self.deepstack:
-            raise ValueError("Qwen3-VL is not supported: its DeepStack adds vision features to the language model's "
-                             "hidden states between its first layers (deepstack_visual_indexes), which the block-by-block "
-                             "walk does not replay. Qwen2-VL and Qwen2.5-VL are (family qwen_vl)")
-        return super().stacks(model)
+            language = replace(language, injects_between_blocks=True)
+        return [vision, language]
 
     def rows_per_example(self, model: nn.Module, encoded: dict[str, torch.Tensor]) -> dict[str, list[int]]:
         # one image per example: its patches are prod(t, h, w) rows of pixel_values
