@@ -21,10 +21,28 @@ _CACHE_KEYS = ("cache", "past_key_value", "past_key_values")
 
 
 @dataclass
+class Injection:
+    """What a model adds to a block's output before the next block sees it (Qwen3-VL's DeepStack):
+    float32 `values` [n, hidden] at the `where` [batch, positions] positions."""
+
+    where: torch.Tensor
+    values: torch.Tensor
+
+    def to(self, device: torch.device) -> "Injection":
+        return Injection(self.where.to(device), self.values.to(device))
+
+    def added_to(self, output: torch.Tensor) -> torch.Tensor:
+        out = output.clone()
+        out[self.where.to(out.device)] = (output[self.where.to(out.device)].float()
+                                          + self.values.to(out.device)).to(out.dtype)
+        return out
+
+
+@dataclass
 class BlockInput:
     """One calibration batch as it enters a block."""
 
-    hidden: torch.Tensor
+    hidden: torch.Tensor | None  # None for a later block of a stack: its input comes from the block before
     args: tuple  # positional arguments after the hidden states
     kwargs: dict[str, Any]
     batch: Batch  # kept for the loss at the end of the model
@@ -33,8 +51,8 @@ class BlockInput:
     # while the block runs on them; the block's output comes back to host memory
     device: torch.device | None = None
     # Stack.injects_between_blocks: what the model adds to this block's output before the next
-    # block (next input minus this output, in float32, from the capture pass); None: nothing
-    injection: torch.Tensor | None = None
+    # block (next input minus this output, from the capture pass); None: nothing
+    injection: Injection | None = None
 
     def with_hidden(self, hidden: torch.Tensor | None, device: torch.device | None = None) -> "BlockInput":
         return BlockInput(hidden, self.args, self.kwargs, self.batch, self.valid, device or self.device,
@@ -43,9 +61,7 @@ class BlockInput:
     def next_input(self, output: torch.Tensor) -> torch.Tensor:
         """This block's output as the next block receives it: with the injection added (Qwen3-VL's
         DeepStack), rounded once to the hidden states' dtype as the model itself does."""
-        if self.injection is None:
-            return output
-        return (output.float() + self.injection.to(output.device)).to(output.dtype)
+        return output if self.injection is None else self.injection.added_to(output)
 
     def real_positions(self, x: torch.Tensor) -> torch.Tensor:
         """A layer input without its padding positions (statistics must not see padding)."""
@@ -83,7 +99,7 @@ def capture_stack_inputs(model: nn.Module, adapter: Adapter, stack: Stack, batch
                          device: torch.device) -> list[list[BlockInput]]:
     """For each batch (and each run of the stack within one forward pass), the input of
     every block of `stack` ([sequence][block]). Only block 0's hidden states are real
-    inputs; later blocks get theirs from the block before, on the way. Unless the stack has
+    inputs and kept; later blocks get theirs from the block before, on the way. Unless the stack has
     per-block arguments, block 0's are reused for every block and the forward stops there.
     A stack that injects between blocks also has its blocks' outputs recorded: a block's
     injection is the next block's input minus its output (exact on this pass, where both are
@@ -127,6 +143,8 @@ def capture_stack_inputs(model: nn.Module, adapter: Adapter, stack: Stack, batch
                              for h, a, k in calls[c * len(watched):(c + 1) * len(watched)]]
                 if stack.injects_between_blocks:
                     _set_injections(per_block, outputs[c * (len(blocks) - 1):(c + 1) * (len(blocks) - 1)])
+                for inp in per_block[1:]:  # only block 0's hidden states are inputs; the rest would be held in vain
+                    inp.hidden = None
                 out.append(per_block if stack.per_block_inputs else per_block * len(blocks))
     finally:
         for h in handles:
@@ -135,10 +153,11 @@ def capture_stack_inputs(model: nn.Module, adapter: Adapter, stack: Stack, batch
 
 
 def _set_injections(per_block: list[BlockInput], outputs: list[torch.Tensor]) -> None:
-    """Block j's injection: block j+1's input minus block j's output, where they differ."""
+    """Block j's injection: block j+1's input minus block j's output, at the positions where they differ."""
     for inp, nxt, output in zip(per_block, per_block[1:], outputs):
-        injection = nxt.hidden.float() - output.float()
-        inp.injection = injection if injection.any() else None
+        difference = nxt.hidden.float() - output.float()
+        where = difference.ne(0).any(-1)
+        inp.injection = Injection(where, difference[where]) if where.any() else None
 
 
 def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
