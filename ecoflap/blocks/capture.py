@@ -32,9 +32,9 @@ class Injection:
         return Injection(self.where.to(device), self.values.to(device))
 
     def added_to(self, output: torch.Tensor) -> torch.Tensor:
+        where = self.where.to(output.device)
         out = output.clone()
-        out[self.where.to(out.device)] = (output[self.where.to(out.device)].float()
-                                          + self.values.to(out.device)).to(out.dtype)
+        out[where] = (output[where].float() + self.values.to(output.device)).to(output.dtype)
         return out
 
 
@@ -102,8 +102,8 @@ def capture_stack_inputs(model: nn.Module, adapter: Adapter, stack: Stack, batch
     inputs and kept; later blocks get theirs from the block before, on the way. Unless the stack has
     per-block arguments, block 0's are reused for every block and the forward stops there.
     A stack that injects between blocks also has its blocks' outputs recorded: a block's
-    injection is the next block's input minus its output (exact on this pass, where both are
-    in the hidden states' dtype and their difference is exact in float32)."""
+    injection is the next block's input minus its output, in float32 (exact for bf16 and fp16
+    hidden states; within one float32 rounding for float32 ones)."""
     blocks = adapter.stack_blocks(model, stack)
     watched = blocks if stack.per_block_inputs else blocks[:1]
     expected = len(watched) * stack.calls
