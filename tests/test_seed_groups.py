@@ -93,3 +93,27 @@ def test_dsnot_rows_keep_the_sparsity_and_change_the_masks(group_run):
                           for m in ("wanda", "wanda_dsnot"))
         assert refined["layer_sparsity"] == plain["layer_sparsity"]
         assert refined["mask_sha256"] != plain["mask_sha256"] and refined["refine"] == "dsnot"
+
+
+def test_temporary_checkpoints_are_evaluated_before_more_are_pruned(group_run):
+    """keep_checkpoints: false. Evaluations outrank pruning, so each checkpoint is evaluated and
+    deleted as soon as it is written: never more unevaluated checkpoints on disk than cores (2),
+    where pruning first would pile up all 16 before the first evaluation."""
+    (log,) = (group_run / ".snakemake/log").glob("*.snakemake.log")
+    rule, on_disk, most, pruned = None, set(), 0, 0
+    outputs = {}
+    for line in log.read_text().splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            rule = line.split()[1].rstrip(":")
+        elif line.startswith("    output:") and rule == "prune":
+            job_outputs = line.split(":", 1)[1]
+        elif line.startswith("    jobid:") and rule == "prune":
+            outputs[line.split(":")[1].strip()] = job_outputs.split(",")[0].strip()
+        elif line.startswith("Finished jobid:") and "(Rule: prune)" in line:
+            on_disk.add(outputs[line.split()[2]])
+            pruned += 1
+            most = max(most, len(on_disk))
+        elif line.startswith("Removing temporary output"):
+            on_disk.discard(line.split("output", 1)[1].strip().rstrip("."))
+    assert pruned == 16 and not on_disk
+    assert most <= 2

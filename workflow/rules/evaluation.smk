@@ -11,6 +11,7 @@ rule evaluate:
         args=eval_args,
         kind=eval_kind,
     threads: THREADS["evaluate"]
+    priority: EVALUATION_PRIORITY  # common.smk: frees each temporary checkpoint early
     resources:
         gpu=GPU,
         mem_mb=estimated("evaluate", "mem_mb"),
@@ -43,6 +44,7 @@ if TEXT_ENTRIES:
             args=text_eval_args,
             out_dir=lambda wc: f"results/{wc.model}/{wc.method}/{wc.sparsity}/eval",
         threads: THREADS["evaluate"]
+        priority: EVALUATION_PRIORITY  # common.smk: frees each temporary checkpoint early
         resources:
             gpu=GPU,
             mem_mb=estimated("evaluate", "mem_mb"),
