@@ -116,6 +116,21 @@ def test_disk_pruning_gives_the_same_masks_and_checkpoint(tiny_dir, tmp_path, pr
     assert (q == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
 
 
+def test_disk_pruning_without_a_writer_is_refused(tiny_dir):
+    """Unwritten, a disk block's pruned weights would be dropped and read back dense from the
+    source: the model would look pruned (the report says 0.5) and evaluate as the dense one."""
+    from ecoflap.allocation import ratios
+    from ecoflap.pruning.engine import prune_sequential
+    from ecoflap.pruning.methods import make_pruner
+
+    model, tok, adapter, tracker = _disk(tiny_dir)
+    layout = model_layout(model, adapter)
+    per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
+    with pytest.raises(ValueError, match="on_block_pruned=PrunedCheckpoint"):
+        prune_sequential(model, adapter, make_pruner("wanda"), per_layer, _batches(tok), CPU)
+    assert tracker.reads == 0  # refused before any block was read
+
+
 def test_disk_scores_equal_the_whole_model(tiny_dir):
     model, tok = load_model(tiny_dir, CPU, torch.float32)
     whole = every_scorer(model, adapter_for(model), _batches(tok))

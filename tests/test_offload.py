@@ -203,7 +203,7 @@ def test_what_does_not_fit_the_device_is_named_before_loading():
         offload.check_fits("cpu", 10 * gb, 6 * gb, blocks, int(8.5 * gb), "cuda:0")
 
 
-def test_activations_in_host_memory_give_the_same_results(tiny_dir, monkeypatch):
+def test_activations_in_host_memory_give_the_same_results(tiny_dir, tmp_path, monkeypatch):
     """activations: cpu parks every batch's hidden states in host memory between blocks and
     moves each batch to the device while its block runs. On a CPU the moves are no-ops, so
     the choice is forced here: the code path runs, and masks, scores and perplexity agree."""
@@ -211,6 +211,7 @@ def test_activations_in_host_memory_give_the_same_results(tiny_dir, monkeypatch)
     from ecoflap.blocks import walk
     from ecoflap.blocks.capture import single_stack
     from ecoflap.evaluation.perplexity import evaluation_text, perplexity
+    from ecoflap.pruning.checkpoint import PrunedCheckpoint
     from ecoflap.pruning.engine import prune_sequential
     from ecoflap.pruning.methods import make_pruner
     from ecoflap.scoring.zeroth_order import zeroth_order_scores
@@ -220,7 +221,11 @@ def test_activations_in_host_memory_give_the_same_results(tiny_dir, monkeypatch)
         per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
         zo = zeroth_order_scores(model, adapter, _batches(tok), CPU, granularity="block", reuse_block_inputs=True)
         ppl = perplexity(model, tok, evaluation_text("brown-heldout")[:20_000], 64, CPU, 8, 4, adapter)
-        mask = prune_sequential(model, adapter, make_pruner("sparsegpt"), per_layer, _batches(tok), CPU).mask_sha256
+        out = tmp_path / f"pruned{len(list(tmp_path.iterdir()))}"
+        out.mkdir()
+        written = PrunedCheckpoint(model, adapter, tiny_dir, out)  # offload: disk must write what it prunes
+        mask = prune_sequential(model, adapter, make_pruner("sparsegpt"), per_layer, _batches(tok), CPU,
+                                on_block_pruned=written.write_block).mask_sha256
         return zo, ppl["perplexity"], mask
 
     model, tok = load_model(tiny_dir, CPU, torch.float32, offload="disk")

@@ -96,6 +96,16 @@ def empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def checkpoint_writer(model, adapter, source: Path):
+    """Where each pruned block goes, as the CLI's prune does it: its own shard, written the moment
+    it is pruned. offload: disk needs it (a block it drops is read again from the source unless
+    it was written out, and the engine refuses to prune without it); the other modes write the
+    same, so that every mode's timing includes the writes."""
+    from ecoflap.pruning.checkpoint import PrunedCheckpoint
+
+    return PrunedCheckpoint(model, adapter, source, Path(tempfile.mkdtemp(prefix="pruned-", dir=source.parent)))
+
+
 def uniform(model, adapter, target):
     layout = model_layout(model, adapter)
     return ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), target), layout)
@@ -157,15 +167,16 @@ def check_smollm2(folder: Path) -> dict:
                   ("sparsegpt 0.5", "sparsegpt", None), ("magnitude 0.5", "magnitude", None)]
         for name, pruner, nm in [p for p in prunes if not (QUICK and p[1] == "sparsegpt")]:
             model, tok, adapter = fresh()
+            written = checkpoint_writer(model, adapter, folder)
             rep, sec, peak = measured(lambda: prune_sequential(model, adapter, make_pruner(pruner),
                                                                uniform(model, adapter, 0.5), batches(calib, 8), CUDA,
-                                                               nm))
+                                                               nm, on_block_pruned=written.write_block))
             row[f"prune {name}"] = {"mask_sha256": rep.mask_sha256, "seconds": sec, "peak_mb": peak,
                                     "sparsity": rep.global_sparsity}
             say(f"{mode:>4} prune {name:<28} {sec:7.2f} s  peak {peak:8.1f} MB  sparsity {rep.global_sparsity:.4f}"
                 f"  mask {rep.mask_sha256[:12]}")
-            if name == "wanda 0.5":
-                ppl, sec, peak = measured(lambda: perplexity(model, tok, text, 256, CUDA, 32, 8))
+            if name == "wanda 0.5":  # as evaluate-text runs it: block by block when offloaded
+                ppl, sec, peak = measured(lambda: perplexity(model, tok, text, 256, CUDA, 32, 8, adapter))
                 row["perplexity wanda 0.5"] = {"value": ppl["perplexity"], "seconds": sec, "peak_mb": peak}
                 say(f"{mode:>4} perplexity (wanda 0.5, 32x256)  {sec:7.2f} s  peak {peak:8.1f} MB  "
                     f"ppl {ppl['perplexity']:.6f}")
@@ -216,9 +227,11 @@ def check_llama7b_blocks(work: Path) -> dict:
             blocks = adapter.blocks(model)
             moves = _watch_moves(blocks) if mode == "cpu" else []
             layers = None  # the previous model's block (a stale reference would count in this peak)
+            written = checkpoint_writer(model, adapter, folder)
             rep, sec, peak = measured(lambda: prune_sequential(model, adapter, make_pruner(pruner),
                                                                uniform(model, adapter, 0.5),
-                                                               batches(ids, 8), CUDA))
+                                                               batches(ids, 8), CUDA,
+                                                               on_block_pruned=written.write_block))
             block_mb = model_bytes(blocks[0]) / 2**20
             outside_mb = (model_bytes(model) - sum(model_bytes(b) for b in blocks)) / 2**20
             act_mb = 2 * n * seq * cfg.hidden_size * 2 / 2**20  # block inputs and outputs, bf16

@@ -17,6 +17,7 @@ from torch import nn
 
 from ecoflap.blocks.walk import BlockStep, feed_layers, walk_stack
 from ecoflap.models.base import Adapter, Batch
+from ecoflap.models.offload import offload_mode
 from ecoflap.utils.runtime import check_finite
 from ecoflap.utils.sparsity import sparsity_by_group, weighted_sparsity
 
@@ -49,6 +50,13 @@ def prune_sequential(model: nn.Module, adapter: Adapter, pruner, layer_sparsity:
     catalog.REFINERS) swaps each layer's mask after its pruner, at the same sparsity.
     `on_block_pruned(name, block)` is called with each block once it is pruned, while it is
     still on the device (pruning/checkpoint.py writes it out). Returns the achieved sparsities."""
+    if on_block_pruned is None and offload_mode(adapter.blocks(model)) == "disk":
+        # a disk-offloaded block is dropped once the walk is past it and read again from the
+        # source checkpoint when next reached: unwritten, its pruned weights would be lost and
+        # the model would silently stay dense (and a later stack calibrate on the dense one)
+        raise ValueError("pruning a model loaded with offload: disk needs somewhere to write each pruned block: pass "
+                         "on_block_pruned=PrunedCheckpoint(model, adapter, source, out).write_block "
+                         "(ecoflap/pruning/checkpoint.py), or load the model with offload: cpu or none")
     report = PruneReport()
     mask_hash = hashlib.sha256()
     for stack in adapter.stacks(model):
