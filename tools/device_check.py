@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -259,6 +260,7 @@ def check_llama7b_blocks(work: Path) -> dict:
                 f"{pruner} statistics {stats_mb:.0f}, largest layer's working set {work_mb:.0f}; bound 1.1x their "
                 f"sum {bound:.0f})  mask {rep.mask_sha256[:12]}")
             del model, adapter, blocks, layers
+            shutil.rmtree(written.out, ignore_errors=True)  # 2 GB per run at the 7B shape
             empty_cache()
         a = out[f"{pruner} none"]
         for mode in ("cpu", "disk"):
