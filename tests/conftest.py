@@ -93,6 +93,13 @@ def calibration_batches(tok, n_samples: int = 8, seq_len: int = 32, batch_size: 
     return batches(build_calibration(tok, "austen-emma", n_samples=n_samples, seq_len=seq_len, seed=0), batch_size)
 
 
+def uniform_per_layer(layout: dict, target: float) -> dict:
+    """Every layer of `layout` at the same sparsity: the uniform allocation, per layer."""
+    from ecoflap.allocation import ratios
+
+    return ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), target), layout)
+
+
 def every_scorer(model, adapter, batches, device=torch.device("cpu")) -> dict:
     """Each scorer that runs block by block, on one model: what the offload modes must
     reproduce bit for bit (first_order runs one backward over the whole model and refuses

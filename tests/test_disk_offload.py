@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import calibration_batches, every_scorer
+from conftest import calibration_batches, every_scorer, uniform_per_layer
 from ecoflap.models import offload
 from ecoflap.models.base import model_layout
 from ecoflap.models.loading import load_model
@@ -76,7 +76,6 @@ def test_disk_loading_holds_no_block_weights_and_computes_the_same_logits(tiny_d
 @pytest.mark.parametrize("pruner_name,nm", [("wanda", None), ("sparsegpt", None), ("magnitude", None),
                                             ("wanda", (2, 4)), ("sparsegpt", (2, 4))])
 def test_disk_pruning_gives_the_same_masks_and_checkpoint(tiny_dir, tmp_path, pruner_name, nm):
-    from ecoflap.allocation import ratios
     from ecoflap.pruning.checkpoint import PrunedCheckpoint
     from ecoflap.pruning.engine import prune_sequential
     from ecoflap.pruning.methods import make_pruner
@@ -89,7 +88,7 @@ def test_disk_pruning_gives_the_same_masks_and_checkpoint(tiny_dir, tmp_path, pr
         else:
             model, tok, adapter, tracker = _disk(tiny_dir)
         layout = model_layout(model, adapter)
-        per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
+        per_layer = uniform_per_layer(layout, 0.5)
         out = tmp_path / mode
         out.mkdir()
         written = PrunedCheckpoint(model, adapter, tiny_dir, out)
@@ -119,13 +118,12 @@ def test_disk_pruning_gives_the_same_masks_and_checkpoint(tiny_dir, tmp_path, pr
 def test_disk_pruning_without_a_writer_is_refused(tiny_dir):
     """Unwritten, a disk block's pruned weights would be dropped and read back dense from the
     source: the model would look pruned (the report says 0.5) and evaluate as the dense one."""
-    from ecoflap.allocation import ratios
     from ecoflap.pruning.engine import prune_sequential
     from ecoflap.pruning.methods import make_pruner
 
     model, tok, adapter, tracker = _disk(tiny_dir)
     layout = model_layout(model, adapter)
-    per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
+    per_layer = uniform_per_layer(layout, 0.5)
     with pytest.raises(ValueError, match="on_block_pruned=PrunedCheckpoint"):
         prune_sequential(model, adapter, make_pruner("wanda"), per_layer, _batches(tok), CPU)
     assert tracker.reads == 0  # refused before any block was read

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ecoflap.allocation import ratios
+from conftest import uniform_per_layer
 from ecoflap.models.base import model_layout
 from ecoflap.pruning.engine import prune_sequential
 from ecoflap.pruning.methods import make_pruner
@@ -39,6 +39,6 @@ def test_pruning_names_the_block(tiny, calib_batches):
     model, _tok, adapter = tiny
     _poison(model, adapter, block=1)
     layout = model_layout(model, adapter)
-    per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
+    per_layer = uniform_per_layer(layout, 0.5)
     with pytest.raises(FloatingPointError, match="model.layers.1"):
         prune_sequential(model, adapter, make_pruner("sparsegpt"), per_layer, calib_batches, CPU)

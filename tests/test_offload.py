@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import calibration_batches, every_scorer
+from conftest import calibration_batches, every_scorer, uniform_per_layer
 from ecoflap.models import offload
 from ecoflap.models.base import model_layout
 from ecoflap.models.registry import adapter_for
@@ -70,7 +70,6 @@ def test_choose_offload_on_cpu(tiny, monkeypatch):
 
 @pytest.mark.parametrize("pruner_name", ["wanda", "sparsegpt", "magnitude"])
 def test_pruning_with_offload_visits_one_block_at_a_time(tiny_dir, pruner_name):
-    from ecoflap.allocation import ratios
     from ecoflap.pruning.engine import prune_sequential
     from ecoflap.pruning.methods import make_pruner
 
@@ -82,7 +81,7 @@ def test_pruning_with_offload_visits_one_block_at_a_time(tiny_dir, pruner_name):
         else:
             model, tok, adapter, tracker = _offloaded(tiny_dir)
         layout = model_layout(model, adapter)
-        per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.6), layout)
+        per_layer = uniform_per_layer(layout, 0.6)
         report = prune_sequential(model, adapter, make_pruner(pruner_name), per_layer, _batches(tok), CPU)
         results.append(report.mask_sha256)
         if tracker:
@@ -129,7 +128,6 @@ def test_vision_language_pruning_with_offload(tmp_path, kind):
     captured through the already pruned, offloaded vision side."""
     import vl_models
 
-    from ecoflap.allocation import ratios
     from ecoflap.cli import main
     from ecoflap.data.calibration import batches, load_calibration
     from ecoflap.pruning.engine import prune_sequential
@@ -149,7 +147,7 @@ def test_vision_language_pruning_with_offload(tmp_path, kind):
             tracker = Tracker(adapter.blocks(model))
             offload.place_model(model, adapter.blocks(model), CPU, "cpu")
         layout = model_layout(model, adapter)
-        per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
+        per_layer = uniform_per_layer(layout, 0.5)
         hashes.append(prune_sequential(model, adapter, Wanda(), per_layer, data, CPU).mask_sha256)
         if tracker:
             assert tracker.most == 1 and tracker.on_device == set()
@@ -207,7 +205,6 @@ def test_activations_in_host_memory_give_the_same_results(tiny_dir, tmp_path, mo
     """activations: cpu parks every batch's hidden states in host memory between blocks and
     moves each batch to the device while its block runs. On a CPU the moves are no-ops, so
     the choice is forced here: the code path runs, and masks, scores and perplexity agree."""
-    from ecoflap.allocation import ratios
     from ecoflap.blocks import walk
     from ecoflap.blocks.capture import single_stack
     from ecoflap.evaluation.perplexity import evaluation_text, perplexity
@@ -218,7 +215,7 @@ def test_activations_in_host_memory_give_the_same_results(tiny_dir, tmp_path, mo
 
     def run(model, tok, adapter):
         layout = model_layout(model, adapter)
-        per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
+        per_layer = uniform_per_layer(layout, 0.5)
         zo = zeroth_order_scores(model, adapter, _batches(tok), CPU, granularity="block", reuse_block_inputs=True)
         ppl = perplexity(model, tok, evaluation_text("brown-heldout")[:20_000], 64, CPU, 8, 4, adapter)
         out = tmp_path / f"pruned{len(list(tmp_path.iterdir()))}"

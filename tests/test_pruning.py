@@ -2,6 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import uniform_per_layer
 from ecoflap.allocation import ratios
 from ecoflap.models.base import model_layout
 from ecoflap.blocks.capture import capture_stack_inputs, run_block
@@ -14,7 +15,7 @@ CPU = torch.device("cpu")
 
 def uniform_layers(model, adapter, target):
     layout = model_layout(model, adapter)
-    return ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), target), layout)
+    return uniform_per_layer(layout, target)
 
 
 @pytest.mark.parametrize("pruner", ["magnitude", "wanda", "sparsegpt"])

@@ -9,19 +9,19 @@ import time
 
 import pytest
 
+from conftest import uniform_per_layer
 from ecoflap.data.calibration import build_calibration, save_calibration
 from ecoflap.utils.io import write_json
 
 
 @pytest.fixture()
 def prune_inputs(tiny_dir, tmp_path, tiny):
-    from ecoflap.allocation import ratios
     from ecoflap.models.base import model_layout
 
     model, tok, adapter = tiny
     save_calibration(tmp_path / "calib.safetensors", build_calibration(tok, "austen-emma", 8, 32, 0), {})
     layout = model_layout(model, adapter)
-    per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
+    per_layer = uniform_per_layer(layout, 0.5)
     write_json(tmp_path / "alloc.json", {"target": 0.5, "layer_sparsity": per_layer})
     return tmp_path
 

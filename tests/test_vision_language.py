@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vl_models
-from conftest import REPO
+from conftest import REPO, uniform_per_layer
 from ecoflap.cli import main
 
 FIX = REPO / "tests" / "fixtures" / "vl"
@@ -144,7 +144,6 @@ def test_only_chosen_submodels_are_pruned(pipelines, tmp_path):
 
 def test_language_model_is_calibrated_on_the_pruned_vision_side(pipelines):
     """The language stack's captured inputs change once the vision tower is pruned."""
-    from ecoflap.allocation import ratios
     from ecoflap.data.calibration import batches, load_calibration
     from ecoflap.models.base import model_layout
     from ecoflap.models.registry import adapter_for
@@ -160,7 +159,7 @@ def test_language_model_is_calibrated_on_the_pruned_vision_side(pipelines):
     language = adapter.stacks(model)[-1]
     before = capture_stack_inputs(model, adapter, language, data, torch.device("cpu"))[0][0].hidden.clone()
     layout = {b: v for b, v in model_layout(model, adapter).items() if b.startswith("vision_model.")}
-    per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
+    per_layer = uniform_per_layer(layout, 0.5)
     prune_sequential(model, adapter, make_pruner("wanda"), per_layer, data, torch.device("cpu"))
     after = capture_stack_inputs(model, adapter, language, data, torch.device("cpu"))[0][0].hidden
     image_part = slice(0, model.config.num_query_tokens)
@@ -231,7 +230,6 @@ def test_matching_head_scores_equal_the_models_own(pipelines):
 
 def test_padding_never_reaches_the_pruning_statistics(pipelines):
     """Changing only the token ids at padded positions must not change a single mask."""
-    from ecoflap.allocation import ratios
     from ecoflap.data.calibration import batches, load_calibration
     from ecoflap.models.base import model_layout
     from ecoflap.models.registry import adapter_for
@@ -248,7 +246,7 @@ def test_padding_never_reaches_the_pruning_statistics(pipelines):
             model, _ = load_model(pipelines["clip"] / "model", torch.device("cpu"), torch.float32)
             adapter = adapter_for(model)
             layout = model_layout(model, adapter)
-            per_layer = ratios.expand_to_layers(ratios.uniform(ratios.unit_sizes(layout, "block"), 0.5), layout)
+            per_layer = uniform_per_layer(layout, 0.5)
             hashes[pruner, name] = prune_sequential(model, adapter, make_pruner(pruner), per_layer,
                                                     batches(calib, 2), torch.device("cpu")).mask_sha256
     for pruner in ("wanda", "sparsegpt"):
