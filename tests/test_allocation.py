@@ -59,6 +59,56 @@ def test_owl_equal_ratios_is_uniform():
     assert ratios.owl({"a": 2.0, "b": 2.0}, 0.7) == {"a": 0.7, "b": 0.7}
 
 
+def test_owl_reaches_the_target_when_blocks_differ_in_size():
+    """Their plain-mean shift is exact only for equal blocks (a decoder LM, where ours gives the same
+    ratios); a T5 or a BLIP-2 has blocks of different sizes, and a plain mean missed the target."""
+    outliers, sizes = {"a": 1.0, "b": 2.0, "c": 3.0}, {"a": 100, "b": 1000, "c": 1000}
+    sp = ratios.owl(outliers, 0.5, 0.1, sizes)
+    assert sum(sp[u] * sizes[u] for u in sizes) / sum(sizes.values()) == pytest.approx(0.5)
+    assert sp["a"] - sp["b"] == pytest.approx(0.1) and sp["b"] - sp["c"] == pytest.approx(0.1)
+    assert ratios.owl(outliers, 0.5, 0.1, {u: 7 for u in outliers}) == pytest.approx(ratios.owl(outliers, 0.5, 0.1))
+
+
+def test_owl_never_clips_a_ratio_silently():
+    """Clipping a ratio to [0, 1] moved the global sparsity away from the target (0.95 gave 0.94,
+    and target 0 pruned 3 %): a ratio outside [0, 1) is an error naming lambda, target 0 is dense."""
+    outliers = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 30.0}
+    with pytest.raises(ValueError, match="lower the method's lambda"):
+        ratios.owl(outliers, 0.97, 0.08)
+    assert ratios.owl(outliers, 0.0, 0.08) == {u: 0.0 for u in outliers}
+    assert max(ratios.owl(outliers, 0.9, 0.04).values()) < 1
+
+
+def test_plan_refuses_scores_of_another_scorer_and_bad_targets():
+    """allocate read whatever scores file it was given: OWL's outlier shares as ECoFLaP importances,
+    ECoFLaP importances as ATP depths; a target of 1.5 or NaN was planned and written."""
+    from ecoflap.allocation.plan import plan_allocation
+
+    layout = {f"b.{i}": {f"b.{i}.fc": 100} for i in range(3)}
+    laid = {"layout": layout}
+    owl_scores = {"kind": "outliers", "granularity": "block", "scores": {b: 1.0 + i for i, b in enumerate(layout)}}
+    with pytest.raises(ValueError, match="reads scores of kind zeroth_order or first_order or checkpointed"):
+        plan_allocation(laid, owl_scores, {"allocation": "ecoflap"}, 0.5)
+    assert plan_allocation(laid, owl_scores, {"allocation": "owl"}, 0.5)["planned_global_sparsity"] == pytest.approx(0.5)
+    for bad in (1.5, math.nan, -0.1):
+        with pytest.raises(ValueError, match=r"target sparsity must be a number in \[0, 1\)"):
+            plan_allocation(laid, None, {"allocation": "uniform"}, bad)
+
+
+def test_plan_refuses_a_unit_pruned_whole():
+    """ECoFLaP at 0.9 with the default offset has max_sparsity 1: a near-zero score planned a
+    block at 1.0, which allocate wrote and prune refused, telling the user to rerun allocate."""
+    from ecoflap.allocation.plan import plan_allocation
+
+    layout = {f"b.{i}": {f"b.{i}.fc": 1000} for i in range(4)}
+    scored = {"kind": "zeroth_order", "granularity": "block",
+              "scores": {"b.0": 0.0, "b.1": 50.0, "b.2": 50.0, "b.3": 50.0}}
+    with pytest.raises(ValueError, match=r"plans b\.0 at sparsity 1\.0000 .*lower the method's max_sparsity_offset"):
+        plan_allocation({"layout": layout}, scored, {"allocation": "ecoflap"}, 0.9)
+    fine = plan_allocation({"layout": layout}, scored, {"allocation": "ecoflap", "max_sparsity_offset": 0.05}, 0.9)
+    assert max(fine["unit_sparsity"].values()) == pytest.approx(0.95)
+
+
 def test_expand_to_layers():
     layout = {"blk.0": {"blk.0.q": 4, "blk.0.k": 4}, "blk.1": {"blk.1.q": 4}}
     assert ratios.expand_to_layers({"blk.0": 0.3, "blk.1": 0.6}, layout) == {"blk.0.q": 0.3, "blk.0.k": 0.3,

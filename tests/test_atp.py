@@ -92,3 +92,18 @@ def test_score_cli_needs_the_targets_and_records_the_search(tiny_dir, tmp_path, 
     scored = json.loads(out.read_text())
     assert scored["record"]["chosen"]["0.5"]["step"] in (0.2, 0.4)  # 0.6 would reach 0.5 + 0.6 x 1 > 1
     assert scored["provenance"]["config"]["targets"] == [0.5]
+
+
+def test_a_searched_step_is_not_applied_to_a_narrower_method():
+    """The search prunes every block of every sub-model under one budget; a method pruning only the
+    language model (or one budget per tower, or with dense blocks) took that slope silently."""
+    layout = {f"{p}.{i}": {f"{p}.{i}.fc": 100} for p in ("v", "l") for i in range(3)}
+    laid_out = {"layout": layout, "submodel_of_block": {b: "vision" if b[0] == "v" else "language" for b in layout}}
+    scored = {"kind": "atp_search", "granularity": "block", "scores": {b: float(b[-1]) for b in layout},
+              "record": {"chosen": {"0.5": {"step": 0.1}}}}
+    assert plan_allocation(laid_out, scored, {"allocation": "atp"}, 0.5)["options"]["step"] == 0.1
+    for narrower in ({"submodels": ["language"]}, {"scope": "submodel"}, {"dense_blocks": ["l.2"]}):
+        with pytest.raises(ValueError, match="set step in the method"):
+            plan_allocation(laid_out, scored, {"allocation": "atp", **narrower}, 0.5)
+        fixed = plan_allocation(laid_out, scored, {"allocation": "atp", "step": 0.05, **narrower}, 0.5)
+        assert fixed["options"]["step"] == 0.05

@@ -17,7 +17,7 @@ def ecoflap(scores: dict[str, float], sizes: dict[str, int], target: float, max_
 
 
 def owl(scores: dict[str, float], sizes: dict[str, int], target: float, lam: float = 0.08) -> dict[str, float]:
-    return ratios.owl(scores, target, lam)
+    return ratios.owl(scores, target, lam, sizes)
 
 
 def alphapruning(scores: dict[str, float], sizes: dict[str, int], target: float,

@@ -10,6 +10,10 @@ from ecoflap import catalog
 from ecoflap.allocation import ratios
 from ecoflap.utils.sparsity import sparsity_by_group, weighted_sparsity
 
+# the option that widens each allocation's spread around the target: what to lower when a unit reaches 1
+_SPREAD = {"ecoflap": "max_sparsity_offset (max_sparsity = target + offset, at most 1)", "owl": "lambda",
+           "alphapruning": "epsilon", "atp": "step"}
+
 
 def plan_allocation(laid_out: dict[str, Any], scored: dict[str, Any] | None, method: dict[str, Any],
                     target: float) -> dict[str, Any]:
@@ -18,9 +22,26 @@ def plan_allocation(laid_out: dict[str, Any], scored: dict[str, Any] | None, met
     defaults fill what it leaves out). Returns what allocation.json holds, without provenance."""
     kind = method.get("allocation", "uniform")
     options = catalog.settings(catalog.ALLOCATIONS, kind, method)  # checks the kind
+    if not (isinstance(target, (int, float)) and 0 <= target < 1):
+        raise ValueError(f"target sparsity must be a number in [0, 1), got {target!r}")
+    wanted = catalog.ALLOCATION_SCORERS[kind]
+    if wanted and (scored or {}).get("kind", wanted[0]) not in wanted:
+        # a scores file names its kind (in-memory scores may not): OWL's outlier percentages read as
+        # ECoFLaP importances would give a plan, but a meaningless one
+        raise ValueError(f"allocation {kind} reads scores of kind {' or '.join(wanted)}, but the scores file holds "
+                         f"{scored.get('kind')!r}; pass the scores of the method's scorer")
     # options a searching scorer chose for this target (atp_search's step), where the method leaves them unset
     chosen = ((scored or {}).get("record") or {}).get("chosen", {}).get(f"{target:g}", {})
-    options.update({k: v for k, v in chosen.items() if k in options and options[k] is None})
+    searched = {k: v for k, v in chosen.items() if k in options and options[k] is None}
+    narrowed = {k: method[k] for k in ("submodels", "dense_blocks") if method.get(k)}
+    if method.get("scope") == "submodel":
+        narrowed["scope"] = "submodel"
+    if searched and narrowed:
+        # the search (scoring/atp_search.py) pruned every block of every sub-model under one budget
+        raise ValueError(f"allocation {kind} would take {searched} from its scorer's search, which pruned the whole "
+                         f"model under one budget, but this method sets {narrowed}: set {', '.join(searched)} in the "
+                         "method, or drop those settings")
+    options.update(searched)
     allocator = catalog.ALLOCATIONS[kind]
     scope = method.get("scope") or "global"
     submodel_of_block = laid_out.get("submodel_of_block") or {b: "language" for b in laid_out["layout"]}
@@ -46,6 +67,11 @@ def plan_allocation(laid_out: dict[str, Any], scored: dict[str, Any] | None, met
     # after the allocation, without redistributing: the last block of a stack kept dense this way is
     # exactly "prune, then put its dense weights back" (nothing after it read its pruned outputs)
     unit = {u: 0.0 if block_of_unit[u] in dense else s for u, s in unit.items()}
+    whole = {u: s for u, s in unit.items() if s >= 1}
+    if whole:
+        u, s = next(iter(whole.items()))
+        raise ValueError(f"allocation {kind} at target {target:g} plans {u} at sparsity {s:.4f} ({len(whole)} unit(s) "
+                         f"at 1): a layer is never pruned whole; lower the method's {_SPREAD.get(kind, 'spread')}")
     per_layer = ratios.expand_to_layers(unit, layout)
     layer_sizes = {k: n for v in layout.values() for k, n in v.items()}
     submodel_of_layer = {k: submodel_of_block[b] for b, layers in layout.items() for k in layers}

@@ -64,17 +64,30 @@ def ecoflap(scores: dict[str, float], sizes: dict[str, int], target: float, max_
     return {u: 1 - keep[u] / sizes[u] for u in sizes}
 
 
-def owl(outlier_ratio: dict[str, float], target: float, lam: float = 0.08) -> dict[str, float]:
-    """OWL: keep ratios spread over [1 - target - lam, 1 - target + lam] by outlier share,
-    centred on 1 - target (min-max scaled to 2 * lam, then mean-shifted)."""
-    _check(outlier_ratio, outlier_ratio, target)
+def owl(outlier_ratio: dict[str, float], target: float, lam: float = 0.08,
+        sizes: dict[str, int] | None = None) -> dict[str, float]:
+    """OWL: keep ratios spread over 2 * lam by outlier share (min-max scaled), then shifted so
+    that their mean is 1 - target. Their code (`lib/prune_all.py`) shifts by the plain mean,
+    which is the size-weighted one when every block has the same size (a decoder LM); with
+    `sizes`, the shift is size-weighted, so models whose blocks differ in size (T5, BLIP-2's
+    towers) still reach the target. Target 0 keeps every unit dense. Their code neither clips
+    nor guards; here a ratio outside [0, 1) (target + lam near 1) is an error naming the fix,
+    not a clip that would silently miss the target."""
+    sizes = sizes or {u: 1 for u in outlier_ratio}
+    _check(outlier_ratio, sizes, target)
     lo, hi = min(outlier_ratio.values()), max(outlier_ratio.values())
-    if hi == lo:
+    if hi == lo or target == 0:  # at target 0 the only ratios in [0, 1) with mean 0 are all 0
         return {u: target for u in outlier_ratio}
     scaled = {u: (d - lo) / (hi - lo) * 2 * lam for u, d in outlier_ratio.items()}
-    mean = sum(scaled.values()) / len(scaled)
-    keep = {u: s - mean + (1 - target) for u, s in scaled.items()}
-    return {u: min(1.0, max(0.0, 1 - k)) for u, k in keep.items()}
+    mean = sum(scaled[u] * sizes[u] for u in scaled) / sum(sizes.values())
+    sparsity = {u: 1 - (s - mean + (1 - target)) for u, s in scaled.items()}
+    low, high = min(sparsity, key=sparsity.get), max(sparsity, key=sparsity.get)
+    if sparsity[low] < 0 or sparsity[high] >= 1:
+        worst = low if sparsity[low] < 0 else high
+        raise ValueError(f"owl at target {target} with lambda {lam} asks for a sparsity of {sparsity[worst]:.3f} in "
+                         f"{worst} (outside [0, 1)); lower the method's lambda (below {min(target, 1 - target) / 2:.3g} "
+                         "always fits: no ratio then moves more than 2 lambda from the target)")
+    return sparsity
 
 
 def _check(scores: dict[str, float], sizes: dict, target: float) -> None:
