@@ -38,6 +38,7 @@ class Method:
     seeded: bool = False  # the implementation takes seed= (random directions)
     records: bool = False  # a scorer returning (scores, record): what it searched and chose, kept in its file
     needs_targets: bool = False  # a scorer given the run's target sparsities (targets=)
+    auto_dtype: str | None = None  # what `dtype: auto` loads the model as for this scorer, where bf16 would be wrong
 
     def defaults(self) -> dict[str, Any]:
         return {k: o.default for k, o in self.options.items()}
@@ -72,7 +73,8 @@ SCORERS: dict[str, Method] = {
          "perturb": Option("unit", _enum("unit", "tensor"),
                            "one direction per scored unit, or one weight tensor at a time with the tensors' scores "
                            "summed into their block (granularity block; the authors' BLIP-2 runs)")},
-        seeded=True),
+        # eps-sized steps are below bfloat16's resolution (8 bits): see zeroth_order.py
+        seeded=True, auto_dtype="float32"),
     "first_order": Method(
         "ecoflap.scoring.first_order:first_order_scores",
         "the paper's first-order variant: one full backward pass per batch",

@@ -161,6 +161,9 @@ def cmd_score(args: argparse.Namespace) -> None:
     scorer = catalog.SCORERS[spec["kind"]]
     seed = options["seed"] if options["seed"] is not None else args.seed
     seed_everything(seed)
+    if args.dtype == "auto" and scorer.auto_dtype:
+        log.info("dtype auto: %s for the %s scorer", scorer.auto_dtype, spec["kind"])
+        args.dtype = scorer.auto_dtype  # and so recorded in the provenance
     model, _tok, adapter, device, dtype = _load(args)
     batches = _calibration_batches(args.calibration, options["n_samples"], options["batch_size"], dtype)
     if device.type == "cuda":

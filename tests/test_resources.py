@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from ecoflap.utils.resources import GIB, estimate, model_size
+from ecoflap.utils.resources import GIB, estimate, layout_counts, model_size, score_passes
 
 B = 10**9
 
@@ -44,3 +44,27 @@ def test_model_size_reads_the_download(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 2000)  # 1000 bf16 parameters (header ignored)
     (tmp_path / "layout.json").write_text(json.dumps({"layout": {"b.0": {"b.0.q": 300}, "b.1": {"b.1.q": 300}}}))
     assert model_size(tmp_path, tmp_path / "layout.json") == (1000, 600, 2)
+
+
+def test_scoring_time_follows_the_scorer(tmp_path):
+    """One rate for every scorer gave ATP's search on SmolLM2 (40 prune-and-measure runs, 921 s on
+    one thread) an 11-minute SLURM limit; the passes come from its grid and the other scorers'
+    measured costs, so each estimate stays above what it took."""
+    blocks, layers, targets = 30, 210, [0.5, 0.6, 0.7]
+    atp = score_passes({"kind": "atp_search", "step": 0.002}, blocks, layers, blocks, targets)
+    assert atp == 1 + 1.5 * (17 + 13 + 10)  # the grid the search ran: 40 runs
+    zo = score_passes({"kind": "zeroth_order", "granularity": "block"}, blocks, layers, blocks, targets)
+    zo_layers = score_passes({"kind": "zeroth_order", "granularity": "layer", "reuse_block_inputs": False},
+                             blocks, layers, blocks, targets)
+    assert (zo, zo_layers) == (15, 210)
+    assert score_passes({"kind": "first_order"}, blocks, layers, blocks, targets) == 1
+    args = (135_000_000, 106_000_000, 30, "float32", False, "none", 16 * 128)
+    measured_s = {1.0: 21, zo: 320, atp: 921, 3.0: 61}  # first_order, zeroth_order, atp_search, checkpointed
+    for passes, seconds in measured_s.items():
+        assert estimate("score", *args, passes=passes)["runtime"] * 60 > seconds
+    assert estimate("score", *args, passes=atp)["runtime"] > estimate("score", *args, passes=zo)["runtime"] > \
+        estimate("score", *args)["runtime"]
+    (tmp_path / "layout.json").write_text(json.dumps({
+        "layout": {f"{p}.{i}": {f"{p}.{i}.q": 1, f"{p}.{i}.k": 1} for p in ("v", "t") for i in range(6 if p == "v" else 3)},
+        "submodel_of_block": {f"{p}.{i}": p for p in ("v", "t") for i in range(6 if p == "v" else 3)}}))
+    assert layout_counts(tmp_path / "layout.json") == (18, 6)

@@ -57,16 +57,27 @@ def estimated(stage, key):
         folder = Path(f"results/{wildcards.model}")
         if not (folder / "layout.json").exists() or not (folder / "model" / "config.json").exists():
             return 0  # not downloaded yet: re-evaluated before the job runs
-        from ecoflap.utils.resources import estimate
+        from ecoflap.utils.resources import estimate, score_passes
 
         params, prunable, blocks = downloaded_size(str(folder))
         on_gpu = config["device"] != "cpu" and GPU > 0
-        dtype = config["dtype"] if config["dtype"] != "auto" else ("bfloat16" if on_gpu else "float32")
+        scorer = config["scorers"][wildcards.scorer] if stage == "score" else {}
+        auto = (SCORERS[scorer["kind"]].auto_dtype if scorer else None) or ("bfloat16" if on_gpu else "float32")
+        dtype = config["dtype"] if config["dtype"] != "auto" else auto
         offload = config["models"][wildcards.model].get("offload", config["offload"])
         pruner = method(wildcards)["pruner"] if stage == "prune" else None
+        passes = score_passes(scorer, blocks, *downloaded_layers(str(folder)), config["sparsities"]) if scorer else 1.0
         return estimate(stage, params, prunable, blocks, dtype, on_gpu, offload, stage_tokens(stage, wildcards),
-                        pruner, attempt)[key]
+                        pruner, attempt, passes)[key]
     return value
+
+
+@functools.lru_cache(maxsize=None)
+def downloaded_layers(folder):
+    """(prunable layers, blocks of the largest sub-model) of results/<model>, read once per run."""
+    from ecoflap.utils.resources import layout_counts
+
+    return layout_counts(Path(folder) / "layout.json")
 
 
 @functools.lru_cache(maxsize=None)
