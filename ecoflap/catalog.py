@@ -301,6 +301,42 @@ def check_kind(table: dict[str, Method], kind: str) -> None:
         raise ValueError(f"unknown kind {kind!r} (allowed: {', '.join(table)})")
 
 
+# the keys of a methods: entry besides its allocation's and its refiner's options (config.py gives their schema)
+METHOD_KEYS = ("pruner", "allocation", "scorer", "nm", "scope", "submodels", "dense_blocks", "threads", "refine")
+PRUNING_KEYS = (*PRUNING_COMMON, *PRUNER_CONFIG_KEYS, "comparison", "keep_checkpoints")  # the pruning: entry
+
+
+def _option_owners() -> dict[str, str]:
+    owners = {k: f"allocation {kind}" for kind, m in ALLOCATIONS.items() for k in m.options}
+    owners.update({k: f"refine: {kind}" for kind, m in REFINERS.items() for k in m.options})
+    return owners
+
+
+def method_entry_keys(entry: dict[str, Any]) -> set[str]:
+    """What a methods: entry may hold: the common keys and its own allocation's and refiner's options."""
+    no_options = Method("", "")
+    return {*METHOD_KEYS, *ALLOCATIONS.get(entry.get("allocation", "uniform"), no_options).options,
+            *REFINERS.get(entry.get("refine", NO_REFINE), no_options).options}
+
+
+def misplaced_options(entry: dict[str, Any]) -> dict[str, str]:
+    """Keys of a methods: entry that are options of an allocation or refiner other than the
+    entry's own, with their owner: `lambda` on a uniform method, `max_cycles` without `refine`.
+    The schema accepts them (one schema serves every method); they would do nothing."""
+    own, owners = method_entry_keys(entry), _option_owners()
+    return {k: owners[k] for k in entry if k in owners and k not in own}
+
+
+def check_entry_keys(entry: dict[str, Any], allowed: set[str], what: str) -> None:
+    """A stage's --spec holds only keys the stage reads: a typo, or another kind's option, did
+    nothing before (settings() keeps only the method's own options)."""
+    owners = _option_owners()
+    ignored = [f"{k!r} ({'an option of ' + owners[k] if k in owners else 'unknown'})" for k in entry if k not in allowed]
+    if ignored:
+        raise ValueError(f"{what} holds {', '.join(ignored)}, which it would not read (allowed: "
+                         f"{', '.join(sorted(allowed))})")
+
+
 def settings(table: dict[str, Method], kind: str, entry: dict[str, Any] | None = None,
              common: dict[str, Option] | None = None) -> dict[str, Any]:
     """A method's settings: its catalog defaults, overridden by the config entry (which may

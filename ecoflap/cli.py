@@ -33,7 +33,11 @@ def _spec(args: argparse.Namespace, **flags: Any) -> dict[str, Any]:
     hand on top (a flag left out is None). Defaults come from the catalog, not from here."""
     text = args.spec or "{}"
     if text.startswith("@"):
-        text = Path(text[1:]).read_text()
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise ValueError(f"--spec {text}: cannot read it ({exc.strerror}); pass @<a JSON file>, or the JSON "
+                             "itself") from None
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -158,6 +162,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     if "kind" not in spec:
         raise ValueError(f"score needs a kind (in --spec or --kind; allowed: {', '.join(catalog.SCORERS)})")
     options = catalog.settings(catalog.SCORERS, spec["kind"], spec, catalog.SCORER_COMMON)  # checks the kind
+    catalog.check_entry_keys(spec, {"kind", "targets", *catalog.SCORERS[spec["kind"]].options, *catalog.SCORER_COMMON},
+                             f"the {spec['kind']} scorer's spec")
     scorer = catalog.SCORERS[spec["kind"]]
     seed = options["seed"] if options["seed"] is not None else args.seed
     seed_everything(seed)
@@ -199,6 +205,9 @@ def cmd_allocate(args: argparse.Namespace) -> None:
                    **{"lambda": args.owl_lambda})
     kind = method.setdefault("allocation", "uniform")
     catalog.check_kind(catalog.ALLOCATIONS, kind)
+    catalog.check_entry_keys(method, catalog.method_entry_keys(method), "the method's spec")
+    if args.target is None or not 0 <= args.target < 1:  # NaN fails both comparisons
+        raise ValueError(f"--target must be a sparsity in [0, 1), got {args.target}")
     laid_out = check_layout(read_json(args.layout), args.layout)
     inputs = {"layout": args.layout}
     scored = None
@@ -236,6 +245,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     if spec.get("pruner") not in catalog.PRUNERS:
         raise ValueError(f"prune needs a pruner (in --spec or --pruner; allowed: {', '.join(catalog.PRUNERS)}), "
                          f"got {spec.get('pruner')!r}")
+    # the pruning: entry with the method's pruner and refiner, or a whole methods: entry given by hand
+    catalog.check_entry_keys(spec, {*catalog.PRUNING_KEYS, *catalog.method_entry_keys(spec)}, "the prune spec")
     # the pruner's options from the `pruning:` entry (sparsegpt_damp -> sparsegpt's damp), catalog defaults else
     own = {option: spec[key] for key, (name, option) in catalog.PRUNER_CONFIG_KEYS.items()
            if name == spec["pruner"] and spec.get(key) is not None}

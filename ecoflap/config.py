@@ -212,6 +212,12 @@ def _reference_errors(config: dict[str, Any]) -> list[str]:
     calib_n = config["calibration"]["n_samples"]
     for name, m in config["methods"].items():
         alloc = m.get("allocation", "uniform")
+        for key, owner in C.misplaced_options(m).items():
+            errors.append(f"config key methods.{name}.{key}: an option of {owner}, which this method does not use "
+                          "(allowed: its own allocation's and refiner's options)")
+        if m.get("scorer") is not None and alloc not in needs:
+            errors.append(f"config key methods.{name}.scorer: allocation {alloc} reads no scores (allowed: a scorer "
+                          f"only with allocation {' or '.join(needs)})")
         if m["pruner"] == C.NO_PRUNER:
             continue
         if alloc in needs:

@@ -124,6 +124,38 @@ def test_an_option_of_another_kind_is_refused_with_the_allowed_keys():
     assert "scorers.f.reduce" in str(err.value) and "'abs_wg'" in str(err.value)
 
 
+def test_a_stage_spec_run_by_hand_is_checked_like_the_config(tmp_path, tiny_dir, caplog):
+    """The CLI kept only the catalog's options of a --spec and dropped the rest: a typo'd
+    max_sparsity_offest ran with the default, OWL's lambda on a uniform method did nothing,
+    --target nan was planned and written, @<a folder> was a traceback."""
+    layout = {f"b.{i}": {f"b.{i}.fc": 100} for i in range(3)}
+    (tmp_path / "layout.json").write_text(json.dumps({"layout": layout}))
+    (tmp_path / "zo.json").write_text(json.dumps({"kind": "zeroth_order", "granularity": "block",
+                                                  "scores": {b: 1.0 + i for i, b in enumerate(layout)}}))
+    out = tmp_path / "allocation.json"
+    allocate = ["allocate", "--layout", str(tmp_path / "layout.json"), "--scores", str(tmp_path / "zo.json"),
+                "--out", str(out)]
+    refusals = {
+        ('{"allocation": "ecoflap", "max_sparsity_offest": 0.3}', "0.5"): "'max_sparsity_offest' (unknown)",
+        ('{"allocation": "uniform", "lambda": 0.1}', "0.5"): "'lambda' (an option of allocation owl)",
+        ('{"allocation": "owl"}', "0.5"): "reads scores of kind outliers, but the scores file holds 'zeroth_order'",
+        ('{"allocation": "ecoflap"}', "nan"): "--target must be a sparsity in [0, 1), got nan",
+        (f"@{tmp_path}", "0.5"): "cannot read it",
+    }
+    for (spec, target), message in refusals.items():
+        caplog.clear()
+        with pytest.raises(SystemExit):
+            main([*allocate, "--spec", spec, "--target", target])
+        assert message in caplog.text and not out.exists(), spec
+    main([*allocate, "--spec", '{"allocation": "ecoflap", "max_sparsity_offset": 0.3, "pruner": "wanda"}',
+          "--target", "0.5"])
+    assert json.loads(out.read_text())["options"]["max_sparsity_offset"] == 0.3
+    with pytest.raises(SystemExit):
+        main(["score", "--model", str(tiny_dir), "--calibration", str(tmp_path / "none.safetensors"), "--spec",
+              '{"kind": "zeroth_order", "reduce": "l2"}', "--out", str(tmp_path / "s.json")])
+    assert "'reduce' (unknown)" in caplog.text and "eps" in caplog.text
+
+
 # --- a new scorer: one module (here, this test's function) and one catalog entry ------------------
 
 def weight_norm_scores(model, adapter, batches, device, power: float = 2.0):

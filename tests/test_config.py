@@ -26,6 +26,28 @@ def test_default_and_paper_configs_are_valid():
         load_config(path)
 
 
+def test_every_workflow_config_is_valid():
+    """paper/ and embedded/ above; investigations/ and hub/ too (published/ holds tables, not configs)."""
+    paths = [p for d in ("investigations", "hub") for p in (REPO / "config" / d).glob("*.yaml")]
+    assert len(paths) >= 5
+    for path in paths:
+        load_config(path)
+
+
+def test_options_of_another_allocation_or_refiner_and_unread_scorers_are_rejected():
+    """Accepted and silently unused before: lambda on a uniform method, DSnoT's max_cycles without
+    refine, a scorer (even one that does not exist) on an allocation that reads no scores."""
+    msg = check(lambda c: c["methods"].update(x={"pruner": "wanda", "allocation": "uniform", "lambda": 0.3,
+                                                 "max_cycles": 3, "scorer": "nonexistent"}))
+    assert "methods.x.lambda: an option of allocation owl" in msg
+    assert "methods.x.max_cycles: an option of refine: dsnot" in msg
+    assert "methods.x.scorer: allocation uniform reads no scores" in msg
+    ok = copy.deepcopy(DEFAULT)
+    ok["methods"]["x"] = {"pruner": "wanda", "allocation": "owl", "scorer": "owl", "lambda": 0.1,
+                          "refine": "dsnot", "max_cycles": 3}
+    validate_config(ok)
+
+
 def test_sparsity_out_of_range_names_key_and_range():
     msg = check(lambda c: c.update(sparsities=[0.5, 1.5]))
     assert "sparsities[1]" in msg and "1.5" in msg and "< 1" in msg
