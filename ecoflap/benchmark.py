@@ -25,7 +25,7 @@ from ecoflap.models.loading import load_model
 from ecoflap.models.registry import adapter_for
 from ecoflap.pruning.engine import prune_sequential
 from ecoflap.pruning.methods import Wanda
-from ecoflap.utils.io import provenance, write_json
+from ecoflap.utils.io import provenance, write_json, write_text
 from ecoflap.utils.runtime import peak_rss_mb, reset_peak_rss, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -138,4 +138,4 @@ def format_summary(summary: dict[str, Any]) -> str:
 def write_summary(path: str | Path, summary: dict[str, Any]) -> None:
     summary["provenance"] = provenance(summary["settings"])
     write_json(path, summary)
-    Path(path).with_suffix(".txt").write_text(format_summary(summary) + "\n")
+    write_text(Path(path).with_suffix(".txt"), format_summary(summary) + "\n")

@@ -226,6 +226,7 @@ DEFAULT_FAMILY = "causal_lm"
 SUBMODELS = ("vision", "qformer", "language")
 VL_TASKS = ("vqa", "caption", "retrieval", "classification")
 EMBEDDED_MODELS = ("smollm2-135m", "fashion-clip", "fashion-vit")
+TRAINED_EMBEDDED = ("fashion-clip", "fashion-vit")  # trained at download, seeded with the top-level seed
 OFFLOAD_MODES = ("auto", "none", "cpu", "disk")
 ACTIVATION_PLACES = ("auto", "device", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -253,6 +254,8 @@ CALIBRATION_SOURCES: dict[str, CalibrationSource] = {
 IMAGE_SOURCES = tuple(k for k, v in CALIBRATION_SOURCES.items() if v.image)
 # calibration keys that name files of image-caption pairs (passed to `calibrate`, hashed in provenance)
 PAIR_FILE_KEYS = ("pairs", "image_root", "captions", "image_dir", "cache_dir", "train_dir", "root")
+# evaluation entry keys naming a file whose hash its result records (folders of images are not hashed)
+EVAL_FILE_KEYS = ("questions", "annotations", "karpathy_json", "ocr_tokens")
 CAPTION_PROTOCOLS = ("caption", "ecoflap", "coop")
 CALIBRATION_DEFAULTS: dict[str, Any] = {"source": "austen-emma", "n_samples": 128, "seq_len": 128, "prompt": "",
                                         "protocol": "caption", "max_txt_len": 32}

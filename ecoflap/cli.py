@@ -370,7 +370,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     result = {"task": args.task, "metrics": metrics}
     if predictions:
         result["predictions"] = predictions
-    _finish(args.out, result, _settings(args, spec), {"model": args.model}, t0, device)
+    data_files = {k: spec[k] for k in catalog.EVAL_FILE_KEYS if spec.get(k) and Path(spec[k]).is_file()}
+    _finish(args.out, result, _settings(args, spec), {"model": args.model, **data_files}, t0, device)
 
 
 def cmd_evaluate_text(args: argparse.Namespace) -> None:

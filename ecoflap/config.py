@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import re
+import string
 
 import jsonschema
 import yaml
@@ -205,6 +206,11 @@ def _schema_errors(config: dict[str, Any]) -> list[str]:
     return errors
 
 
+# results/<model>/<name>/ folders that are not a method's
+RESERVED_FOLDERS = {"model": "download", "scores": "scores", "logs": "logs", "benchmarks": "benchmarks",
+                    "summary": "summary"}
+
+
 def _reference_errors(config: dict[str, Any]) -> list[str]:
     errors = []
     scorers = config.get("scorers", {})
@@ -252,10 +258,18 @@ def _reference_errors(config: dict[str, Any]) -> list[str]:
             errors.append(f"config key sparsities[{i}]: {value!r} repeats {labels[label]!r} "
                           "(allowed: each sparsity once)")
         labels.setdefault(label, value)
+    seen_nm: dict[tuple[int, int], str] = {}
     for i, pat in enumerate(config.get("nm_patterns", [])):
         n, m = (int(x) for x in pat.split(":"))
         if not 0 < n < m:
             errors.append(f"config key nm_patterns[{i}]: {pat!r} needs 0 < N < M (allowed: e.g. '2:4', '4:8')")
+        elif (n, m) in seen_nm:  # '02:04' is '2:4': the same masks pruned twice, listed twice
+            errors.append(f"config key nm_patterns[{i}]: {pat!r} repeats {seen_nm[n, m]!r} (allowed: each pattern once)")
+        seen_nm.setdefault((n, m), pat)
+    for name in config["methods"]:
+        if name in RESERVED_FOLDERS:
+            errors.append(f"config key methods.{name}: results/<model>/{name}/ holds the model's "
+                          f"{RESERVED_FOLDERS[name]} (allowed: any other name)")
     for group, members in config.get("seed_groups", {}).items():
         unknown = [m for m in members if m not in config["models"]]
         if unknown:
@@ -267,6 +281,10 @@ def _reference_errors(config: dict[str, Any]) -> list[str]:
         if len(identities) > 1:
             errors.append(f"config key seed_groups.{group}: its models differ in more than their seed "
                           "(allowed: entries identical but for seed:)")
+        seeds = [config["models"][m].get("seed", config.get("seed", 0)) for m in members]
+        if len(set(seeds)) < len(seeds):  # one seed twice: a spread of zero, every difference a "win"
+            errors.append(f"config key seed_groups.{group}: its models run seeds {seeds} (allowed: a different seed: "
+                          "for each)")
     if config.get("seed_groups") and "seed_groups" in config["models"]:
         errors.append("config key models.seed_groups: results/seed_groups/ holds the seed groups' summaries "
                       "(allowed: any other model name)")
@@ -294,12 +312,24 @@ def model_evaluations(config: dict[str, Any], model: str) -> list[str]:
     return [n for n, e in config["evaluation"].items() if evaluation_task(n, e) in tasks]
 
 
+def _format_fields(text: str) -> int:
+    try:
+        return sum(field is not None for _, field, _, _ in string.Formatter().parse(text))
+    except ValueError:  # an unmatched brace
+        return -1
+
+
 def _family_errors(config: dict[str, Any]) -> list[str]:
     errors = []
     evaluation = config.get("evaluation", {})
     for name, e in evaluation.items():
         if name in TEXT_EVALS:
             continue
+        prompt = e.get("prompt")
+        if e["task"] == "vqa" and prompt is not None and _format_fields(prompt) != 1:
+            # str.format ignores an argument without a field: every image would get the same text
+            errors.append(f"config key evaluation.{name}.prompt: {prompt!r} has {_format_fields(prompt)} {{}} fields "
+                          "(allowed: exactly one {}, where the question goes)")
         dataset = DATASETS[e["dataset"]]
         if dataset.task != e["task"]:
             errors.append(f"config key evaluation.{name}.dataset: {e['dataset']!r} is a {dataset.task} "

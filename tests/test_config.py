@@ -48,6 +48,21 @@ def test_options_of_another_allocation_or_refiner_and_unread_scorers_are_rejecte
     validate_config(ok)
 
 
+def test_names_patterns_and_seed_groups_that_would_mislead():
+    """Accepted before: a model named .. wrote results/../summary/, a method named model collided with
+    the download's folder, 02:04 pruned 2:4 twice, a seed group of one seed twice had no spread."""
+    assert "does not match" in check(lambda c: c["models"].update({"..": c["models"]["smollm2-135m"]}))
+    assert "methods.model: results/<model>/model/ holds the model's download" in check(
+        lambda c: c["methods"].update(model={"pruner": "wanda"}))
+    assert "nm_patterns[1]: '02:04' repeats '2:4'" in check(lambda c: c.update(nm_patterns=["2:4", "02:04"]))
+
+    def same_seed(c):
+        c["models"]["a"] = {**c["models"]["smollm2-135m"], "seed": 1}
+        c["models"]["b"] = {**c["models"]["smollm2-135m"], "seed": 1}
+        c["seed_groups"] = {"g": ["a", "b"]}
+    assert "seed_groups.g: its models run seeds [1, 1]" in check(same_seed)
+
+
 def test_sparsity_out_of_range_names_key_and_range():
     msg = check(lambda c: c.update(sparsities=[0.5, 1.5]))
     assert "sparsities[1]" in msg and "1.5" in msg and "< 1" in msg
@@ -139,6 +154,22 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert "rule download_model" not in text
 
 
+def test_a_missing_reference_or_interpreter_is_named_while_planning(tmp_path):
+    """A missing reference: file validated and planned; the aggregate, the run's last job, failed on it.
+    A missing top-level python: every job failed with exit 127 and nothing said why."""
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["reference"] = "nope.yaml"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = _snakemake("-n", configfile=tmp_path / "c.yaml", workdir=tmp_path)
+    assert out.returncode != 0 and "config key reference: 'nope.yaml' is not a file" in out.stdout + out.stderr
+    cfg["reference"] = "config/paper/published/blip2_table1.yaml"  # the workflow's own, from any working directory
+    cfg["python"] = "/nonexistent/python"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = _snakemake("-n", configfile=tmp_path / "c.yaml", workdir=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "python: /nonexistent/python is not an executable here" in out.stdout + out.stderr
+
+
 def test_lint_is_clean():
     out = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
@@ -157,7 +188,7 @@ def test_dry_run_blip2_table1_plans_every_stage_and_task(tmp_path):
                         ("blip2-flant5-xl-coco", "nocaps"), ("blip2-itm-vit-g-coco", "flickr30k")):
         assert f"results/{model}/ecoflap_zo_wanda/0.5/eval/{task}.json" in text
     assert "results/blip2-flant5-xl/ecoflap_fo_wanda/0.5/model" in text
-    assert "--reference config/paper/published/blip2_table1.yaml" in text
+    assert f"--reference {REPO}/config/paper/published/blip2_table1.yaml" in text
     # every stage gets its config entry as --spec JSON
     assert '"submodels": ["vision", "language"]' in text and '"source": "cc3m"' in text
 
@@ -191,6 +222,13 @@ def test_vision_language_dataset_checks():
     assert "'nocaps' is a caption dataset, not vqa" in msg
 
 
+def test_a_vqa_prompt_needs_one_slot_for_the_question():
+    """str.format ignores an argument without a field: every image got the same text, silently."""
+    msg = _vl(lambda c: c["evaluation"]["vqav2"].update(prompt="Short answer:"))
+    assert "evaluation.vqav2.prompt: 'Short answer:' has 0 {} fields" in msg
+    assert "has 2 {} fields" in _vl(lambda c: c["evaluation"]["vqav2"].update(prompt="Q: {} {} A:"))
+
+
 def test_block_rerunning_scorer_is_refused_for_multi_stack_models():
     msg = _vl(lambda c: c["scorers"]["zo"].update(reuse_block_inputs=True))
     assert "scorers.zo" in msg and "several stacks" in msg
@@ -202,4 +240,4 @@ def test_dry_run_blip2_at_0_6_plans_vqav2_beside_the_figure(tmp_path):
     text = out.stdout + out.stderr
     for method in ("wanda", "sparsegpt", "ecoflap_zo_wanda", "ecoflap_fo_wanda"):
         assert f"results/blip2-flant5-xl/{method}/0.6/eval/vqav2.json" in text
-    assert "--target 0.6" in text and "--reference config/paper/published/blip2_0.6.yaml" in text
+    assert "--target 0.6" in text and f"--reference {REPO}/config/paper/published/blip2_0.6.yaml" in text

@@ -49,3 +49,30 @@ def test_a_flipped_weight_byte_is_caught_on_load(tiny_dir, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="model.safetensors differs from when it was written.*download_model"):
         load_model(tmp_path / "model", torch.device("cpu"), torch.float32)
+
+
+def test_the_embedded_clip_is_trained_with_the_top_level_seed(tmp_path, monkeypatch):
+    """The schema says the download keeps the top-level seed; the training always used seed 0."""
+    import yaml
+
+    from conftest import REPO, run_snakemake
+    from ecoflap.models import loading
+
+    seeds = []
+
+    def train(out_dir, seed=0):
+        seeds.append(seed)
+        (out_dir / "config.json").write_text("{}")
+        return {"source": "embedded", "name": "fashion-clip", "trained": {"seed": seed}}
+
+    monkeypatch.setitem(loading.EMBEDDED["fashion-clip"], "train", train)
+    fetch_model({"source": "embedded", "name": "fashion-clip", "train_seed": 7}, tmp_path / "model")
+    assert seeds == [7]
+
+    config = yaml.safe_load((REPO / "config" / "embedded" / "fashion_clip.yaml").read_text())
+    config["seed"] = 7
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    model = next(iter(config["models"]))
+    run = run_snakemake(tmp_path, tmp_path / "c.yaml", "-n", "-p", targets=[f"results/{model}/layout.json"])
+    assert run.returncode == 0, run.stderr
+    assert '"train_seed": 7' in run.stdout + run.stderr

@@ -229,4 +229,4 @@ def test_paper_config_dry_run_plans_mmlu(tmp_path):
     for row in ("wanda/0.5", "wanda/0.6", "ecoflap_zo_wanda/0.5", "ecoflap_zo_wanda/0.6"):
         assert f"results/flan-t5-xl/{row}/eval/lm_eval.json" in text
     assert '"tasks": ["mmlu"]' in text and '"num_fewshot": 5' in text and '"protocol": "ecoflap"' in text
-    assert "--reference config/paper/published/flant5_mmlu.yaml" in text
+    assert f"--reference {REPO}/config/paper/published/flant5_mmlu.yaml" in text

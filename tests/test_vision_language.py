@@ -90,7 +90,11 @@ def test_score_allocate_prune_evaluate(pipelines, kind):
     for name in TASKS[kind]:
         _run("evaluate", "--model", work / "pruned", "--device", "cpu", "--dtype", "float32", "--task",
              EVALS[name]["task"], "--spec", json.dumps(EVALS[name]), "--out", work / f"{name}.json")
-        metrics = json.loads((work / f"{name}.json").read_text())["metrics"]
+        result = json.loads((work / f"{name}.json").read_text())
+        metrics = result["metrics"]
+        # the data files' hashes beside the model's (only the model's were recorded before)
+        files = {k for k in ("questions", "annotations", "karpathy_json") if k in EVALS[name]}
+        assert set(result["provenance"]["input_sha256"]) == {"model", *files}
         main_metric = {"vqav2": "accuracy", "nocaps": "CIDEr", "flickr30k": "TR@1", "imagenet": "top1"}[name]
         assert 0 <= metrics[main_metric] <= 100 or name == "nocaps"
 

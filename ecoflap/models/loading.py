@@ -58,12 +58,12 @@ def _embedded_folder(name: str) -> Path:
     return Path(found.submodule_search_locations[0])
 
 
-def convert_embedded(name: str, out_dir: Path) -> dict[str, Any]:
+def convert_embedded(name: str, out_dir: Path, train_seed: int = 0) -> dict[str, Any]:
     """GGUF -> plain HF safetensors folder (save_pretrained refuses GGUF-loaded models), or
-    train the embedded vision-language model."""
+    train the embedded vision-language model (with `train_seed`: the workflow's top-level seed)."""
     spec = EMBEDDED[name]
     if spec.get("trained"):
-        return spec["train"](out_dir)
+        return spec["train"](out_dir, seed=train_seed)
     folder = _embedded_folder(name)
     log.info("dequantising %s from %s", spec["gguf_file"], folder)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=spec["gguf_file"])
@@ -123,7 +123,7 @@ def fetch_model(spec: dict[str, Any], out_dir: str | Path) -> None:
     """Materialise a model spec (see config.yaml `models:`) as a from_pretrained-loadable folder."""
     with atomic_path(out_dir, is_dir=True) as tmp:
         if spec["source"] == "embedded":
-            info = convert_embedded(spec["name"], tmp)
+            info = convert_embedded(spec["name"], tmp, spec.get("train_seed", 0))
         elif spec["source"] == "local":
             info = copy_local(Path(spec["path"]), tmp)
         else:

@@ -7,7 +7,7 @@ import shlex
 import shutil
 import sys
 
-from ecoflap.catalog import ALLOCATION_SCORERS, NO_PRUNER, NO_REFINE, REFINERS, SCORERS, TEXT_EVALS
+from ecoflap.catalog import ALLOCATION_SCORERS, NO_PRUNER, NO_REFINE, REFINERS, SCORERS, TEXT_EVALS, TRAINED_EMBEDDED
 from ecoflap.config import (ConfigError, evaluation_task, fill_defaults, model_calibration, model_evaluations,
                             validate_config)
 
@@ -26,14 +26,34 @@ def model_python(wc):
     return config["models"][wc.model].get("python") or PY
 
 
-for _name, _spec in config["models"].items():  # planning works without it; running its jobs does not
+if config.get("python") and not shutil.which(config["python"]):  # planning works without it; jobs do not
+    logger.warning(f"python: {config['python']} is not an executable here; every job would fail (exit 127): "
+                   "point it at an interpreter that has the ecoflap package, or leave it out (Snakemake's)")
+for _name, _spec in config["models"].items():
     if _spec.get("python") and not shutil.which(_spec["python"]):
         logger.warning(f"models.{_name}.python: {_spec['python']} is not an executable here; create that "
                        "environment (bash workflow/scripts/setup_env.sh --eva) before running this model's jobs")
 
+
+def reference_file():
+    """config reference:, relative to the working directory, else to the workflow's folder (the
+    published tables ship in config/paper/published/); an input of the aggregate, so an edited
+    table redoes the comparison, and checked here rather than by the last job of the run."""
+    if not config.get("reference"):
+        return None
+    for base in (Path.cwd(), Path(workflow.basedir)):
+        if (base / config["reference"]).is_file():
+            return str((base / config["reference"]).resolve())
+    raise WorkflowError(f"config key reference: {config['reference']!r} is not a file (allowed: a YAML of published "
+                        f"numbers, relative to {Path.cwd()} or {workflow.basedir}, e.g. config/paper/published/)")
+
+
+REFERENCE = reference_file()
+
 # appended to every model-running rule's shell: on failure the log ends with what the exit
-# status means (a job killed by a memory limit or the scheduler says so), and the job still fails
-EXPLAIN_EXIT = "|| {{{{ rc=$?; {py} -m ecoflap.utils.exits $rc >> {{log}}; exit $rc; }}}}".format(py=PY)
+# status means (a job killed by a memory limit or the scheduler says so), and the job still fails;
+# Snakemake's interpreter explains it, which has the package even where the jobs' `python:` does not
+EXPLAIN_EXIT = "|| {{{{ rc=$?; {py} -m ecoflap.utils.exits $rc >> {{log}}; exit $rc; }}}}".format(py=sys.executable)
 # torch threads per job of each model-running stage (Snakemake runs jobs side by side while
 # their threads fit in --cores): `threads`, unless `stage_threads` says otherwise, or a scorer's
 # or method's own `threads`. The stages before evaluation carry `priority: 1`, so the pruned

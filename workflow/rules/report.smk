@@ -5,6 +5,7 @@ rule aggregate:
         evals=lambda wc: expand("results/{model}/{row}/eval/{task}.json", model=wc.model, row=rows(),
                                 task=evals_of(wc.model)),
         layout="results/{model}/layout.json",
+        reference=[REFERENCE] if REFERENCE else [],
     output:
         # report(): what `snakemake --report report.html` shows, grouped by model and stage
         csv=report("results/{model}/summary/summary.csv", category="{model}", subcategory="summary",
@@ -19,7 +20,7 @@ rule aggregate:
     params:
         py=PY,
         rows=lambda wc: " ".join(rows()),
-        reference=lambda wc: f"--reference {config['reference']} --model-name {wc.model}" if config.get("reference") else "",
+        reference=lambda wc: f"--reference {shlex.quote(REFERENCE)} --model-name {wc.model}" if REFERENCE else "",
         run_config=lambda wc: f"results/{wc.model}/summary/.config.json",
         config_json=lambda wc: shlex.quote(json.dumps(config)),
     log:
