@@ -11,7 +11,7 @@ import torch
 from ecoflap.allocation.allocators import alphapruning
 from ecoflap.allocation.plan import plan_allocation
 from ecoflap.cli import main
-from ecoflap.scoring.esd_alpha import hill_alpha, matrix_alpha
+from ecoflap.scoring.esd_alpha import esd_alpha_scores, hill_alpha, matrix_alpha
 
 
 def test_hill_formula_by_hand():
@@ -94,3 +94,15 @@ def test_score_and_allocate_through_the_cli(tiny_dir, tmp_path):
     laid_out = json.loads(layout.read_text())
     again = plan_allocation(laid_out, scored, {"allocation": "alphapruning", "epsilon": 0.2}, 0.5)
     assert again["layer_sparsity"] == plan["layer_sparsity"]
+
+
+def test_a_rank_deficient_matrix_is_named(tiny):
+    """A zero eigenvalue (a pruned model, zeroed columns) failed inside torch.histc with a range of
+    [-inf, ...] and no layer named."""
+    model, _tok, adapter = tiny
+    block = adapter.blocks(model)[1]
+    name, layer = next(iter(adapter.prunable_layers(block).items()))
+    with torch.no_grad():
+        layer.weight[:, :3] = 0
+    with pytest.raises(ValueError, match=rf"esd_alpha of model\.layers\.1\.{name}: [0-9]+ of the 32 eigenvalues are 0"):
+        esd_alpha_scores(model, adapter, [], torch.device("cpu"))

@@ -34,6 +34,9 @@ def hill_alpha(eigs: torch.Tensor, i: int) -> float:
 def matrix_alpha(weight: torch.Tensor, fix_fingers: str = "xmin_peak", bins: int = 100, xmin_pos: int = 2) -> float:
     """alpha of one weight matrix, as the authors' net_esd_estimator computes it."""
     eigs = torch.linalg.svdvals(weight.detach().float().cpu()).pow(2).sort().values  # ascending
+    if eigs[0] <= 0:  # log10(0): their histogram (and ours) fails with "range of [-inf, ...] is not finite"
+        raise ValueError(f"{int((eigs <= 0).sum())} of the {eigs.numel()} eigenvalues are 0 (the matrix is rank "
+                         "deficient: pruned, or with zeroed rows or columns); score the dense model")
     n_eigs = eigs.numel()
     log_eigs = eigs.log()
     if fix_fingers == "xmin_mid":
@@ -73,7 +76,7 @@ def esd_alpha_scores(model: nn.Module, adapter: Adapter, batches: list[Batch], d
     scores = {}
     for prefix, block in tqdm(adapter.named_blocks(model), desc="ESD alpha", unit="block"):
         with resident(block):  # offload: the block's weights are here only while held
-            alphas = {f"{prefix}.{name}": matrix_alpha(layer.weight, fix_fingers, bins, xmin_pos)
+            alphas = {f"{prefix}.{name}": _alpha_of(f"{prefix}.{name}", layer.weight, fix_fingers, bins, xmin_pos)
                       for name, layer in adapter.prunable_layers(block).items()}
         if granularity == "layer":
             scores.update(alphas)
@@ -81,3 +84,10 @@ def esd_alpha_scores(model: nn.Module, adapter: Adapter, batches: list[Batch], d
             values = list(alphas.values())
             scores[prefix] = float(sum(values) / len(values))
     return scores
+
+
+def _alpha_of(name: str, weight: torch.Tensor, fix_fingers: str, bins: int, xmin_pos: int) -> float:
+    try:
+        return matrix_alpha(weight, fix_fingers, bins, xmin_pos)
+    except ValueError as exc:
+        raise ValueError(f"esd_alpha of {name}: {exc}") from None
