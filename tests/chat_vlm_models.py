@@ -178,3 +178,14 @@ def build(kind: str, out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     proc.save_pretrained(out)
     return out
+
+
+def render_and_add_bos(proc) -> None:
+    """As Gemma 3 ships: the tokenizer adds BOS to every encoded text (add_bos_token) and the chat
+    template starts with {{ bos_token }} too, so encoding rendered text with special tokens doubles it."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = proc.tokenizer
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A", pair=f"{tok.bos_token} $A $B",
+                                                       special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    proc.chat_template = "{{- bos_token -}}" + proc.chat_template

@@ -77,6 +77,34 @@ def test_vqa_answers_are_generate_on_each_example_alone(kind, built, images):
         assert answer == alone, (kind, question)
 
 
+@pytest.mark.parametrize("kind", C.KINDS)
+def test_a_template_that_renders_bos_gets_one_bos(kind, built, images):
+    """Gemma 3's template renders {{ bos_token }} and its tokenizer adds BOS as well: calibration
+    and generation encode one BOS, as the processor's own apply_chat_template(tokenize=True) does."""
+    model, procs, adapter = _load(built[kind])
+    proc = procs.multimodal
+    C.render_and_add_bos(proc)
+    bos = proc.tokenizer.bos_token_id
+    assert proc.tokenizer("hi").input_ids[0] == bos
+    batch = adapter.calibration_batch(model, procs, images[:2], CAPTIONS[:2], "Describe it.")
+    reference = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "Describe it."}]},
+         {"role": "assistant", "content": [{"type": "text", "text": CAPTIONS[0]}]}],
+        tokenize=True, return_dict=True, return_tensors="pt")["input_ids"][0]
+    assert (batch["input_ids"] == bos).sum(1).tolist() == [1, 1] and batch["input_ids"][:, 0].tolist() == [bos, bos]
+    assert torch.equal(batch["input_ids"][0][batch["attention_mask"][0] == 1], reference), kind
+    seen = {}
+    generate = model.generate
+
+    def recording(**kwargs):  # what the adapter hands the model's generate
+        seen["ids"] = kwargs["input_ids"]
+        return generate(**kwargs)
+
+    model.generate = recording
+    adapter.generate(model, procs, images[:2], [adapter.vqa_prompt.format("What is it?")] * 2, {"max_new_tokens": 2})
+    assert (seen["ids"] == bos).sum(1).tolist() == [1, 1], kind
+
+
 @pytest.mark.parametrize("kind", ["qwen2_5_vl", "internvl"])
 def test_tensors_without_an_example_dimension_are_packed_per_example(kind, built, images):
     """Qwen-VL's patches and InternVL's tiles are stored per example and joined back unchanged, so

@@ -178,6 +178,20 @@ def test_topk_accuracy():
     assert set(topk_accuracy(logits, labels)) == {"top1", "top5"}
 
 
+def test_nan_similarities_stop_retrieval_instead_of_scoring():
+    """A diverged model's NaN embeddings: topk would rank the NaNs in index order and report a
+    plausible recall (37.5 here), so the metric stops and names the likely cause."""
+    sim = torch.full((4, 8), float("nan"))
+    with pytest.raises(FloatingPointError, match="retrieval similarity.*pruned model diverged"):
+        retrieval_recall(sim, [i // 2 for i in range(8)], [[2 * i, 2 * i + 1] for i in range(4)], ks=(1, 2))
+
+
+def test_nan_logits_stop_zero_shot_accuracy_instead_of_scoring():
+    logits = torch.tensor([[0.1, 0.7, 0.2], [float("nan"), 0.3, 0.2]])
+    with pytest.raises(FloatingPointError, match="classification logits.*pruned model diverged"):
+        topk_accuracy(logits, torch.tensor([1, 0]), ks=(1,))
+
+
 # ------------------------------------------------------------------------------------- captions
 
 REFS = {

@@ -249,6 +249,20 @@ def test_cc3m_local_lists(name):
     assert load_cc3m_pairs(FX / "cc3m" / name, None, n=3, seed=0) == pairs
 
 
+def test_cc3m_tsv_captions_keep_their_double_quotes(tmp_path):
+    """CC3M's TSV has no quoting: a caption's '"' (balanced or not) is text, one line is one pair.
+    A .csv keeps standard quoting, so a quoted caption may hold the delimiter."""
+    for name in "abcd":
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.jpg")
+    captions = ['"hello" said the sign on the door', '"best of 2010 movie poster', "a dog on the grass",
+                'a cat called "tom" on a sofa']
+    (tmp_path / "pairs.tsv").write_text("".join(f"{c}\t{n}.jpg\n" for c, n in zip(captions, "abcd")))
+    pairs = load_cc3m_pairs(tmp_path / "pairs.tsv", n=4, seed=0, order="file")
+    assert [(p.caption, p.image_path.name) for p in pairs] == [(c, f"{n}.jpg") for c, n in zip(captions, "abcd")]
+    (tmp_path / "pairs.csv").write_text('caption,image\n"a ""big"" dog, asleep",a.jpg\n')
+    assert load_cc3m_pairs(tmp_path / "pairs.csv", n=1, seed=0)[0].caption == 'a "big" dog, asleep'
+
+
 def test_calibration_sampling_is_deterministic():
     a = load_cc3m_pairs(FX / "cc3m" / "pairs.tsv", FX / "cc3m", n=4, seed=7)
     b = load_cc3m_pairs(FX / "cc3m" / "pairs.tsv", FX / "cc3m", n=4, seed=7)

@@ -133,10 +133,18 @@ def _webdataset_pairs(shards: list[Path], n: int, seed: int, cache_dir: PathLike
 _IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_path", "file", "filename", "file_name", "path", "url")
 
 
+def _dialect(path: Path) -> dict:
+    """A .csv is standard CSV (quoted fields may hold commas). A .tsv/.txt is CC3M's format, one
+    pair per line with no quoting: its captions hold bare double quotes ('"best of" 2010'), which
+    csv's default quotechar would take as a field that runs across tabs and lines, merging rows."""
+    if path.suffix.lower() == ".csv":
+        return {"delimiter": ","}
+    return {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+
+
 def _delimited_pairs(path: Path, image_root: Path, dataset: str, key: str) -> list[ImageCaption]:
-    delimiter = "," if path.suffix.lower() == ".csv" else "\t"
     with open(path, encoding="utf-8", newline="") as f:
-        rows = [r for r in csv.reader(f, delimiter=delimiter) if r]
+        rows = [r for r in csv.reader(f, **_dialect(path)) if r]
     if not rows:
         raise ValueError(f"{dataset}: {path} is empty")
     header = [c.strip().lower() for c in rows[0]]

@@ -76,14 +76,22 @@ def leaf_tasks(out: dict[str, Any], task: str) -> list[str]:
     return [leaf for sub in below for leaf in leaf_tasks(out, sub)]
 
 
+def metric_name(key: str) -> str:
+    """lm-eval's "metric,filter" key as our name: "acc,none" -> "acc", as every table reads it;
+    a task scored under several filters (gsm8k: strict-match and flexible-extract) keeps each one,
+    "exact_match,strict-match" -> "exact_match[strict-match]", instead of the last overwriting the rest."""
+    metric, filter_name = key.split(",", 1)
+    return metric if filter_name == "none" else f"{metric}[{filter_name}]"
+
+
 def task_metrics(out: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, float]]:
-    """lm-eval's result dict ({"results": {task: {"acc,none": ...}}}) as {task: {"acc": ...}}.
+    """lm-eval's result dict ({"results": {task: {"acc,none": ...}}}) as {task: {"acc": ...}} (`metric_name`).
     A group's metrics are lm-eval's aggregate (mmlu: the mean over all questions, weighted by
     subject size, as the authors' MMLU script reports it); its n counts every item below it."""
     results = {}
     for task in tasks:
         res = out["results"][task]
-        results[task] = {k.split(",")[0]: float(v) for k, v in res.items()
+        results[task] = {metric_name(k): float(v) for k, v in res.items()
                          if "," in k and isinstance(v, (int, float))}
         counts = out.get("n-samples", {})
         leaves = leaf_tasks(out, task)

@@ -22,6 +22,11 @@ from pycocoevalcap.spice import get_stanford_models
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from ecoflap.utils.runtime import check_finite
+
+# a diverged model's NaN scores rank in index order under topk, which reads as a plausible recall or accuracy
+DIVERGED = "the pruned model diverged; check the pruning log"
+
 # ----------------------------------------------------------------------------------------------------
 # VQA accuracy, exactly as the code behind the published numbers computes it
 #
@@ -366,6 +371,7 @@ def retrieval_recall(sim: torch.Tensor, img_of_text: Sequence[int], texts_of_ima
     if len(texts_of_image) != n_img or len(img_of_text) != n_txt:
         raise ValueError(f"sim is {n_img}x{n_txt} but there are {len(texts_of_image)} images and "
                          f"{len(img_of_text)} texts in the ground truth")
+    check_finite(sim, "the retrieval similarity matrix", DIVERGED)
     ks = list(ks)
     sim = sim.detach().float().cpu()
     own_text = torch.zeros(n_img, n_txt, dtype=torch.bool)
@@ -391,6 +397,7 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] 
         raise ValueError(f"need logits [N, C] and labels [N], got {tuple(logits.shape)} and {tuple(labels.shape)}")
     if logits.shape[0] == 0:
         raise ValueError("no samples to score")
+    check_finite(logits, "the classification logits", DIVERGED)
     labels = labels.to(logits.device)
     out = {}
     for k in ks:

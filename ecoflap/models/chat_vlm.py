@@ -43,6 +43,20 @@ def conversation(text: str, answer: str) -> list[dict[str, Any]]:
     return user_turn(text) + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
 
 
+def template_has_bos(tokenizer, texts: list[str]) -> bool:
+    """Whether the chat template rendered the BOS itself (Gemma 3's starts with {{ bos_token }}).
+    Such text is encoded without the tokenizer's special tokens, else a tokenizer that adds BOS
+    gives two; transformers' apply_chat_template(tokenize=True) decides the same way."""
+    bos = tokenizer.bos_token
+    return bool(bos) and all(t.startswith(bos) for t in texts)
+
+
+def encode(proc, images: list, texts: list[str], padding_side: str) -> dict[str, torch.Tensor]:
+    """The processor on rendered chat texts, adding special tokens only where the template did not."""
+    return proc(images=images, text=texts, padding=True, padding_side=padding_side, return_tensors="pt",
+                add_special_tokens=not template_has_bos(proc.tokenizer, texts))
+
+
 class ChatVLMAdapter(VisionLanguageAdapter):
     """Subclasses set `family`, `vision_path`, `language_path`, and, where the processor
     returns a tensor without a per-example dimension, `rows_per_example`."""
@@ -111,10 +125,9 @@ class ChatVLMAdapter(VisionLanguageAdapter):
         if not all(f.startswith(asked) for f in fulls):
             raise ValueError(f"{self.family}: the chat template's generation prompt {asked[-60:]!r} is not a prefix of "
                              "the rendered conversation, so the caption tokens cannot be told apart")
-        enc = proc(images=self._images(images), text=fulls, padding=True, padding_side="right", return_tensors="pt")
+        enc = encode(proc, self._images(images), fulls, "right")
         # the prompt alone, through the processor too: where the caption starts after image-token expansion
-        alone = proc(images=self._images(images), text=[asked] * len(captions), padding=True, padding_side="right",
-                     return_tensors="pt")
+        alone = encode(proc, self._images(images), [asked] * len(captions), "right")
         prompt_lengths = alone["attention_mask"].sum(1)
         labels = enc["input_ids"].clone()
         labels[enc["attention_mask"] == 0] = -100
@@ -144,7 +157,7 @@ class ChatVLMAdapter(VisionLanguageAdapter):
         # captioning passes no prompt: the chat models are asked for a caption in words
         texts = [proc.apply_chat_template(user_turn(p or CALIBRATION_INSTRUCTION), add_generation_prompt=True,
                                           tokenize=False) for p in prompts]
-        enc = proc(images=self._images(images), text=texts, padding=True, padding_side="left", return_tensors="pt")
+        enc = encode(proc, self._images(images), texts, "left")
         device = next(model.parameters()).device
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         enc = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in enc.items()}
@@ -154,4 +167,5 @@ class ChatVLMAdapter(VisionLanguageAdapter):
         return [a.strip() for a in answers]
 
 
-__all__ = ["CALIBRATION_INSTRUCTION", "ChatVLMAdapter", "SHORT_ANSWER", "conversation", "user_turn"]
+__all__ = ["CALIBRATION_INSTRUCTION", "ChatVLMAdapter", "SHORT_ANSWER", "conversation", "encode", "template_has_bos",
+           "user_turn"]
