@@ -168,9 +168,9 @@ REFINERS: dict[str, Method] = {
                                     "a row stops once |its error| is at most this (their scale: a window's token sum)"),
          "pow_of_var_regrowing": Option(1.0, {"type": "number", "minimum": 0},
                                         "the grow order divides W s by var^this"),
-         "skip_layers": Option(["mlp"], {"type": "array", "items": {"type": "string"}},
-                               "layers under these prefixes within a block keep the pruner's mask (their default: "
-                               "the MLP; [] refines every layer)"),
+         "skip_layers": Option(["mlp"], {"type": "array", "items": {"enum": ["mlp", "attention"]}, "uniqueItems": True},
+                               "layers of these roles keep the pruner's mask, the same in every family (their "
+                               "default: the MLP; [] refines every layer)"),
          "same_sign": Option(False, {"type": "boolean"},
                              "unstructured: stop a row at a swap that flips its error's sign (their default: off; "
                              "N:M always checks)")}),

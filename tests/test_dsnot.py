@@ -131,9 +131,154 @@ def test_engine_refines_attention_only_by_default_and_never_moves_sparsity(tiny,
     assert any(".mlp." in k and not torch.equal(plain[k], every[k]) for k in plain)
 
 
-def test_applies_to_reads_the_layer_prefix():
+def test_applies_to_reads_the_layer_role():
     d = DSnoT()
     assert d.applies_to("self_attn.q_proj") and not d.applies_to("mlp.down_proj")
-    assert DSnoT(skip_layers=["self_attn"]).applies_to("mlp.fc1")
+    assert DSnoT(skip_layers=["attention"]).applies_to("mlp.fc1")
+    assert not DSnoT(skip_layers=["attention"]).applies_to("self_attn.q_proj")
     layer = nn.Linear(4, 2)
     assert d.init_stats(layer).col_sum.shape == (4,)
+
+
+def _windows_one_by_one(windows: list[torch.Tensor]) -> DSnoTStats:
+    stats = DSnoTStats(windows[0].shape[-1], windows[0].device)
+    for w in windows:
+        stats.add_batch(w.unsqueeze(0))
+    return stats
+
+
+def test_padded_windows_count_one_by_one_without_their_padding():
+    """A stack with a mask_key hands each layer its real tokens only (BlockInput.real_positions):
+    s and var must be those of the windows taken one at a time, padding never seen, however
+    many windows came in the batch."""
+    from ecoflap.blocks.capture import BlockInput
+
+    torch.manual_seed(0)
+    lengths = [5, 2, 4]
+    windows = [torch.randn(n, 6) for n in lengths]
+    padded = torch.full((3, 5, 6), 1e3)  # the padding holds values that would show
+    valid = torch.zeros(3, 5, dtype=torch.bool)
+    for i, w in enumerate(windows):
+        padded[i, :len(w)] = w
+        valid[i, :len(w)] = True
+    inp = BlockInput(None, (), {}, {}, valid)
+    stats = DSnoTStats(6, torch.device("cpu"))
+    stats.add_batch(inp.real_positions(padded))
+    one_by_one = _windows_one_by_one(windows)
+    assert stats.windows == 3 and stats.tokens == sum(lengths)
+    assert torch.allclose(stats.s, one_by_one.s, atol=1e-6)
+    assert torch.allclose(stats.var, one_by_one.var, atol=1e-6)
+    assert torch.allclose(stats.sq_sum, one_by_one.sq_sum)
+
+
+@pytest.fixture(scope="module")
+def tiny_t5():
+    from conftest import build_tokenizer
+    from test_seq2seq import build_tiny_t5
+
+    from ecoflap.data.calibration import seq2seq_calibration
+    from ecoflap.models.registry import adapter_for
+
+    tok = build_tokenizer()
+    model = build_tiny_t5(len(tok))
+    data = seq2seq_calibration(tok, "austen-emma", 8, 32, 0, "ecoflap", 48)
+    assert not data["attention_mask"].all()  # the encoder's windows are padded
+    return model, adapter_for(model, "seq2seq_lm"), data
+
+
+def test_padded_stack_masks_do_not_depend_on_the_batch_size(tiny_t5):
+    """T5's encoder pads its windows: Wanda + DSnoT must give the same masks whether the
+    calibration windows come one, two or eight at a time, and the encoder's masks whatever
+    its padding holds. (The decoder's cross-attention k/v read the encoder's padded states,
+    which the decoder's mask_key does not cover, so only the encoder is compared there.)"""
+    import copy
+
+    from ecoflap.data.calibration import batches
+    from ecoflap.models.base import model_layout
+    from ecoflap.pruning.engine import prune_sequential
+    from ecoflap.pruning.methods import Wanda
+
+    base, adapter, data = tiny_t5
+    ratios = {k: 0.5 for block in model_layout(base, adapter).values() for k in block}
+
+    def prune(data, batch_size):
+        model = copy.deepcopy(base)
+        report = prune_sequential(model, adapter, Wanda(), ratios, batches(data, batch_size), torch.device("cpu"),
+                                  refiner=DSnoT(skip_layers=[]))
+        return report.mask_sha256, {k: v == 0 for k, v in model.state_dict().items() if k.startswith("encoder.block.")}
+
+    hashes = {bs: prune(data, bs)[0] for bs in (1, 2, 8)}
+    assert len(set(hashes.values())) == 1, hashes
+    _hash, encoder = prune(data, 8)
+    _hash, other = prune(dict(data, input_ids=data["input_ids"].where(data["attention_mask"].bool(), 7)), 8)
+    assert all(torch.equal(encoder[k], other[k]) for k in encoder)
+
+
+def _tiny_opt(vocab: int):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(vocab_size=vocab, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=32,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+
+
+def _family(name: str):
+    """(model, adapter, calibration batches, the MLP layers of a block by the family's own layout)."""
+    from conftest import build_tiny_llama, build_tokenizer, calibration_batches
+    from test_seq2seq import build_tiny_t5
+
+    from ecoflap.data.calibration import batches, seq2seq_calibration
+    from ecoflap.models.registry import adapter_for
+
+    tok = build_tokenizer()
+    if name == "t5":
+        model = build_tiny_t5(len(tok))
+        data = batches(seq2seq_calibration(tok, "austen-emma", 8, 32, 0, "ecoflap", 48), 4)
+        return model, adapter_for(model, "seq2seq_lm"), data, lambda n: ".DenseReluDense." in n
+    model = build_tiny_llama(len(tok), layers=2) if name == "llama" else _tiny_opt(len(tok))
+    mlp = (lambda n: n.startswith("mlp.")) if name == "llama" else (lambda n: n in ("fc1", "fc2"))
+    return model, adapter_for(model), calibration_batches(tok), mlp
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "t5"])
+def test_the_default_skips_the_mlp_of_every_family(family):
+    """skip_layers: [mlp] names the block's MLP whatever the family calls it (LLaMA mlp.*, OPT
+    fc1/fc2, T5 layer.N.DenseReluDense.*): on the first block (whose inputs do not depend on
+    the refinement) the MLP keeps Wanda's masks and attention is refined."""
+    import copy
+
+    from ecoflap.models.base import model_layout
+    from ecoflap.pruning.engine import prune_sequential
+    from ecoflap.pruning.methods import Wanda
+
+    base, adapter, data, is_mlp = _family(family)
+    for _name, block in adapter.named_blocks(base):
+        layers = adapter.prunable_layers(block)
+        assert {n for n in layers if not DSnoT().applies_to(n)} == {n for n in layers if is_mlp(n)} != set()
+    ratios = {k: 0.5 for block in model_layout(base, adapter).values() for k in block}
+    first = adapter.named_blocks(base)[0][0] + "."
+
+    def zeros(refiner):
+        model = copy.deepcopy(base)
+        prune_sequential(model, adapter, Wanda(), ratios, data, torch.device("cpu"), refiner=refiner)
+        return {k[len(first):]: v == 0 for k, v in model.state_dict().items() if k.startswith(first)}
+
+    plain, refined = zeros(None), zeros(DSnoT(update_threshold=0.0))
+    changed = {k.rsplit(".", 1)[0] for k in plain if not torch.equal(plain[k], refined[k])}
+    assert changed and not any(is_mlp(k) for k in changed)
+
+
+def test_skip_layers_names_roles_and_every_layer_needs_one():
+    with pytest.raises(ValueError, match=r"skip_layers \['self_attn'\].*one of \['attention', 'mlp'\]"):
+        DSnoT(skip_layers=["self_attn"])
+    with pytest.raises(ValueError, match="'router.gate' matches no roles.*LAYER_ROLES.*skip_layers: \\[\\]"):
+        DSnoT().applies_to("router.gate")
+    assert DSnoT(skip_layers=[]).applies_to("router.gate")  # refining every layer needs no roles
+
+
+def test_the_config_schema_offers_exactly_the_layer_roles():
+    from ecoflap import catalog
+    from ecoflap.pruning.dsnot import LAYER_ROLES
+
+    assert set(catalog.REFINERS["dsnot"].options["skip_layers"].schema["items"]["enum"]) == set(LAYER_ROLES)

@@ -190,3 +190,58 @@ def test_statistics_pass_runs_to_the_end_when_a_layer_runs_twice(tiny, calib_bat
         del mlp.forward
     assert seen["mlp.down_proj"] == 2 * len(calib_batches)
     assert len(got["mlp.down_proj"]) == 2 * len(calib_batches)
+
+
+def _sparsegpt_on_dead_inputs(sparsity, group="row"):
+    """SparseGPT on a layer whose inputs 3 and 7 are never active (a ReLU unit that never
+    fires): their columns have an all-zero Hessian diagonal. Returns (dense weights, layer, mask)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 4, bias=False)
+    dense = layer.weight.detach().clone()
+    x = torch.randn(2, 8, 16)
+    x[..., [3, 7]] = 0
+    pruner = SparseGPT()
+    stats = pruner.init_stats(layer)
+    pruner.add_batch(stats, x)
+    return dense, layer, pruner.prune(layer, stats, sparsity, None, group)
+
+
+def test_sparsegpt_leaves_a_layer_at_sparsity_0_as_it_is():
+    """A layer the allocation keeps dense (dense_blocks, a ratio of 0) is not touched, not even
+    the weights of inputs that never fire (which a pruned layer zeroes, as the reference code)."""
+    dense, layer, mask = _sparsegpt_on_dead_inputs(0.0)
+    assert not mask.any()
+    assert torch.equal(layer.weight, dense)
+
+
+def test_sparsegpt_mask_holds_the_dead_input_zeros():
+    """At 10 % (6 of 64 weights by saliency) the 8 dead-input weights are zeroed too: the mask,
+    whose hash the report records, must say so."""
+    _dense, layer, mask = _sparsegpt_on_dead_inputs(0.1)
+    assert mask[:, [3, 7]].all()
+    assert torch.equal(mask, layer.weight == 0)
+
+
+def test_sparsegpt_checks_the_comparison_group_as_wanda_does(caplog):
+    with pytest.raises(ValueError, match=r"comparison group must be one of \('row', 'matrix'\), got 'bogus'"):
+        _sparsegpt_on_dead_inputs(0.5, "bogus")
+    with caplog.at_level("WARNING"):  # a valid group of the shared pruning: entry is said to have no effect
+        _dense, _layer, as_matrix = _sparsegpt_on_dead_inputs(0.5, "matrix")
+    assert "SparseGPT ignores comparison group 'matrix'" in caplog.text
+    assert torch.equal(as_matrix, _sparsegpt_on_dead_inputs(0.5)[2])
+
+
+def test_sparsegpt_nm_errors_name_the_width_at_fault():
+    """A column block must hold whole groups of M: the error is about block_size, not the slice."""
+    layer = torch.nn.Linear(16, 4, bias=False)
+    pruner = SparseGPT(block_size=6)
+    stats = pruner.init_stats(layer)
+    pruner.add_batch(stats, torch.randn(8, 16))
+    with pytest.raises(ValueError, match=r"block_size \(6\) must be a multiple of M \(4\)"):
+        pruner.prune(layer, stats, 0.5, (2, 4))
+    layer = torch.nn.Linear(18, 4, bias=False)
+    stats = pruner.init_stats(layer)
+    pruner.add_batch(stats, torch.randn(8, 18))
+    with pytest.raises(ValueError, match=r"input dimension \(18\) to be a multiple of 4"):
+        pruner.prune(layer, stats, 0.5, (2, 4))
+

@@ -64,10 +64,28 @@ class BlockInput:
         return output if self.injection is None else self.injection.added_to(output)
 
     def real_positions(self, x: torch.Tensor) -> torch.Tensor:
-        """A layer input without its padding positions (statistics must not see padding)."""
+        """A layer input without its padding positions (statistics must not see padding): on a
+        stack with a mask_key, the real tokens as `RealTokens` (which still know their windows)."""
         if self.valid is not None and x.shape[:-1] == self.valid.shape:
-            return x[self.valid]
+            return RealTokens.of(x, self.valid)
         return x
+
+
+class RealTokens(torch.Tensor):
+    """A padded layer input without its padding: [tokens, features], each window's real tokens
+    in turn, and `window_sizes` [windows], how many real tokens each window has. Flattening
+    loses the windows, and DSnoT's statistics are per window (a per-window sum averaged over
+    windows), so they travel with the tokens. Like nn.Parameter, any operation on it gives a
+    plain tensor: Wanda and SparseGPT see ordinary [tokens, features] inputs."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    window_sizes: torch.Tensor
+
+    @staticmethod
+    def of(x: torch.Tensor, valid: torch.Tensor) -> "RealTokens":
+        tokens = x[valid].as_subclass(RealTokens)
+        tokens.window_sizes = valid.reshape(-1, valid.shape[-1]).sum(-1)
+        return tokens
 
 
 def valid_positions(stack: Stack, batch: Batch) -> torch.Tensor | None:

@@ -4,6 +4,7 @@ the device as the offload mode says."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import re
 import shutil
@@ -185,6 +186,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust
     if mode == "disk":
         model = _model_without_block_weights(path, cls, files, dtype, trust_remote_code, family)
     else:
+        check_tied_values(path, tied_groups(_skeleton(path, cls, dtype, trust_remote_code)), files)
         try:
             model, info = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                               use_safetensors=True, output_loading_info=True)
@@ -237,6 +239,7 @@ def load_dispatched(path: str | Path, dtype: torch.dtype, mode: str, offload_fol
         max_memory = {i: int(AUTO_FIT_SHARE * torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())}
         max_memory["cpu"] = int(AUTO_FIT_SHARE * host_available_bytes()) if mode == "cpu" else 0
     cls = model_class(path, trust_remote_code)
+    check_tied_values(path, tied_groups(_skeleton(path, cls, dtype, trust_remote_code)), CheckpointFiles(path))
     model, info = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
                                       output_loading_info=True, device_map="auto", max_memory=max_memory,
                                       offload_folder=str(offload_folder))
@@ -279,17 +282,12 @@ def _model_without_block_weights(path: Path, cls: type, files: CheckpointFiles, 
     read from the checkpoint; each block holds stubs until offload reads it (place_model).
     Checked as strictly as from_pretrained's loading: every tensor the model expects is in
     the files with its shape, and the files hold nothing else."""
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) are computed, not stored
-        if cls in (AutoModelForCausalLM, AutoModelForSeq2SeqLM):  # the Auto classes build from a config
-            model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        else:
-            model = cls._from_config(config, dtype=dtype)
-    model.tie_weights()
+    model = _skeleton(path, cls, dtype, trust_remote_code)
     adapter = adapter_for(model, family)
     block_prefixes = tuple(f"{name}." for name, _ in adapter.named_blocks(model))
     expected = model.state_dict(keep_vars=True)
     _check_names(path, expected, files)
+    apart = check_tied_values(path, tied_groups(model), files)
     outside = [n for n in files.names() if not n.startswith(block_prefixes)]
     try:
         values = files.read(outside)
@@ -300,6 +298,8 @@ def _model_without_block_weights(path: Path, cls: type, files: CheckpointFiles, 
         value = values.pop(name)
         _replace(model, name, value.to(target.dtype) if value.is_floating_point() else value, target)
     model.tie_weights()  # the tied copies (a tied LM head) now share the loaded tensor
+    for name, value in files.read(apart).items():  # but a value of its own stays its own, as from_pretrained keeps it
+        _replace(model, name, value.to(expected[name].dtype), expected[name])
     for name, t in model.state_dict(keep_vars=True).items():
         if not name.startswith(block_prefixes) and t.is_meta:
             raise ValueError(f"{path}: {name} is neither in the checkpoint nor tied to a tensor that is; "
@@ -313,6 +313,64 @@ def _model_without_block_weights(path: Path, cls: type, files: CheckpointFiles, 
     log.info("offload disk: %d tensors outside the blocks loaded from %s; the %d blocks are read when reached",
              len(outside), path, len(blocks))
     return model
+
+
+def _skeleton(path: Path, cls: type, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+    """The model built from its config.json without weights (meta device), tied as the config says."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) are computed, not stored
+        if cls in (AutoModelForCausalLM, AutoModelForSeq2SeqLM):  # the Auto classes build from a config
+            model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        else:
+            model = cls._from_config(config, dtype=dtype)
+    model.tie_weights()
+    return model
+
+
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """The names that share one tensor (a tied LM head and the input embeddings), in groups of two or more."""
+    aliases: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        aliases.setdefault(id(t), []).append(name)
+    return [names for names in aliases.values() if len(names) > 1]
+
+
+def _held_apart(groups: list[list[str]], files: CheckpointFiles) -> dict[str, str]:
+    """{name: the name it is tied to} for every name of a tied group that the files hold with a
+    value of its own (different from the group's first name in the files)."""
+    stored = set(files.names())
+    apart = {}
+    for names in groups:
+        held = [n for n in names if n in stored]
+        if len(held) > 1:
+            values = files.read(held)
+            apart.update({n: held[0] for n in held[1:] if not torch.equal(values[n], values[held[0]])})
+    return apart
+
+
+def _config_ties(path: Path) -> bool:
+    """What config.json itself says: tie_word_embeddings (default true) unless it, or a
+    vision-language model's text_config, says false. (transformers may tie regardless: its
+    T5 always ties, while FlanT5's config.json says false and its files hold their own head.)"""
+    config = json.loads((path / "config.json").read_text())
+    return all(c.get("tie_word_embeddings", True) is not False for c in (config, config.get("text_config") or {}))
+
+
+def check_tied_values(path: Path, groups: list[list[str]], files: CheckpointFiles) -> dict[str, str]:
+    """The names the files hold apart from the tensor they are tied to ({name: tied to}). Where
+    config.json says tied, that is an error: transformers keeps the stored value (a warning
+    only) while offload: disk would tie it, so the model would depend on the offload mode and
+    neither is known to be the checkpoint's intent. Where config.json says untied (FlanT5), they
+    stay apart in every mode, as transformers keeps them."""
+    apart = _held_apart(groups, files)
+    if apart and _config_ties(path):
+        name, tied_to = next(iter(apart.items()))
+        raise ValueError(
+            f"{path}: config.json says {tied_to} and {name} are one tensor (tied: tie_word_embeddings), but the "
+            f"files hold a different {name}. Set \"tie_word_embeddings\": false in config.json (its text_config "
+            f"for a vision-language model) if the checkpoint's own {name} is meant, or delete {name} from the "
+            f"weight files (and the index) if it should be {tied_to}; then rewrite ecoflap_checksums.json")
+    return apart
 
 
 def _check_names(path: Path, expected: dict[str, torch.Tensor], files: CheckpointFiles) -> None:

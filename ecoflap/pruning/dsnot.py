@@ -22,8 +22,12 @@ unstructured masks and always on for N:M, MLP layers skipped). Stated difference
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
+
+from ecoflap.blocks.capture import RealTokens
 
 
 class DSnoTStats:
@@ -39,6 +43,9 @@ class DSnoTStats:
         self.tokens = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
+        if isinstance(x, RealTokens):  # a padded stack: windows of different lengths
+            self.add_windows(x.float(), x.window_sizes)
+            return
         x = x.float()
         x = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.unsqueeze(0)  # (windows, tokens, d)
         self.col_sum += x.sum(dim=(0, 1))
@@ -46,6 +53,20 @@ class DSnoTStats:
         self.sq_sum += x.pow(2).sum(dim=(0, 1))
         self.windows += x.shape[0]
         self.tokens += x.shape[0] * x.shape[1]
+
+    def add_windows(self, tokens: torch.Tensor, window_sizes: torch.Tensor) -> None:
+        """`tokens` [tokens, d]: the real tokens of windows of `window_sizes` tokens, one window
+        after the other. Each window counts once, whatever the batch it came in; a window that
+        is all padding has no tokens and is no window."""
+        sizes = window_sizes[window_sizes > 0].to(tokens.device)
+        window = torch.repeat_interleave(torch.arange(len(sizes), device=tokens.device), sizes)
+        means = torch.zeros(len(sizes), tokens.shape[-1], device=tokens.device).index_add_(0, window, tokens)
+        means /= sizes.unsqueeze(1)
+        self.col_sum += tokens.sum(0)
+        self.var_sum += (tokens - means[window]).pow(2).sum(0)  # each window's variance times its tokens
+        self.sq_sum += tokens.pow(2).sum(0)
+        self.windows += len(sizes)
+        self.tokens += tokens.shape[0]
 
     @property
     def s(self) -> torch.Tensor:
@@ -179,6 +200,37 @@ def refine_nm(w_dense: torch.Tensor, w_pruned: torch.Tensor, pruned: torch.Tenso
     return _finish(w_dense, w_pruned, pruned, regrown)
 
 
+# A layer's role within its block, from the module names the families give it (its name
+# relative to the block). A role, not a name prefix, is what `skip_layers` names, because the
+# MLP is "mlp.*" in LLaMA but "fc1"/"fc2" in OPT and "layer.1.DenseReluDense.*" in T5. Every
+# prunable layer must have exactly one role (a new family whose names match none is an error,
+# never a silently refined MLP).
+LAYER_ROLES: dict[str, tuple[str, ...]] = {
+    "attention": (
+        # LLaMA-likes, OPT, CLIP/SigLIP/BLIP vision (self_attn), timm and Qwen-VL vision (attn),
+        # BERT-style text, Q-Former and ViT (attention, crossattention), InternViT (attention)
+        r"(^|\.)(self_attn|attn|attention|crossattention)\.",
+        r"(^|\.)(SelfAttention|EncDecAttention)\.",  # T5: self- and cross-attention
+    ),
+    "mlp": (
+        r"(^|\.)mlp\.",  # LLaMA-likes (gate/up/down_proj), CLIP/SigLIP/BLIP/timm ViTs (fc1/fc2), Qwen-VL vision
+        r"^fc[12]$",  # OPT: the MLP's two Linears sit directly in the block
+        r"(^|\.)DenseReluDense\.",  # T5 (layer.1 of an encoder block, layer.2 of a decoder block)
+        r"^(intermediate|output)(_query)?\.dense$",  # BERT-style: BLIP text, Q-Former, ViT/DeiT
+    ),
+}
+
+
+def layer_role(name: str) -> str:
+    """The role ("attention" or "mlp") of the layer `name` (relative to its block)."""
+    roles = [role for role, patterns in LAYER_ROLES.items() if any(re.search(p, name) for p in patterns)]
+    if len(roles) != 1:
+        raise ValueError(f"DSnoT skip_layers: layer {name!r} matches {len(roles) or 'no'} roles of "
+                         f"{tuple(LAYER_ROLES)}; add its family's module names to LAYER_ROLES "
+                         "(ecoflap/pruning/dsnot.py), or set skip_layers: [] to refine every layer")
+    return roles[0]
+
+
 class DSnoT:
     """The refiner the engine runs after each layer's pruner (`refine: dsnot`)."""
 
@@ -189,13 +241,17 @@ class DSnoT:
         self.max_cycles = max_cycles
         self.update_threshold = update_threshold
         self.pow_of_var_regrowing = pow_of_var_regrowing
+        unknown = [entry for entry in skip_layers if entry not in LAYER_ROLES]
+        if unknown:
+            raise ValueError(f"DSnoT skip_layers {unknown}: each entry must be a layer role, one of "
+                             f"{list(LAYER_ROLES)} (mlp: the block's MLP in every family); [] refines every layer")
         self.skip_layers = tuple(skip_layers)
         self.same_sign = same_sign
 
     def applies_to(self, name: str) -> bool:
-        """Layers named (within their block) under a skipped prefix keep the pruner's mask:
-        their default skips the MLP ("mlp.gate_proj", ...) and refines attention only."""
-        return name.split(".")[0] not in self.skip_layers
+        """Layers (named within their block) of a skipped role keep the pruner's mask: their
+        default skips the MLP and refines attention only."""
+        return not self.skip_layers or layer_role(name) not in self.skip_layers
 
     def init_stats(self, layer: nn.Linear) -> DSnoTStats:
         return DSnoTStats(layer.in_features, layer.weight.device)

@@ -45,15 +45,19 @@ def matrix_threshold_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 COMPARISON_GROUPS = ("row", "matrix")
 
 
+def check_comparison_group(group: str) -> None:
+    if group not in COMPARISON_GROUPS:
+        raise ValueError(f"comparison group must be one of {COMPARISON_GROUPS}, got {group!r}")
+
+
 def select_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, group: str = "row") -> torch.Tensor:
     """N:M groups, else the lowest scores within each output row ("row", Wanda's default) or
     under one threshold for the whole matrix ("matrix")."""
+    check_comparison_group(group)
     if nm:
         return nm_mask(score, *nm)
     if group == "matrix":
         return matrix_threshold_mask(score, sparsity)
-    if group != "row":
-        raise ValueError(f"comparison group must be one of {COMPARISON_GROUPS}, got {group!r}")
     return rowwise_mask(score, sparsity)
 
 

@@ -3,13 +3,16 @@ calibration activations, how it accumulates them, and how it turns them into a m
 (SparseGPT also updates the surviving weights)."""
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import nn
 
 from ecoflap import catalog
-from ecoflap.pruning.masks import nm_mask, select_mask
+from ecoflap.pruning.masks import check_comparison_group, nm_mask, select_mask
+
+log = logging.getLogger(__name__)
 
 
 class Magnitude:
@@ -60,6 +63,7 @@ class SparseGPT:
     def __init__(self, block_size: int = 128, damp: float = 0.01) -> None:
         self.block_size = block_size
         self.damp = damp
+        self.warned_group = False
 
     def init_stats(self, layer: nn.Linear) -> dict:
         return {"H": torch.zeros(layer.in_features, layer.in_features, device=layer.weight.device,
@@ -73,16 +77,43 @@ class SparseGPT:
         x = math.sqrt(2 / stats["n"]) * x
         stats["H"] += x.t() @ x
 
+    def _note_group(self, group: str) -> None:
+        """The comparison group is a `pruning:` setting shared by every method of a config (the
+        BLIP-2 paper configs compare Wanda's ViT scores per matrix and run SparseGPT beside it),
+        so a valid one is accepted here, and said (once) to be without effect."""
+        check_comparison_group(group)
+        if group != "row" and not self.warned_group:
+            log.warning("SparseGPT ignores comparison group %r: its own rule is one threshold per column block "
+                        "over all rows (the reference code's)", group)
+            self.warned_group = True
+
+    def _check_nm(self, cols: int, nm: tuple[int, int] | None) -> None:
+        """N:M groups are chosen inside a column block, so a block must hold whole groups."""
+        if nm is None:
+            return
+        n, m = nm
+        if cols % m:
+            raise ValueError(f"N:M {n}:{m} needs the input dimension ({cols}) to be a multiple of {m}")
+        if self.block_size % m:
+            raise ValueError(f"SparseGPT with N:M {n}:{m}: block_size ({self.block_size}) must be a multiple of M "
+                             f"({m}); set pruning.sparsegpt_block_size to a multiple of {m}")
+
     @torch.no_grad()
     def prune(self, layer: nn.Linear, stats: dict, sparsity: float, nm: tuple[int, int] | None,
               group: str = "row") -> torch.Tensor:
-        # `group` is not used: SparseGPT has its own rule (one threshold per column block)
-        W = layer.weight.detach().float().clone()
+        self._note_group(group)
+        self._check_nm(layer.in_features, nm)
         # the statistics are used up here: H is modified in place and the stats let go of it,
         # so that no more than two columns x columns matrices are alive at once (down_proj of a
         # 7B model: 11008^2 floats, 485 MB each); the values are the reference code's
         H = stats.pop("H")
+        if nm is None and sparsity == 0:  # kept dense (dense_blocks, a ratio of 0): not one weight changes
+            return torch.zeros_like(layer.weight, dtype=torch.bool)
+        W = layer.weight.detach().float().clone()
         rows, cols = W.shape
+        # inputs never active on the calibration data (H's diagonal 0): the reference code zeroes
+        # their weights in a layer it prunes, whatever the saliency, and so does this one; they
+        # are marked pruned (below), so that the mask and its hash say which weights are 0
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0
@@ -128,6 +159,7 @@ class SparseGPT:
             W[:, i1:i2] = W1
             mask[:, i1:i2] = mask1
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        mask[:, dead] = True
         W[mask] = 0
         layer.weight.copy_(W.to(layer.weight.dtype))
         return mask
