@@ -113,6 +113,14 @@ def test_asking_for_more_devices_than_visible_is_a_clear_error(tmp_path, monkeyp
         leases.take_lease(3, lock_dir=str(tmp_path))
 
 
+def test_device_lists_are_read_the_same_with_or_without_spaces(monkeypatch):
+    """ECOFLAP_GPU_IDS "1, 0" gave the id " 0": a lock file of its own beside "0"'s, so two jobs held device 0."""
+    for variable in ("ECOFLAP_GPU_IDS", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv("ECOFLAP_GPU_IDS", raising=False)
+        monkeypatch.setenv(variable, " 1, 0 ,")
+        assert leases.visible_devices() == (["1", "0"], variable)
+
+
 def test_slurm_jobs_scope_their_locks(monkeypatch):
     monkeypatch.delenv("ECOFLAP_LEASE_DIR", raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")

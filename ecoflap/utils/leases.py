@@ -52,14 +52,18 @@ class Lease:
         return {"devices": self.devices, "lock_dir": self.lock_dir, "waited_s": round(self.waited_s, 1)}
 
 
+def _ids(listed: str) -> list[str]:
+    return [d.strip() for d in listed.split(",") if d.strip()]
+
+
 def visible_devices() -> tuple[list[str], str]:
     """The device ids this process may use, and where that list came from."""
     simulated = os.environ.get("ECOFLAP_GPU_IDS")
-    if simulated is not None:
-        return [d for d in simulated.split(",") if d.strip()], "ECOFLAP_GPU_IDS"
+    if simulated is not None:  # stripped as CUDA's list is: "0, 1" and "0,1" must lock the same files
+        return _ids(simulated), "ECOFLAP_GPU_IDS"
     inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
     if inherited is not None:
-        return [d.strip() for d in inherited.split(",") if d.strip() and d.strip() != "-1"], "CUDA_VISIBLE_DEVICES"
+        return [d for d in _ids(inherited) if d != "-1"], "CUDA_VISIBLE_DEVICES"
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=30)
