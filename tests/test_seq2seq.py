@@ -230,3 +230,33 @@ def test_paper_config_dry_run_plans_mmlu(tmp_path):
         assert f"results/flan-t5-xl/{row}/eval/lm_eval.json" in text
     assert '"tasks": ["mmlu"]' in text and '"num_fewshot": 5' in text and '"protocol": "ecoflap"' in text
     assert f"--reference {REPO}/config/paper/published/flant5_mmlu.yaml" in text
+
+
+def test_encoder_padding_never_reaches_the_cross_attention_statistics(t5_dir, t5_batches):
+    """The decoder's cross-attention k and v read the encoder's states, padding included: changing
+    only the ids at padded encoder positions changed their Wanda masks (the decoder's labels mask
+    does not fit those states, or, at equal lengths, marks the wrong positions)."""
+    from ecoflap.models.base import model_layout
+    from ecoflap.models.loading import load_model
+    from ecoflap.models.registry import adapter_for
+    from ecoflap.pruning.engine import prune_sequential
+    from ecoflap.pruning.methods import make_pruner
+    from conftest import uniform_per_layer
+
+    assert all((b["attention_mask"] == 0).any() for b in t5_batches)  # the ecoflap protocol pads the prefixes
+    other = [dict(b, input_ids=b["input_ids"].masked_fill(b["attention_mask"] == 0, 7)) for b in t5_batches]
+    equal = [dict(b, labels=b["labels"][:, :b["input_ids"].shape[1]]) for b in t5_batches]
+    equal = [dict(b, labels=torch.cat([b["labels"], torch.full((b["labels"].shape[0],
+                                                                b["input_ids"].shape[1] - b["labels"].shape[1]), -100)],
+                                      1)) for b in equal]  # decoder as long as the encoder
+    equal_other = [dict(b, input_ids=b["input_ids"].masked_fill(b["attention_mask"] == 0, 7)) for b in equal]
+    hashes = {}
+    for name, data in (("padded", t5_batches), ("other padding", other), ("equal", equal),
+                       ("equal, other padding", equal_other)):
+        model, _ = load_model(t5_dir, CPU, torch.float32, family="seq2seq_lm")
+        adapter = adapter_for(model, "seq2seq_lm")
+        report = prune_sequential(model, adapter, make_pruner("wanda"),
+                                  uniform_per_layer(model_layout(model, adapter), 0.5), data, CPU)
+        hashes[name] = report.mask_sha256
+    assert hashes["padded"] == hashes["other padding"]
+    assert hashes["equal"] == hashes["equal, other padding"]

@@ -53,10 +53,13 @@ class BlockInput:
     # Stack.injects_between_blocks: what the model adds to this block's output before the next
     # block (next input minus this output, from the capture pass); None: nothing
     injection: Injection | None = None
+    # Stack.cross_mask_key: [batch, encoder positions], False at the padding of the states the
+    # block's cross-attention reads (handed to the block as one of its arguments)
+    cross_valid: torch.Tensor | None = None
 
     def with_hidden(self, hidden: torch.Tensor | None, device: torch.device | None = None) -> "BlockInput":
         return BlockInput(hidden, self.args, self.kwargs, self.batch, self.valid, device or self.device,
-                          self.injection)
+                          self.injection, self.cross_valid)
 
     def next_input(self, output: torch.Tensor) -> torch.Tensor:
         """This block's output as the next block receives it: with the injection added (Qwen3-VL's
@@ -66,9 +69,17 @@ class BlockInput:
     def real_positions(self, x: torch.Tensor) -> torch.Tensor:
         """A layer input without its padding positions (statistics must not see padding): on a
         stack with a mask_key, the real tokens as `RealTokens` (which still know their windows)."""
+        if self.cross_valid is not None and x.shape[:-1] == self.cross_valid.shape and self._handed_in(x):
+            # the encoder's states, passed as they are to the cross-attention's k and v: their own
+            # padding (the block's mask is for its own positions; at equal lengths it would fit, wrongly)
+            return RealTokens.of(x, self.cross_valid)
         if self.valid is not None and x.shape[:-1] == self.valid.shape:
             return RealTokens.of(x, self.valid)
         return x
+
+    def _handed_in(self, x: torch.Tensor) -> bool:
+        """Whether `x` is one of the block's arguments itself (not something the block computed)."""
+        return any(x is a for a in (*self.args, *self.kwargs.values()))
 
 
 class RealTokens(torch.Tensor):
@@ -88,11 +99,13 @@ class RealTokens(torch.Tensor):
         return tokens
 
 
-def valid_positions(stack: Stack, batch: Batch) -> torch.Tensor | None:
-    if stack.mask_key is None or stack.mask_key not in batch:
+def valid_positions(stack: Stack, batch: Batch, key: str | None = None) -> torch.Tensor | None:
+    """Where the batch entry `key` (default: the stack's mask_key) marks real positions."""
+    key = key or stack.mask_key
+    if key is None or key not in batch:
         return None
-    mask = batch[stack.mask_key]
-    return mask != -100 if stack.mask_key == "labels" else mask.bool()
+    mask = batch[key]
+    return mask != -100 if key == "labels" else mask.bool()
 
 
 class StopForward(Exception):
@@ -157,7 +170,8 @@ def capture_stack_inputs(model: nn.Module, adapter: Adapter, stack: Stack, batch
                                    f"in {stack.path}; the adapter's forward or Stack.calls is wrong")
             valid = valid_positions(stack, batch)
             for c in range(stack.calls):
-                per_block = [BlockInput(h, a, k, batch, valid)
+                cross_valid = valid_positions(stack, batch, stack.cross_mask_key) if stack.cross_mask_key else None
+                per_block = [BlockInput(h, a, k, batch, valid, cross_valid=cross_valid)
                              for h, a, k in calls[c * len(watched):(c + 1) * len(watched)]]
                 if stack.injects_between_blocks:
                     _set_injections(per_block, outputs[c * (len(blocks) - 1):(c + 1) * (len(blocks) - 1)])

@@ -50,6 +50,9 @@ class Stack:
     data of its own.
     mask_key: the batch entry marking the stack's real (non-padding) positions, so padding
     does not enter the pruners' activation statistics ("labels": those not -100).
+    cross_mask_key: the batch entry marking the real positions of the states the stack's
+    cross-attention reads (a T5 decoder's: the encoder's attention_mask), so the encoder's
+    padding does not enter the statistics of the cross-attention's k and v either.
     injects_between_blocks: the model adds to the hidden states between blocks, outside any
     block (Qwen3-VL's DeepStack adds vision features to the image positions after each of the
     first language blocks). The capture records each block's output besides its input, and the
@@ -63,6 +66,7 @@ class Stack:
     per_block_inputs: bool = False
     calls: int = 1
     mask_key: str | None = None
+    cross_mask_key: str | None = None
     injects_between_blocks: bool = False
 
     def __post_init__(self) -> None:

@@ -71,6 +71,6 @@ def language_stacks(model: nn.Module) -> list[Stack]:
         return [Stack("language_encoder", "language_model.encoder.block", "language", per_block_inputs=True,
                       mask_key="attention_mask"),
                 Stack("language_decoder", "language_model.decoder.block", "language", per_block_inputs=True,
-                      mask_key="labels")]
+                      mask_key="labels", cross_mask_key="attention_mask")]
     return [Stack("language", "language_model." + decoder_adapter(lm).blocks_path, "language",
                   mask_key="attention_mask")]

@@ -29,7 +29,8 @@ class Seq2SeqAdapter(Adapter):
 
     def stacks(self, model: nn.Module) -> list[Stack]:
         return [Stack("encoder", self.encoder_path, "language", per_block_inputs=True, mask_key="attention_mask"),
-                Stack("decoder", self.decoder_path, "language", per_block_inputs=True, mask_key="labels")]
+                Stack("decoder", self.decoder_path, "language", per_block_inputs=True, mask_key="labels",
+                      cross_mask_key="attention_mask")]
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Mean cross-entropy over the target's real tokens (labels -100 at padding)."""
