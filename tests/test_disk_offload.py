@@ -247,3 +247,73 @@ def test_evaluate_text_cli_with_offload_disk(tiny_dir, tmp_path):
     assert metrics["disk"]["perplexity"]["perplexity"] == pytest.approx(metrics["none"]["perplexity"]["perplexity"],
                                                                         rel=1e-5)
     assert metrics["disk"]["lm_eval"] == metrics["none"]["lm_eval"]
+
+
+def _prune_to(folder, out, mode, family, pruner_name="magnitude", batches=()):
+    """Prune `folder` (float16) with offload `mode`, written block by block to `out`; the files' hashes."""
+    from ecoflap.pruning.checkpoint import PrunedCheckpoint
+    from ecoflap.pruning.engine import prune_sequential
+    from ecoflap.pruning.methods import make_pruner
+
+    model, _tok = load_model(folder, CPU, torch.float16, offload=mode, family=family)
+    adapter = adapter_for(model, family)
+    out.mkdir()
+    written = PrunedCheckpoint(model, adapter, folder, out)
+    prune_sequential(model, adapter, make_pruner(pruner_name), uniform_per_layer(model_layout(model, adapter), 0.5),
+                     list(batches), CPU, on_block_pruned=written.write_block)
+    written.finish(_tok)
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir()) if f.is_file()}
+
+
+def _dtypes(model):
+    """Every tensor's dtype (a disk block's stubs carry the dtype its weights are read in)."""
+    return {name: t.dtype for name, t in model.state_dict().items()}
+
+
+def test_disk_keeps_the_float32_modules_of_a_float16_t5(tmp_path):
+    """T5 keeps its `wo` layers in float32 (_keep_in_fp32_modules) when loaded in float16:
+    offload disk must load every tensor in the dtype from_pretrained gives it, compute the
+    same logits, size the model as loaded, and write the same pruned checkpoint."""
+    from test_seq2seq import build_tiny_t5
+
+    from conftest import build_tokenizer
+    from ecoflap.data.calibration import batches, seq2seq_calibration
+    from ecoflap.models.loading import loaded_bytes
+    from ecoflap.models.shards import CheckpointFiles
+
+    tok = build_tokenizer()
+    build_tiny_t5(len(tok)).save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+    models = {mode: load_model(tmp_path / "t5", CPU, torch.float16, offload=mode, family="seq2seq_lm")[0]
+              for mode in ("none", "disk")}
+    wo = "encoder.block.0.layer.1.DenseReluDense.wo.weight"
+    assert _dtypes(models["none"])[wo] == torch.float32  # transformers' rule, which disk must follow
+    assert _dtypes(models["disk"]) == _dtypes(models["none"])
+    ids = torch.randint(3, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = {m: model(input_ids=ids, decoder_input_ids=ids[:, :6]).logits for m, model in models.items()}
+    assert torch.equal(logits["none"], logits["disk"])
+    as_loaded = {name: t.dtype for name, t in models["none"].state_dict().items()}
+    assert loaded_bytes(CheckpointFiles(tmp_path / "t5"), torch.float16, as_loaded) == \
+        offload.model_bytes(models["none"])
+    calibration = batches(seq2seq_calibration(tok, "austen-emma", 8, 32, 0, "ecoflap", 48), 4)
+    files = {mode: _prune_to(tmp_path / "t5", tmp_path / mode, mode, "seq2seq_lm", "wanda", calibration)
+             for mode in ("none", "disk")}  # wanda: the calibration runs through the float32 `wo` too
+    assert files["none"] == files["disk"]
+
+
+def test_disk_keeps_the_float32_q_former_of_a_float16_blip2(tmp_path):
+    """BLIP-2 keeps its query tokens and Q-Former in float32: so must offload disk, outside the
+    blocks (query_tokens) and in the blocks it reads (the Q-Former's layers), and the pruned
+    checkpoint is the same file for file."""
+    import vl_models
+
+    folder = vl_models.build("blip2_opt", tmp_path / "model")
+    models = {mode: load_model(folder, CPU, torch.float16, offload=mode)[0] for mode in ("none", "disk")}
+    assert models["none"].query_tokens.dtype == torch.float32
+    assert _dtypes(models["none"])["qformer.encoder.layer.0.attention.attention.query.weight"] == torch.float32
+    assert _dtypes(models["disk"]) == _dtypes(models["none"])
+    with offload.resident(models["disk"].qformer.encoder.layer[0]):  # the dtype the block is read in
+        assert models["disk"].qformer.encoder.layer[0].attention.attention.query.weight.dtype == torch.float32
+    files = {mode: _prune_to(folder, tmp_path / mode, mode, None) for mode in ("none", "disk")}
+    assert files["none"] == files["disk"]

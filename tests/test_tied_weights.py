@@ -74,3 +74,41 @@ def test_a_head_of_its_own_stays_its_own_where_config_json_unties_it(tmp_path):
         with torch.no_grad():
             logits[offload] = model(input_ids=ids, decoder_input_ids=ids).logits
     assert torch.equal(logits["none"], logits["disk"])
+
+
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_a_stored_copy_of_the_tied_embeddings_is_pruned_and_written_once(tmp_path, offload):
+    """The pruned checkpoint of a source that stores both tied names writes one (safetensors
+    refuses two names for one tensor), the one save_pretrained keeps; reloaded, it is the
+    pruned model."""
+    import json
+    from contextlib import ExitStack
+
+    from conftest import calibration_batches, uniform_per_layer
+    from ecoflap.models.base import model_layout
+    from ecoflap.models.offload import resident
+    from ecoflap.models.registry import adapter_for
+    from ecoflap.pruning.checkpoint import PrunedCheckpoint
+    from ecoflap.pruning.engine import prune_sequential
+    from ecoflap.pruning.methods import make_pruner
+
+    folder = _tied_llama_with_stored_head(tmp_path / "model", lambda e: e.clone())
+    model, tok = load_model(folder, torch.device("cpu"), torch.float32, offload=offload)
+    adapter = adapter_for(model)
+    out = tmp_path / "pruned"
+    out.mkdir()
+    written = PrunedCheckpoint(model, adapter, folder, out)
+    prune_sequential(model, adapter, make_pruner("wanda"), uniform_per_layer(model_layout(model, adapter), 0.5),
+                     calibration_batches(tok), torch.device("cpu"), on_block_pruned=written.write_block)
+    written.finish(tok)
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.embed_tokens.weight" in weight_map and "lm_head.weight" not in weight_map
+    reloaded, _tok = load_model(out, torch.device("cpu"), torch.float32)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight  # tied again by from_pretrained
+    with ExitStack() as held:  # offload disk: every block read (from the shards pruning wrote) while compared
+        for block in adapter.blocks(model):
+            held.enter_context(resident(block))
+        pruned = model.state_dict()
+        assert pruned.keys() == reloaded.state_dict().keys()
+        for name, value in reloaded.state_dict().items():
+            assert torch.equal(value, pruned[name]), name

@@ -18,6 +18,8 @@ from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.utils import HfHubHTTPError
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
+from transformers import __version__ as transformers_version
+from transformers.core_model_loading import build_glob_alternation
 
 from ecoflap.models.fashion_clip import train_fashion_clip
 from ecoflap.models.fashion_vit import train_fashion_vit
@@ -182,11 +184,12 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust
     verify_checksums(path)
     cls = model_class(path, trust_remote_code)
     files = CheckpointFiles(path)
-    mode = choose_offload(offload, loaded_bytes(files, dtype), device)
+    skeleton = _skeleton(path, cls, dtype, trust_remote_code)
+    mode = choose_offload(offload, loaded_bytes(files, dtype, _dtypes(skeleton)), device)
     if mode == "disk":
-        model = _model_without_block_weights(path, cls, files, dtype, trust_remote_code, family)
+        model = _model_without_block_weights(path, skeleton, files, family)
     else:
-        check_tied_values(path, tied_groups(_skeleton(path, cls, dtype, trust_remote_code)), files)
+        check_tied_values(path, tied_groups(skeleton), files)
         try:
             model, info = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                               use_safetensors=True, output_loading_info=True)
@@ -262,9 +265,11 @@ def resolve_offload(path: str | Path, offload: str, dtype: torch.dtype, device: 
     return choose_offload(offload, loaded_bytes(CheckpointFiles(path), dtype), device)
 
 
-def loaded_bytes(files: CheckpointFiles, dtype: torch.dtype) -> int:
-    """What the checkpoint's tensors take in memory once loaded: floating tensors in `dtype`."""
-    size = torch.tensor([], dtype=dtype).element_size()
+def loaded_bytes(files: CheckpointFiles, dtype: torch.dtype, as_loaded: dict[str, torch.dtype] | None = None) -> int:
+    """What the checkpoint's tensors take in memory once loaded: floating tensors in the dtype
+    `as_loaded` names for them (a skeleton's, see _dtypes: float32 for the modules a model keeps
+    in float32), else in `dtype`."""
+    as_loaded = as_loaded or {}
     shapes = files.shapes()
     total = 0
     for name, shape in shapes.items():
@@ -272,17 +277,23 @@ def loaded_bytes(files: CheckpointFiles, dtype: torch.dtype) -> int:
         numel = 1
         for s in shape:
             numel *= s
-        total += numel * (size if stored in ("F64", "F32", "F16", "BF16") else DTYPE_BYTES.get(stored, 4))
+        size = as_loaded.get(name, dtype).itemsize if stored in ("F64", "F32", "F16", "BF16") \
+            else DTYPE_BYTES.get(stored, 4)
+        total += numel * size
     return total
 
 
-def _model_without_block_weights(path: Path, cls: type, files: CheckpointFiles, dtype: torch.dtype,
-                                 trust_remote_code: bool, family: str | None) -> PreTrainedModel:
-    """offload: disk. The model built without weights, then the tensors outside the blocks
-    read from the checkpoint; each block holds stubs until offload reads it (place_model).
-    Checked as strictly as from_pretrained's loading: every tensor the model expects is in
-    the files with its shape, and the files hold nothing else."""
-    model = _skeleton(path, cls, dtype, trust_remote_code)
+def _dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    return {name: t.dtype for name, t in model.state_dict(keep_vars=True).items()}
+
+
+def _model_without_block_weights(path: Path, model: PreTrainedModel, files: CheckpointFiles,
+                                 family: str | None) -> PreTrainedModel:
+    """offload: disk. The model built without weights (`model`, a _skeleton), then the tensors
+    outside the blocks read from the checkpoint in the skeleton's dtypes; each block holds stubs
+    of those dtypes until offload reads it (place_model). Checked as strictly as from_pretrained's
+    loading: every tensor the model expects is in the files with its shape, and the files hold
+    nothing else."""
     adapter = adapter_for(model, family)
     block_prefixes = tuple(f"{name}." for name, _ in adapter.named_blocks(model))
     expected = model.state_dict(keep_vars=True)
@@ -316,15 +327,40 @@ def _model_without_block_weights(path: Path, cls: type, files: CheckpointFiles, 
 
 
 def _skeleton(path: Path, cls: type, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
-    """The model built from its config.json without weights (meta device), tied as the config says."""
+    """The model built from its config.json without weights (meta device), each tensor in the
+    dtype from_pretrained gives it, tied as the config says."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) are computed, not stored
         if cls in (AutoModelForCausalLM, AutoModelForSeq2SeqLM):  # the Auto classes build from a config
             model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         else:
             model = cls._from_config(config, dtype=dtype)
-    model.tie_weights()
+    _keep_in_fp32(model, dtype)
+    model.tie_weights()  # after _keep_in_fp32, which gives a recast tensor a new Parameter
     return model
+
+
+def _keep_in_fp32(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """from_config builds every tensor in `dtype`, but from_pretrained loads the modules a model
+    keeps in float32 (_keep_in_fp32_modules in float16, _keep_in_fp32_modules_strict in float16
+    and bfloat16: T5's `wo`, BLIP-2's query tokens and Q-Former) in float32. The same plan
+    (transformers' _get_dtype_plan) matched to the names as from_pretrained matches it
+    (core_model_loading's convert_and_load_state_dict_in_model), so that offload: disk loads
+    the dtypes offload none loads."""
+    if not hasattr(model, "_get_dtype_plan"):  # transformers releases before the plan
+        if dtype != torch.float32 and (model._keep_in_fp32_modules or model._keep_in_fp32_modules_strict):
+            raise RuntimeError(f"this transformers ({transformers_version}) has no _get_dtype_plan, so offload: disk "
+                               f"cannot give {type(model).__name__}'s float32 modules the dtype from_pretrained gives "
+                               "them; use offload none or cpu, or transformers 5.24 (envs/)")
+        return
+    plan = model._get_dtype_plan(dtype)
+    if not plan:
+        return
+    pattern, glob_of = build_glob_alternation(list(plan))[:2]  # some releases add a third item
+    for name, t in model.state_dict(keep_vars=True).items():
+        match = pattern.search(name)
+        if match is not None:
+            _set_tensor(model, name, t.to(plan[glob_of[match.lastgroup]]), t)  # a meta tensor stays meta
 
 
 def tied_groups(model: nn.Module) -> list[list[str]]:
@@ -392,11 +428,15 @@ def _check_names(path: Path, expected: dict[str, torch.Tensor], files: Checkpoin
 
 
 def _replace(model: nn.Module, name: str, value: torch.Tensor, old: torch.Tensor) -> None:
-    """Put `value` where the parameter or buffer `name` is (a new Parameter object: nothing
-    holds the old ones yet)."""
+    """Put `value` where the parameter or buffer `name` is, in host memory."""
+    _set_tensor(model, name, value.to(HOST), old)
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, old: torch.Tensor) -> None:
+    """`value` as the parameter or buffer `name` (a new Parameter object: nothing holds the old ones yet)."""
     module_path, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_path)
     if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(value.to(HOST), requires_grad=old.requires_grad)
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
     else:
-        module._buffers[leaf] = value.to(HOST)
+        module._buffers[leaf] = value

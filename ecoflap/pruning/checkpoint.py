@@ -4,8 +4,9 @@ blocks) at the end, then the index, config and tokenizer. The model is never hel
 saving, which is what lets offload: disk prune a model larger than host memory; the other
 modes write the same files, so a checkpoint's hash does not depend on the offload mode.
 
-Tensor names and the set of tensors are the source checkpoint's (a tied LM head is not
-written twice, as save_pretrained does not); dtypes are the model's as loaded."""
+Tensor names and the set of tensors are the source checkpoint's, except that a tied group (a
+tied LM head and the embeddings) is written under one name, the one save_pretrained keeps, even
+where the source stores both; dtypes are the model's as loaded."""
 from __future__ import annotations
 
 import logging
@@ -14,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from ecoflap.models.base import Adapter
 from ecoflap.models.offload import point_to, resident
@@ -51,6 +54,12 @@ class PrunedCheckpoint:
         self.written.add(name)
         self.seconds += time.perf_counter() - t0
 
+    def _one_name_per_tied_group(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """safetensors refuses two names for one tensor; a source that stores both names of a tied
+        group (equal values, as some converted checkpoints do) would give two. Keep the name
+        save_pretrained keeps (transformers' own rule), from which from_pretrained ties the rest."""
+        return remove_tied_weights_from_state_dict(dict(tensors), self.model)  # it deletes from the dict it is given
+
     def finish(self, processors: Any) -> None:
         log.info("pruned checkpoint: writing the blocks left dense, the tensors outside the blocks, the index, "
                  "config and tokenizer")
@@ -61,8 +70,9 @@ class PrunedCheckpoint:
         t0 = time.perf_counter()
         prefixes = tuple(f"{name}." for name, _ in self.blocks)
         rest = {k: v for k, v in self.model.state_dict().items() if k in self.names and not k.startswith(prefixes)}
-        self.writer.write(rest)
-        missing = self.names - set(self.writer.weight_map)
+        kept = self._one_name_per_tied_group(rest)
+        self.writer.write(kept)
+        missing = self.names - set(self.writer.weight_map) - (rest.keys() - kept.keys())
         if missing:
             raise RuntimeError(f"the pruned checkpoint lacks {len(missing)} tensors of the source "
                                f"({', '.join(sorted(missing)[:4])}); nothing was kept")
