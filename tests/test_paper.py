@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import yaml
 
 from conftest import REPO
@@ -55,3 +56,127 @@ def test_the_page_sets_ours_beside_the_published_numbers(tmp_path, monkeypatch):
     for fig in ("blip2_vqav2", "flant5_mmlu", "eva_vit_imagenet", "clip_average", "llama7b_wikitext2"):
         assert (tmp_path / "paper" / f"{fig}.png").stat().st_size > 5000, fig
     assert len(pd.read_csv(tmp_path / "paper/comparison.csv")) == len(df)
+
+
+# A published number whose model or metric name matches nothing of ours would sit beside an empty
+# cell for good, like a row that has not run yet: a misspelt name is an error instead.
+PPL = "perplexity (brown-heldout)"
+
+
+def _table() -> pd.DataFrame:
+    return pd.DataFrame([{"method": "dense", "sparsity": "0", "target": 0.0, PPL: 20.0, f"{PPL} lo95": 19.0,
+                          "prune_s": float("nan")},
+                         {"method": "wanda", "sparsity": "0.6", "target": 0.6, PPL: 300.0, f"{PPL} lo95": 290.0,
+                          "prune_s": 1.0}])
+
+
+def test_a_misspelt_model_or_metric_in_the_reference_is_an_error():
+    from ecoflap.reporting.aggregate import compare_with_reference
+
+    ref = {"models": {"tiny": {"rows": {"wanda/0.6": {PPL: 310.0}, "wanda/0.7": {PPL: 900.0}}}}}
+    df = compare_with_reference(_table(), ref, "tiny")
+    assert df["ours"].iloc[0] == 300.0 and math.isnan(df["ours"].iloc[1])  # 0.7 not run yet: an empty cell
+    with pytest.raises(ValueError, match=r"no model 'Tiny'; it lists \['tiny'\]"):
+        compare_with_reference(_table(), ref, "Tiny")
+    for wrong in ("perplexity (brown_heldout)", "ppl (brown-heldout)", "prune_s", f"{PPL} lo95"):
+        typo = {"models": {"tiny": {"rows": {"wanda/0.6": {wrong: 310.0}}}}}
+        with pytest.raises(ValueError, match=r"use our column names: \['perplexity \(brown-heldout\)'\]"):
+            compare_with_reference(_table(), typo, "tiny")
+
+
+def _aggregate_one_row(tmp_path, reference: dict, config_models: list[str]):
+    from ecoflap.reporting.aggregate import aggregate
+
+    results = tmp_path / "results" / "tiny"
+    (results / "dense/0/eval").mkdir(parents=True)
+    (results / "dense/0/eval/perplexity.json").write_text(json.dumps(
+        {"metrics": {"dataset": "brown-heldout", "perplexity": 20.0, "tokens": 64}, "provenance": {}}))
+    (results / "layout.json").write_text(json.dumps({"layout": {"block0": {"w": 4}}}))
+    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(reference))
+    aggregate(results, ["dense/0"], results / "summary", tmp_path / "ref.yaml", "tiny",
+              {"models": {m: {} for m in config_models}})
+    return results / "summary"
+
+
+def test_the_aggregate_compares_the_models_its_reference_covers(tmp_path):
+    # the published numbers are another model's of the config: no comparison for this one, no error
+    out = _aggregate_one_row(tmp_path / "a", {"models": {"big": {"rows": {"dense/0": {PPL: 5.0}}}}}, ["tiny", "big"])
+    assert (out / "summary.csv").exists() and not (out / "comparison.csv").exists()
+    out = _aggregate_one_row(tmp_path / "b", {"models": {"tiny": {"rows": {"dense/0": {PPL: 21.0}}}}}, ["tiny"])
+    assert pd.read_csv(out / "comparison.csv")["ours - paper"].tolist() == [-1.0]
+    # a reference model that is none of the config's is misspelt
+    with pytest.raises(ValueError, match=r"lists models \['tiyn'\] that the config does not have.*\['tiny'\]"):
+        _aggregate_one_row(tmp_path / "c", {"models": {"tiyn": {"rows": {"dense/0": {PPL: 21.0}}}}}, ["tiny"])
+
+
+def _page_table(tmp_path, reference: dict) -> dict:
+    """A manifest of one table whose config has one model evaluated on perplexity, and `reference`."""
+    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(reference))
+    config = {"models": {"tiny": {"source": "local", "path": "x"}}, "evaluation": {"perplexity": {
+        "dataset": "brown-heldout"}}, "reference": str(tmp_path / "ref.yaml")}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return {"tables": {"t": {"config": str(tmp_path / "tiny.yaml"), "title": "T"}}}
+
+
+def test_the_page_refuses_misspelt_reference_names(tmp_path):
+    from ecoflap.reporting.paper import compare
+
+    results = tmp_path / "results"
+    _eval(results, "tiny", "wanda/0.5", "perplexity", {"dataset": "brown-heldout", "perplexity": 50.0, "tokens": 64})
+
+    def page(rows: dict, model: str = "tiny") -> pd.DataFrame:
+        return compare(_page_table(tmp_path, {"models": {model: {"rows": rows}}}), results)
+
+    df = page({"wanda/0.5": {PPL: 40.0}, "wanda/0.6": {PPL: 90.0}})
+    assert df["ours"].iloc[0] == 50.0 and math.isnan(df["ours"].iloc[1])  # 0.6 not run yet: an empty cell
+    with pytest.raises(ValueError, match=r"lists models \['tiyn'\].*\['tiny'\]"):
+        page({"wanda/0.5": {PPL: 40.0}}, model="tiyn")
+    with pytest.raises(ValueError, match=r"come from no evaluation it runs; their first word must be one of "
+                                         r"\['perplexity'\]"):
+        page({"wanda/0.6": {"ppl (brown-heldout)": 90.0}})
+    # the evaluation ran for 0.5 and gave another name: misspelt; 0.6 has not run, so it cannot tell yet
+    with pytest.raises(ValueError, match=r"our results name that evaluation's metrics "
+                                         r"\['perplexity \(brown-heldout\)'\]"):
+        page({"wanda/0.5": {"perplexity (brown_heldout)": 40.0}})
+    assert math.isnan(page({"wanda/0.6": {"perplexity (brown_heldout)": 90.0}})["ours"].iloc[0])
+
+
+# the metric names our summaries give each kind of evaluation entry (ecoflap/evaluation/)
+TASK_METRICS = {"vqa": ["accuracy"], "caption": ["BLEU-4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"],
+                "retrieval": ["TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10"], "classification": ["top1", "top5"]}
+
+
+def _metric_names(config: dict, model: str) -> set[str]:
+    from ecoflap.config import evaluation_task, model_evaluations
+
+    names = set()
+    for entry in model_evaluations(config, model):
+        spec = config["evaluation"][entry]
+        if entry == "perplexity":
+            names.add(f"perplexity ({spec['dataset']})")
+        elif entry == "lm_eval":
+            names |= {f"{task} acc" for task in spec["tasks"]}
+        else:
+            names |= {f"{entry} {key}" for key in TASK_METRICS[evaluation_task(entry, spec)]}
+    return names
+
+
+def test_every_shipped_reference_uses_our_configs_names():
+    checked = 0
+    for path in sorted([*REPO.glob("config/paper/*.yaml"), *REPO.glob("config/hub/*.yaml")]):
+        config = yaml.safe_load(path.read_text())
+        if not isinstance(config, dict) or not config.get("reference"):
+            continue
+        ref = yaml.safe_load((REPO / config["reference"]).read_text())
+        for model, entry in ref.get("models", {}).items():
+            assert model in config["models"], (path.name, model)
+            for row, metrics in entry["rows"].items():
+                method, label = row.split("/")
+                assert method in config["methods"], (path.name, row)
+                assert label == "0" if method == "dense" else float(label) in config["sparsities"], (path.name, row)
+                assert set(metrics) <= _metric_names(config, model), (path.name, model, row)
+                checked += len(metrics)
+        averages = ref.get("averages", {})
+        for model in averages.get("models", []):
+            assert any(name.endswith(f" {averages['metric']}") for name in _metric_names(config, model)), model
+    assert checked > 50

@@ -2,8 +2,10 @@
 label and colour, in every panel, including when the panels differ in which methods coincide."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
+from ecoflap.reporting import plots
 from ecoflap.reporting.plots import plot_profiles
 
 
@@ -38,3 +40,20 @@ def test_profile_lines_carry_their_own_labels(tmp_path):
     assert len(set(colour_of_method.values())) == len(colour_of_method)
     assert drawn[0]["lines"][0]["label"] == "magnitude, wanda, sparsegpt"
     assert [line["label"] for line in drawn[1]["lines"]][:2] == ["magnitude, wanda", "sparsegpt"]
+
+
+def test_variant_legend_lists_the_lines_of_every_panel(tmp_path, monkeypatch):
+    """ATP run with SparseGPT only: its line is in the second panel alone and still needs its
+    legend entry; uniform and dense, drawn in both panels, get one entry each."""
+    saved = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: saved.append(fig))
+    metric = "perplexity (x)"
+    table = pd.DataFrame([{"method": m, "sparsity": str(t), "target": t, metric: v * t, f"{metric} min": v * t - 1,
+                           f"{metric} max": v * t + 1}
+                          for m, v in [("dense", 10), ("wanda", 100), ("sparsegpt", 90), ("atp_sparsegpt", 80)]
+                          for t in (0.5, 0.6)])
+    plots.plot_variants(table, [metric], {"wanda": "wanda", "sparsegpt": "sparsegpt", "atp_sparsegpt": "sparsegpt"},
+                        {"wanda": "uniform", "sparsegpt": "uniform", "atp_sparsegpt": "atp"},
+                        tmp_path / "variants.png", "test")
+    (fig,) = saved
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == ["uniform", "atp", "dense"]

@@ -117,3 +117,96 @@ def test_temporary_checkpoints_are_evaluated_before_more_are_pruned(group_run):
             on_disk.discard(line.split("output", 1)[1].strip().rstrip("."))
     assert pruned == 16 and not on_disk
     assert most <= 2
+
+
+# Hand-built members' summary tables (no workflow): what the seed group makes of a seed whose
+# value is missing, of a metric only some members have, and of two methods that share an allocation.
+PPL = "perplexity (brown-heldout)"
+SMALL_METHODS = {"dense": {"pruner": "none"}, "wanda": {"pruner": "wanda"},
+                 "ecoflap_fast_wanda": {"pruner": "wanda", "allocation": "ecoflap", "scorer": "fast"}}
+
+
+def _member(values: dict[tuple[str, str], float]) -> pd.DataFrame:
+    """One member's summary: a row per (method, sparsity) with its perplexity."""
+    return pd.DataFrame([{"method": m, "sparsity": s, "target": float(s), "achieved_sparsity": float(s), PPL: v,
+                          f"{PPL} lo95": v - 1, f"{PPL} hi95": v + 1, "prune_s": 1.0}
+                         for (m, s), v in values.items()])
+
+
+def _members() -> dict[str, pd.DataFrame]:
+    """Three seeds; seed 2 has no perplexity for wanda at 0.7 (a skipped evaluation)."""
+    base = {("dense", "0"): 20.0, ("wanda", "0.5"): 40.0, ("wanda", "0.7"): 200.0,
+            ("ecoflap_fast_wanda", "0.5"): 30.0, ("ecoflap_fast_wanda", "0.7"): 150.0}
+    members = {f"tiny-s{k}": _member({key: v + k for key, v in base.items()}) for k in range(3)}
+    members["tiny-s2"].loc[(members["tiny-s2"]["method"] == "wanda") & (members["tiny-s2"]["sparsity"] == "0.7"),
+                           PPL] = float("nan")
+    return members
+
+
+def _write_members(results, members: dict[str, pd.DataFrame]) -> None:
+    for name, table in members.items():
+        (results / name / "summary").mkdir(parents=True)
+        table.to_csv(results / name / "summary" / "summary.csv", index=False)
+        (results / name / "layout.json").write_text(json.dumps({"layout": {"block0": {"w": 4}}}))
+
+
+def test_spread_counts_each_metrics_values_over_the_seeds():
+    from ecoflap.reporting.seed_groups import spread
+
+    table = spread(_members()).set_index(["method", "sparsity"])
+    row = table.loc[("wanda", "0.7")]
+    assert row["seeds"] == 3 and row[f"{PPL} seeds"] == 2  # the row exists for 3 seeds, its value for 2
+    assert row[PPL] == pytest.approx((200.0 + 201.0) / 2)
+    assert (table.drop(index=[("wanda", "0.7")])[f"{PPL} seeds"] == 3).all()
+
+
+def test_summary_says_over_how_many_seeds_and_shows_every_members_metrics(tmp_path):
+    from ecoflap.reporting.seed_groups import seed_group_summary
+
+    members = _members()
+    for name in ("tiny-s1", "tiny-s2"):  # a metric the first member lacks is still summarised
+        members[name]["cloze acc"] = 0.5
+    _write_members(tmp_path / "results", members)
+    config = {"methods": SMALL_METHODS, "models": {m: {"seed": k} for k, m in enumerate(members)}}
+    seed_group_summary(tmp_path / "results", "tiny", list(members), config, tmp_path / "out")
+    saved = pd.read_csv(tmp_path / "out/summary.csv", dtype={"sparsity": str}).set_index(["method", "sparsity"])
+    assert saved.loc[("wanda", "0.7"), f"{PPL} seeds"] == 2 and saved.loc[("wanda", "0.5"), "cloze acc seeds"] == 2
+    md = (tmp_path / "out/summary.md").read_text()
+    wanda_07 = next(line for line in md.splitlines() if line.startswith("| wanda | 0.7 |"))
+    assert "200.5 ± 0.71 [200, 201] (2 of 3 seeds)" in wanda_07  # the every-row table
+    assert "200.5 ± 0.71 (2 of 3 seeds)" in md  # at a glance
+    assert "## cloze acc at a glance" in md and "0.5 ± 0 (2 of 3 seeds)" in md
+
+
+def test_a_verdict_without_values_is_na_and_not_counted(tmp_path):
+    from ecoflap.reporting.seed_groups import seed_group_summary, spread, verdicts
+
+    members = _members()
+    for table in members.values():  # no seed has ECoFLaP's perplexity at 0.5
+        table.loc[(table["method"] == "ecoflap_fast_wanda") & (table["sparsity"] == "0.5"), PPL] = float("nan")
+    v = verdicts(spread(members), SMALL_METHODS, PPL).set_index("sparsity")
+    assert v.loc["0.5", "verdict"] == "n/a" and v.loc["0.7", "verdict"] == "win"
+    _write_members(tmp_path / "results", members)
+    config = {"methods": SMALL_METHODS, "models": {m: {"seed": k} for k, m in enumerate(members)}}
+    seed_group_summary(tmp_path / "results", "tiny", list(members), config, tmp_path / "out")
+    counts = (tmp_path / "out/summary.md").read_text().split("Counts:")[1]
+    assert "| method | win |" in counts and "| ecoflap_fast_wanda | 1 |" in counts  # n/a neither column nor tie
+
+
+def test_methods_that_share_an_allocation_get_a_row_and_a_line_each():
+    from ecoflap.reporting.seed_groups import allocation_labels, at_a_glance
+
+    methods = {"owl_wanda": {"pruner": "wanda", "allocation": "owl", "scorer": "owl"},
+               "owl_wanda_l02": {"pruner": "wanda", "allocation": "owl", "scorer": "owl", "lambda": 0.2},
+               "owl_sparsegpt": {"pruner": "sparsegpt", "allocation": "owl", "scorer": "owl"}}
+    table = pd.DataFrame([{"method": m, "sparsity": "0.6", "target": 0.6, PPL: v, f"{PPL} sd": sd, f"{PPL} seeds": 3}
+                          for m, v, sd in [("owl_wanda", 300.0, 1.0), ("owl_wanda_l02", 999.0, 9.0),
+                                           ("owl_sparsegpt", 100.0, 2.0)]])
+    # the two Wanda ones would share "owl": each falls back to its own name; SparseGPT's keeps "owl"
+    assert allocation_labels(methods) == {"owl_wanda": "owl_wanda", "owl_wanda_l02": "owl_wanda_l02",
+                                          "owl_sparsegpt": "owl"}
+    glance = at_a_glance(table, methods, PPL, 3)
+    assert glance.to_dict("records") == [
+        {"sparsity": "0.6", "allocation": "owl_wanda", "wanda": "300 ± 1", "sparsegpt": ""},
+        {"sparsity": "0.6", "allocation": "owl_wanda_l02", "wanda": "999 ± 9", "sparsegpt": ""},
+        {"sparsity": "0.6", "allocation": "owl", "wanda": "", "sparsegpt": "100 ± 2"}]

@@ -195,9 +195,49 @@ def block_profile(layer_sparsity: dict[str, float], layout: dict[str, dict[str, 
     return [weighted_sparsity({k: layer_sparsity.get(k, 0.0) for k in layers}, layers) for layers in layout.values()]
 
 
+# the columns of a summary that are not measurements: identity, hashes, token counts
+NOT_METRICS = ("method", "sparsity", "target", "achieved_sparsity", "ppl_tokens", "mask_sha256")
+
+
+def metric_names(columns: Any) -> list[str]:
+    """The measurements among a summary's columns (or a row's keys): not identity, stage costs
+    (`_s`, `_mem_mb`), item counts (` n`) or interval bounds."""
+    return [c for c in columns if c not in NOT_METRICS and not c.endswith(("_s", "_mem_mb", " n", LO, HI))]
+
+
+def reference_models(reference: dict[str, Any]) -> list[str]:
+    """The models a published-numbers YAML covers: per row (`models:`) or in an average."""
+    return [*reference.get("models", {}), *reference.get("averages", {}).get("models", [])]
+
+
+def check_reference_models(reference: dict[str, Any], models: Any, where: str) -> None:
+    """A reference model that is none of the config's models is misspelt: its numbers would never
+    meet ours, and the comparison would look like one that has not run yet."""
+    unknown = [m for m in reference_models(reference) if m not in models]
+    if unknown:
+        raise ValueError(f"{where} lists models {unknown} that the config does not have; spell them as the "
+                         f"config's models: {sorted(models)}")
+
+
+def _check_reference_metrics(table: pd.DataFrame, rows: dict[str, dict[str, float]], model: str) -> None:
+    """A published metric our table has no column for is misspelt (a row not run yet still has the
+    column, from the other rows), so it is an error rather than an empty cell."""
+    ours = metric_names(table.columns)
+    unknown = sorted({metric for published in rows.values() for metric in published if metric not in ours})
+    if unknown:
+        raise ValueError(f"the reference's {model} rows name metrics {unknown} that our table lacks; use our "
+                         f"column names: {ours}")
+
+
 def compare_with_reference(table: pd.DataFrame, reference: dict[str, Any], model: str) -> pd.DataFrame:
-    """Ours beside the published numbers: one line per (row, metric) the reference lists."""
+    """Ours beside the published numbers: one line per (row, metric) the reference lists. A
+    model the reference does not cover, or a metric our table has no column for, is an error;
+    a row we have not run yet is an empty cell."""
+    if model not in reference_models(reference):
+        raise ValueError(f"the reference has no model {model!r}; it lists {reference_models(reference)} (fix "
+                         "the model's key in the reference, or --model-name)")
     rows = reference.get("models", {}).get(model, {}).get("rows", {})
+    _check_reference_metrics(table, rows, model)
     lines = []
     for row, published in rows.items():
         method, label = row.split("/")
@@ -207,6 +247,24 @@ def compare_with_reference(table: pd.DataFrame, reference: dict[str, Any], model
             lines.append({"method": method, "sparsity": label, "metric": metric, "ours": value, "paper": paper,
                           "ours - paper": value - paper if pd.notna(value) else float("nan")})
     return pd.DataFrame(lines, columns=["method", "sparsity", "metric", "ours", "paper", "ours - paper"])
+
+
+def _write_comparison(table: pd.DataFrame, ref: dict[str, Any], reference: Path, model: str, results: Path,
+                      out_dir: Path, run_config: dict[str, Any] | None) -> None:
+    """comparison.csv and .md. With the run's config known, every reference model must be one of
+    its models, and a model of the config the reference does not cover gets no comparison (the
+    published numbers are another model's); without it, the model must be in the reference."""
+    if run_config is not None:
+        check_reference_models(ref, run_config["models"], str(reference))
+        if model not in reference_models(ref):
+            log.info("%s: no published numbers for this model in %s", model, reference)
+            return
+    comparison = compare_with_reference(table, ref, model)
+    with atomic_path(out_dir / "comparison.csv") as tmp:
+        comparison.to_csv(tmp, index=False)
+    write_text(out_dir / "comparison.md", f"# {results.name}: ours vs published\n\nPublished: {ref.get('source', '')}\n\n"
+               + _markdown(comparison))
+    log.info("ours vs published:\n%s", comparison.to_string(index=False))
 
 
 def aggregate(results: Path, rows: list[str], out_dir: Path, reference: Path | None = None,
@@ -252,12 +310,7 @@ def aggregate(results: Path, rows: list[str], out_dir: Path, reference: Path | N
                    "and whether the two rows' own 95 % intervals are apart.\n\n" + _markdown(differences))
     if reference is not None:
         ref = yaml.safe_load(Path(reference).read_text())
-        comparison = compare_with_reference(table, ref, model or results.name)
-        with atomic_path(out_dir / "comparison.csv") as tmp:
-            comparison.to_csv(tmp, index=False)
-        write_text(out_dir / "comparison.md", f"# {results.name}: ours vs published\n\nPublished: {ref.get('source', '')}\n\n"
-                   + _markdown(comparison))
-        log.info("ours vs published:\n%s", comparison.to_string(index=False))
+        _write_comparison(table, ref, reference, model or results.name, results, out_dir, run_config)
     # one headline panel per vision-language evaluation; the table keeps every metric
     headline = ("accuracy", "CIDEr", "TR@1", "IR@1", "top1")
     metrics = [c for c in table.columns if (c.startswith("perplexity (") and not c.endswith((LO, HI)))

@@ -16,7 +16,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from ecoflap.reporting.aggregate import collect_row
+from ecoflap.config import model_evaluations
+from ecoflap.reporting.aggregate import check_reference_models, collect_row, metric_names
 from ecoflap.reporting.plots import plot_published_vs_ours
 from ecoflap.utils.io import atomic_path, write_text
 
@@ -37,12 +38,37 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def table_config(table: dict[str, Any]) -> dict[str, Any]:
+    return yaml.safe_load(Path(table["config"]).read_text())
+
+
 def table_reference(table: dict[str, Any]) -> dict[str, Any]:
     """The published numbers a table's config points at (its `reference:` key)."""
-    config = yaml.safe_load(Path(table["config"]).read_text())
+    config = table_config(table)
     if not config.get("reference"):
         return {}
     return yaml.safe_load(Path(config["reference"]).read_text())
+
+
+def _evaluations(config: dict[str, Any], model: str) -> set[str]:
+    """The first words of the metric names a model's evaluations give: "perplexity", each lm-eval
+    task ("mmlu acc"), each other entry's name ("vqav2 accuracy")."""
+    words: set[str] = set()
+    for entry in model_evaluations(config, model):
+        words |= set(config["evaluation"]["lm_eval"]["tasks"]) if entry == "lm_eval" else {entry}
+    return words
+
+
+def check_reference_metrics(reference: dict[str, Any], config: dict[str, Any], where: str) -> None:
+    """A published metric from an evaluation the model does not run is misspelt: its cell would
+    stay empty for good, like a row not run yet."""
+    for model, entry in reference.get("models", {}).items():
+        runs = _evaluations(config, model)
+        unknown = sorted({m for metrics in entry.get("rows", {}).values() for m in metrics
+                          if m.split(" ")[0] not in runs})
+        if unknown:
+            raise ValueError(f"{where}: {model}'s metrics {unknown} come from no evaluation it runs; their first "
+                             f"word must be one of {sorted(runs)} (as our summary columns name them)")
 
 
 class OurNumbers:
@@ -60,8 +86,19 @@ class OurNumbers:
         return self._rows[key]
 
     def value(self, model: str, row: str, metric: str) -> float:
+        self._check_name(model, row, metric)
         v = self.row(model, row).get(metric)
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+    def _check_name(self, model: str, row: str, metric: str) -> None:
+        """A published metric that our row lacks although the evaluation it comes from (its first
+        word: perplexity, an lm-eval task, an evaluation entry) has run for that row is misspelt,
+        not "not run yet": an error naming the row's metrics."""
+        ours = metric_names(self.row(model, row))
+        evaluation = metric.split(" ")[0] + " "
+        if metric not in ours and any(name.startswith(evaluation) for name in ours):
+            raise ValueError(f"published metric {metric!r} of {model} {row}: our results name that evaluation's "
+                             f"metrics {[n for n in ours if n.startswith(evaluation)]}; use one of those names")
 
     def value_ending(self, model: str, row: str, suffix: str) -> float:
         """A model's value of the one metric column ending in ` suffix` (each CLIP-table model is
@@ -74,7 +111,9 @@ def compare(manifest: dict[str, Any], results: Path) -> pd.DataFrame:
     ours = OurNumbers(results)
     lines = []
     for name, table in manifest["tables"].items():
-        ref = table_reference(table)
+        ref, config = table_reference(table), table_config(table)
+        check_reference_models(ref, config["models"], f"table {name}'s reference")
+        check_reference_metrics(ref, config, f"table {name}'s reference")
         for model, entry in ref.get("models", {}).items():
             for row, metrics in entry.get("rows", {}).items():
                 method, label = row.split("/")

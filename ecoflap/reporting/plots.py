@@ -132,11 +132,22 @@ def plot_variants(table: pd.DataFrame, metrics: list[str], panel_of: dict[str, s
             ax.set_xlabel("target sparsity")
             ax.grid(alpha=0.3)
         axes[r][0].set_ylabel(metric)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    handles = _legend_entries(axes.flat, lines + ["dense"])
+    fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.suptitle(title, y=1.02)
     fig.tight_layout()
     _save(fig, path)
+
+
+def _legend_entries(axes: Any, order: list[str]) -> dict[str, Any]:
+    """One handle per label over all panels, in `order`: a line drawn in some panels only (ATP
+    run with one pruner) still needs its legend entry, and a line in every panel needs one."""
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    return {label: handles[label] for label in sorted(handles, key=lambda lb: order.index(lb) if lb in order
+                                                      else len(order))}
 
 
 def plot_published_vs_ours(rows: pd.DataFrame, metric: str, path: str | Path, title: str,
