@@ -43,7 +43,11 @@ def _phase(kind: str, model_dir: str, ids: torch.Tensor, batch_size: int, device
     """Runs in a child process: load, reset the peak counter, run one phase, report."""
     torch.set_num_threads(threads)
     device = resolve_device(device_name)
-    model, tok = load_model(model_dir, device, resolve_dtype("auto", device))
+    # each phase in the dtype the workflow's `dtype: auto` gives it: the zeroth-order scorer
+    # float32 (refused in bfloat16), the others bf16 on a GPU, float32 on CPUs
+    scorer_kind = SCORING_PHASES.get(kind, {}).get("kind")
+    dtype = resolve_dtype((catalog.SCORERS[scorer_kind].auto_dtype if scorer_kind else None) or "auto", device)
+    model, tok = load_model(model_dir, device, dtype)
     adapter = adapter_for(model)
     data = batches(ids, batch_size)
     laid_out = {"layout": model_layout(model, adapter)}
@@ -78,6 +82,7 @@ def _phase(kind: str, model_dir: str, ids: torch.Tensor, batch_size: int, device
     else:
         out["peak_mb"] = peak_rss_mb()
     out["seconds"] = time.perf_counter() - t0
+    out["dtype"] = str(dtype).removeprefix("torch.")
     return out
 
 
@@ -115,7 +120,7 @@ def benchmark_scoring(model_dir: str, n_samples: int, seq_len: int, batch_size: 
     summary = {
         "settings": {"model": model_dir, "n_samples": n_samples, "seq_len": seq_len, "batch_size": batch_size,
                      "seeds": seeds, "device": device, "threads": threads},
-        "cost": {k: {"seconds": v["seconds"], "peak_mb": v["peak_mb"]} for k, v in cost.items()},
+        "cost": {k: {"seconds": v["seconds"], "peak_mb": v["peak_mb"], "dtype": v["dtype"]} for k, v in cost.items()},
         "ratios": ratios,
         "perplexity": {sc: {t: {"values": v, "mean": statistics.mean(v),
                                 "stdev": statistics.stdev(v) if len(v) > 1 else 0.0} for t, v in d.items()}
@@ -125,8 +130,8 @@ def benchmark_scoring(model_dir: str, n_samples: int, seq_len: int, batch_size: 
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = ["phase                 seconds   peak MB"]
-    lines += [f"{k:<20} {v['seconds']:8.1f} {v['peak_mb']:9.0f}" for k, v in summary["cost"].items()]
+    lines = ["phase                 seconds   peak MB  dtype"]
+    lines += [f"{k:<20} {v['seconds']:8.1f} {v['peak_mb']:9.0f}  {v.get('dtype', '')}" for k, v in summary["cost"].items()]
     lines += [""] + [f"{k:<40} {v:8.2f}" for k, v in summary["ratios"].items()] + ["", "perplexity (mean ± sd over seeds)"]
     for scorer, d in summary["perplexity"].items():
         for t, v in d.items():

@@ -11,7 +11,7 @@ perplexities, and what each costs in time and GPU memory.
   python3 tools/device_check.py --tokenizer .device/smollm2-tokenizer --out "$OUT"
 
 Sections (each reports, and one failing does not stop the others):
-  A. SmolLM2 shape, bf16: scoring (checkpointed, zeroth-order, outliers, first-order), Wanda,
+  A. SmolLM2 shape, bf16: scoring (checkpointed, zeroth-order in fp32, outliers, first-order), Wanda,
      Wanda 2:4, SparseGPT and magnitude pruning, perplexity; offload none vs cpu vs disk: identical?
   B. LLaMA-2-7B shape (4 blocks), bf16: Wanda and SparseGPT peak GPU memory, none vs cpu vs disk,
      beside what one block, its activations and the pruner's statistics take.
@@ -143,9 +143,14 @@ def check_smollm2(folder: Path) -> dict:
     for mode in ("none", "cpu", "disk"):
         row = results[mode] = {}
 
-        def fresh():
-            model, tok = load_model(folder, CUDA, torch.bfloat16, offload=mode)
+        def fresh(dtype=torch.bfloat16):
+            model, tok = load_model(folder, CUDA, dtype, offload=mode)
             return model, tok, adapter_for(model)
+
+        def zeroth_order_float32():  # refused in bfloat16, whose steps round eps z away
+            model32, _tok, adapter32 = fresh(torch.float32)
+            return zeroth_order_scores(model32, adapter32, batches(calib[:4 if QUICK else 8], 1), CUDA,
+                                       granularity="block", reuse_block_inputs=True)
 
         model, tok, adapter = fresh()
         calib = build_calibration(tok, "austen-emma", 64, 128, 0)
@@ -154,8 +159,7 @@ def check_smollm2(folder: Path) -> dict:
                                                                     "block", "l2"),
             "checkpointed_abs_wg_layer": lambda: checkpointed_gradient_scores(model, adapter, batches(calib[:16], 4),
                                                                               CUDA, "layer", "abs_wg"),
-            "zeroth_order_block_reuse": lambda: zeroth_order_scores(model, adapter, batches(calib[:4 if QUICK else 8], 1), CUDA,
-                                                                    granularity="block", reuse_block_inputs=True),
+            "zeroth_order_block_reuse_fp32": zeroth_order_float32,
             "outliers": lambda: outlier_ratios(model, adapter, batches(calib, 8), CUDA),
         }
         if mode == "none":
@@ -296,11 +300,12 @@ def _load_no_tok(folder: Path, mode: str):
     from ecoflap.models.offload import choose_offload, model_bytes, place_model
 
     if mode == "disk":  # load_model's disk path, without the processors this folder lacks
-        from ecoflap.models.loading import _model_without_block_weights
+        from ecoflap.models.loading import _model_without_block_weights, _skeleton
         from ecoflap.models.shards import CheckpointFiles
 
         files = CheckpointFiles(folder)
-        model = _model_without_block_weights(folder, AutoModelForCausalLM, files, torch.bfloat16, False, None).eval()
+        skeleton = _skeleton(folder, AutoModelForCausalLM, torch.bfloat16, False)
+        model = _model_without_block_weights(folder, skeleton, files, None).eval()
         named = adapter_for(model).named_blocks(model)
         place_model(model, [b for _, b in named], CUDA, "disk", [n for n, _ in named], files)
     else:
