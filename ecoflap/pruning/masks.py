@@ -18,11 +18,15 @@ def rowwise_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask
 
 
+def check_nm_width(cols: int, n: int, m: int) -> None:
+    if cols % m:
+        raise ValueError(f"N:M {n}:{m} needs the input dimension ({cols}) to be a multiple of {m}")
+
+
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """True where pruned: the n lowest scores in every group of m consecutive inputs of a row."""
     rows, cols = score.shape
-    if cols % m:
-        raise ValueError(f"N:M {n}:{m} needs the input dimension ({cols}) to be a multiple of {m}")
+    check_nm_width(cols, n, m)
     groups = score.reshape(rows, cols // m, m)
     idx = torch.topk(groups, n, dim=2, largest=False, sorted=False).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ecoflap import catalog
-from ecoflap.pruning.masks import check_comparison_group, nm_mask, select_mask
+from ecoflap.pruning.masks import check_comparison_group, check_nm_width, nm_mask, select_mask
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,7 @@ class SparseGPT:
         if nm is None:
             return
         n, m = nm
-        if cols % m:
-            raise ValueError(f"N:M {n}:{m} needs the input dimension ({cols}) to be a multiple of {m}")
+        check_nm_width(cols, n, m)  # the layer's width: nm_mask only sees one column block's
         if self.block_size % m:
             raise ValueError(f"SparseGPT with N:M {n}:{m}: block_size ({self.block_size}) must be a multiple of M "
                              f"({m}); set pruning.sparsegpt_block_size to a multiple of {m}")
