@@ -261,6 +261,26 @@ CALIBRATION_DEFAULTS: dict[str, Any] = {"source": "austen-emma", "n_samples": 12
                                         "protocol": "caption", "max_txt_len": 32}
 
 
+def calibration_keys_read(calib: dict[str, Any], family: Family) -> set[str]:
+    """The calibration keys `calibrate` reads for this source, protocol and family (the rest
+    are ignored there, so config.py refuses them rather than let them look as if they worked)."""
+    source = CALIBRATION_SOURCES.get(calib.get("source", CALIBRATION_DEFAULTS["source"]))
+    protocol = calib.get("protocol", CALIBRATION_DEFAULTS["protocol"])
+    keys = {"source", "n_samples", *(source.needs if source else ())}
+    if source is None or not source.image:  # text windows; an encoder-decoder splits them by its protocol
+        if family.encoder_decoder:
+            keys |= {"protocol", "max_txt_len" if protocol == "ecoflap" else "seq_len"}
+        else:
+            keys.add("seq_len")
+    elif family.labelled_images:  # class labels through the classifier's own processor
+        keys |= {"protocol"} if source.needs else set()
+    else:
+        keys |= {"protocol", {"caption": "prompt", "ecoflap": "max_txt_len"}.get(protocol, "protocol")}
+        if "pairs" in keys:  # cc3m: paths relative to image_root; webdataset shards sampled into cache_dir
+            keys |= {"image_root", "cache_dir"}
+    return keys
+
+
 # --- evaluation sets (evaluation/, data/eval_sets.py) ----------------------------------------
 @dataclass(frozen=True)
 class Dataset:

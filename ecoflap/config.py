@@ -344,6 +344,7 @@ def _family_errors(config: dict[str, Any]) -> list[str]:
                               f"{', '.join(dataset.files)} (README, section 'Evaluation data', says where to get them)")
     block_rerunning = {n: s for n, s in config.get("scorers", {}).items()
                        if s["kind"] == "zeroth_order" and s.get("reuse_block_inputs", True)}
+    keys_read: set[str] = set()  # the top-level calibration keys some model reads
     for model, spec in config["models"].items():
         family = spec.get("family", C.DEFAULT_FAMILY)
         fam = FAMILIES[family]
@@ -400,6 +401,13 @@ def _family_errors(config: dict[str, Any]) -> list[str]:
         if coop_source and calib.get("dataset") and calib["dataset"] not in COOP_DATASETS:
             errors.append(f"config key models.{model}.calibration.dataset: {calib['dataset']!r} is not a CoOp data "
                           f"set (allowed: {', '.join(COOP_DATASETS)})")
+        read = C.calibration_keys_read(calib, fam)
+        keys_read |= read
+        for key, value in spec.get("calibration", {}).items():
+            if key not in read and value != C.CALIBRATION_DEFAULTS.get(key, object()):
+                errors.append(f"config key models.{model}.calibration.{key}: {family} on calibration source "
+                              f"{calib['source']} (protocol {calib.get('protocol', 'caption')}) does not read it "
+                              f"(it reads: {', '.join(sorted(read))}); remove it")
         for key in CALIBRATION_SOURCES[calib["source"]].needs:
             if not calib.get(key):
                 errors.append(f"config key calibration.{key}: calibration source {calib['source']} needs it "
@@ -414,6 +422,13 @@ def _family_errors(config: dict[str, Any]) -> list[str]:
                 errors.append(f"config key scorers.{m['scorer']}.reuse_block_inputs: {family} has several stacks "
                               "of blocks; re-running from the perturbed block needs one (allowed for model "
                               f"{model}: false, or kind checkpointed / first_order)")
+    for key, value in config["calibration"].items():
+        overridden = key not in ("source", "n_samples") and all(  # the schema requires those two
+            key in spec.get("calibration", {}) for spec in config["models"].values())
+        if (key not in keys_read or overridden) and value != C.CALIBRATION_DEFAULTS.get(key, object()):
+            why = "every model overrides it" if key in keys_read else \
+                "no model's calibration source, protocol and family reads it"
+            errors.append(f"config key calibration.{key}: {why}; remove it")
     return errors
 
 

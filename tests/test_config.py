@@ -215,6 +215,33 @@ def test_calibration_source_must_suit_the_family():
     assert "causal_lm calibrates on text" in msg
 
 
+def test_calibration_keys_the_source_does_not_read_are_rejected():
+    """`calibrate` ignores a key its source, protocol and family do not read: a seq_len on
+    image-caption pairs, a prompt on text windows, cc3m's pairs under coco."""
+    msg = _vl(lambda c: c["calibration"].update(seq_len=256))
+    assert "calibration.seq_len: no model's calibration source" in msg
+    msg = check(lambda c: c["calibration"].update(prompt="a photo of"))
+    assert "calibration.prompt: no model's" in msg
+    msg = check(lambda c: c["models"]["smollm2-135m"].update(calibration={"max_txt_len": 16}))
+    assert "models.smollm2-135m.calibration.max_txt_len: causal_lm on calibration source austen-emma" in msg
+    assert "reads: n_samples, seq_len, source" in msg
+    # the authors' prefix/target split takes no prompt: read only by the retrieval model's caption protocol
+    msg = _vl(lambda c: (c["calibration"].update(prompt="a photo of"),
+                         c["models"]["blip2-itm-vit-g-coco"].pop("calibration")))
+    assert "calibration.prompt: no model's" in msg
+    cfg = yaml.safe_load((REPO / "config/paper/blip2_table1.yaml").read_text())
+    validate_config({**cfg, "calibration": {**cfg["calibration"], "prompt": "a photo of"}})
+    msg = _vl(lambda c: c["models"]["blip2-flant5-xl"].update(calibration={"source": "coco", "captions": "c.json",
+                                                                           "image_dir": "i", "pairs": "p.tsv"}))
+    assert "models.blip2-flant5-xl.calibration.pairs: blip2 on calibration source coco" in msg
+    # a key some model reads, a default restated and a key every model overrides
+    cfg = yaml.safe_load((REPO / "config/paper/blip2_table1.yaml").read_text())
+    validate_config({**cfg, "calibration": {**cfg["calibration"], "max_txt_len": 32}})
+    msg = check(lambda c: (c["calibration"].update(seq_len=64),
+                           c["models"]["smollm2-135m"].update(calibration={"seq_len": 32})))
+    assert "calibration.seq_len: every model overrides it" in msg
+
+
 def test_vision_language_dataset_checks():
     msg = _vl(lambda c: c["evaluation"]["gqa"].pop("questions"))
     assert "evaluation.gqa.questions: missing" in msg
