@@ -422,6 +422,12 @@ def _family_errors(config: dict[str, Any]) -> list[str]:
                 errors.append(f"config key scorers.{m['scorer']}.reuse_block_inputs: {family} has several stacks "
                               "of blocks; re-running from the perturbed block needs one (allowed for model "
                               f"{model}: false, or kind checkpointed / first_order)")
+    families = {spec.get("family", C.DEFAULT_FAMILY) for spec in config["models"].values()}
+    present = {sub for f in families for sub in FAMILIES[f].submodels}
+    for sub in config.get("pruning", {}).get("comparison", {}):
+        if sub not in present:
+            errors.append(f"config key pruning.comparison.{sub}: no model of this config has a {sub} sub-model "
+                          f"(present: {', '.join(s for s in C.SUBMODELS if s in present)}); remove it")
     for key, value in config["calibration"].items():
         overridden = key not in ("source", "n_samples") and all(  # the schema requires those two
             key in spec.get("calibration", {}) for spec in config["models"].values())

@@ -242,6 +242,30 @@ def test_calibration_keys_the_source_does_not_read_are_rejected():
     assert "calibration.seq_len: every model overrides it" in msg
 
 
+def test_a_comparison_group_for_a_tower_no_model_has_is_rejected():
+    msg = check(lambda c: c.setdefault("pruning", {}).update(comparison={"qformer": "matrix"}))
+    assert "pruning.comparison.qformer: no model of this config has a qformer sub-model (present: language)" in msg
+    cfg = yaml.safe_load((REPO / "config/paper/blip2_table1.yaml").read_text())
+    cfg.setdefault("pruning", {})["comparison"] = {"qformer": "matrix", "vision": "matrix"}
+    validate_config(cfg)
+
+
+def test_each_prune_job_gets_the_comparison_groups_of_its_own_towers(tmp_path):
+    """A config's groups are shared by its models; each prune job is handed those of the towers
+    its model has (prune refuses a group for a tower it lacks)."""
+    cfg = yaml.safe_load((REPO / "config/paper/blip2_table1.yaml").read_text())
+    cfg["pruning"]["comparison"] = {"vision": "matrix", "language": "matrix"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = _snakemake("-n", "-p", configfile=tmp_path / "c.yaml", workdir=tmp_path / "w",
+                     targets=[f"results/{m}/wanda/0.5/pruning.json" for m in ("blip2-itm-vit-g-coco", "blip2-flant5-xl")])
+    assert out.returncode == 0, out.stderr
+    commands = [line for line in out.stdout.splitlines() if " prune --model " in line]
+    itm, = [c for c in commands if "blip2-itm-vit-g-coco/model" in c]
+    t5, = [c for c in commands if "blip2-flant5-xl/model" in c]
+    assert '"comparison": {"vision": "matrix"}' in itm
+    assert '"comparison": {"language": "matrix", "vision": "matrix"}' in t5
+
+
 def test_vision_language_dataset_checks():
     msg = _vl(lambda c: c["evaluation"]["gqa"].pop("questions"))
     assert "evaluation.gqa.questions: missing" in msg

@@ -231,6 +231,15 @@ def test_sparsegpt_checks_the_comparison_group_as_wanda_does(caplog):
     assert torch.equal(as_matrix, _sparsegpt_on_dead_inputs(0.5)[2])
 
 
+def test_a_comparison_group_for_a_tower_the_model_lacks_is_an_error(tiny, calib_batches):
+    """A group for a sub-model the model has not would set nothing (every layer compared per row)."""
+    model, _tok, adapter = tiny
+    with pytest.raises(ValueError, match=r"comparison names vision, not a sub-model of this causal_lm model "
+                                         r"\(allowed: language\)"):
+        prune_sequential(model, adapter, make_pruner("wanda"), uniform_layers(model, adapter, 0.5), calib_batches, CPU,
+                         comparison={"vision": "matrix"})
+
+
 def test_sparsegpt_nm_errors_name_the_width_at_fault():
     """A column block must hold whole groups of M: the error is about block_size, not the slice."""
     layer = torch.nn.Linear(16, 4, bias=False)

@@ -57,6 +57,10 @@ def prune_sequential(model: nn.Module, adapter: Adapter, pruner, layer_sparsity:
         raise ValueError("pruning a model loaded with offload: disk needs somewhere to write each pruned block: pass "
                          "on_block_pruned=PrunedCheckpoint(model, adapter, source, out).write_block "
                          "(ecoflap/pruning/checkpoint.py), or load the model with offload: cpu or none")
+    submodels = {stack.submodel for stack in adapter.stacks(model)}
+    if set(comparison or {}) - submodels:  # a group for a tower this model lacks would set nothing
+        raise ValueError(f"comparison names {', '.join(sorted(set(comparison) - submodels))}, not a sub-model of this "
+                         f"{adapter.family} model (allowed: {', '.join(sorted(submodels))})")
     report = PruneReport()
     mask_hash = hashlib.sha256()
     for stack in adapter.stacks(model):

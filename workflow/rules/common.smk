@@ -7,7 +7,8 @@ import shlex
 import shutil
 import sys
 
-from ecoflap.catalog import ALLOCATION_SCORERS, NO_PRUNER, NO_REFINE, REFINERS, SCORERS, TEXT_EVALS, TRAINED_EMBEDDED
+from ecoflap.catalog import (ALLOCATION_SCORERS, FAMILIES, NO_PRUNER, NO_REFINE, REFINERS, SCORERS, TEXT_EVALS,
+                             TRAINED_EMBEDDED)
 from ecoflap.config import (ConfigError, evaluation_task, fill_defaults, model_calibration, model_evaluations,
                             validate_config)
 
@@ -269,6 +270,9 @@ def prune_args(wc):
     _target, nm = parse_label(wc.sparsity)
     n = p.get("n_samples", model_calibration(config, wc.model)["n_samples"])
     entry = {k: v for k, v in p.items() if k != "keep_checkpoints"}
+    # the config's groups for this model's towers only (prune refuses a group for a tower it lacks)
+    towers = FAMILIES[model_spec(wc).get("family", "causal_lm")].submodels
+    entry["comparison"] = {sub: group for sub, group in p.get("comparison", {}).items() if sub in towers}
     refine = method(wc).get("refine", NO_REFINE)
     if refine != NO_REFINE:  # the method's refiner and its options (a method without one passes nothing)
         entry.update({"refine": refine, **{k: method(wc)[k] for k in REFINERS[refine].options if k in method(wc)}})
