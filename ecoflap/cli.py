@@ -333,7 +333,7 @@ def _dispatches(args: argparse.Namespace) -> bool:
 
     device = resolve_device(args.device)
     return device.type == "cuda" and resolve_offload(args.model, args.offload, resolve_dtype(args.dtype, device),
-                                                     device) != "none"
+                                                     device, args.trust_remote_code) != "none"
 
 
 def _load_dispatched(args: argparse.Namespace):
@@ -348,8 +348,8 @@ def _load_dispatched(args: argparse.Namespace):
     dtype = resolve_dtype(args.dtype, device)
     folder = tempfile.mkdtemp(prefix="ecoflap-offload-")  # accelerate's, for weights it cannot read in place
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    model, procs = load_dispatched(args.model, dtype, resolve_offload(args.model, args.offload, dtype, device), folder,
-                                   args.trust_remote_code, args.family)
+    mode = resolve_offload(args.model, args.offload, dtype, device, args.trust_remote_code)
+    model, procs = load_dispatched(args.model, dtype, mode, folder, args.trust_remote_code, args.family)
     return model, procs, adapter_for(model, args.family), device, dtype
 
 

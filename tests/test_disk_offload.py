@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import calibration_batches, every_scorer, uniform_per_layer
-from ecoflap.models import offload
+from ecoflap.models import loading, offload
 from ecoflap.models.base import model_layout
 from ecoflap.models.loading import load_model
 from ecoflap.models.registry import adapter_for
@@ -270,7 +270,7 @@ def _dtypes(model):
     return {name: t.dtype for name, t in model.state_dict().items()}
 
 
-def test_disk_keeps_the_float32_modules_of_a_float16_t5(tmp_path):
+def test_disk_keeps_the_float32_modules_of_a_float16_t5(tmp_path, monkeypatch):
     """T5 keeps its `wo` layers in float32 (_keep_in_fp32_modules) when loaded in float16:
     offload disk must load every tensor in the dtype from_pretrained gives it, compute the
     same logits, size the model as loaded, and write the same pruned checkpoint."""
@@ -296,6 +296,11 @@ def test_disk_keeps_the_float32_modules_of_a_float16_t5(tmp_path):
     as_loaded = {name: t.dtype for name, t in models["none"].state_dict().items()}
     assert loaded_bytes(CheckpointFiles(tmp_path / "t5"), torch.float16, as_loaded) == \
         offload.model_bytes(models["none"])
+    # the evaluation's choice between device_map and block onloading sizes the model the same way
+    sizes = []
+    monkeypatch.setattr(loading, "choose_offload", lambda mode, size, device: sizes.append(size) or "none")
+    loading.resolve_offload(tmp_path / "t5", "auto", torch.float16, CPU)
+    assert sizes == [offload.model_bytes(models["none"])]
     calibration = batches(seq2seq_calibration(tok, "austen-emma", 8, 32, 0, "ecoflap", 48), 4)
     files = {mode: _prune_to(tmp_path / "t5", tmp_path / mode, mode, "seq2seq_lm", "wanda", calibration)
              for mode in ("none", "disk")}  # wanda: the calibration runs through the float32 `wo` too

@@ -260,9 +260,16 @@ def load_dispatched(path: str | Path, dtype: torch.dtype, mode: str, offload_fol
     return model, load_processors(path, trust_remote_code)
 
 
-def resolve_offload(path: str | Path, offload: str, dtype: torch.dtype, device: torch.device) -> str:
-    """The mode load_model would use for this checkpoint (auto resolved; logged)."""
-    return choose_offload(offload, loaded_bytes(CheckpointFiles(path), dtype), device)
+def resolve_offload(path: str | Path, offload: str, dtype: torch.dtype, device: torch.device,
+                    trust_remote_code: bool = False) -> str:
+    """The mode load_model would use for this checkpoint (auto resolved; logged): the model
+    sized as load_model sizes it, its float32 modules (T5's `wo`, BLIP-2's Q-Former) in float32."""
+    path = Path(path)
+    files = CheckpointFiles(path)
+    if is_open_clip_folder(path):  # loaded whole in `dtype`, as _load_open_clip_model sizes it
+        return choose_offload(offload, loaded_bytes(files, dtype), device)
+    skeleton = _skeleton(path, model_class(path, trust_remote_code), dtype, trust_remote_code)
+    return choose_offload(offload, loaded_bytes(files, dtype, _dtypes(skeleton)), device)
 
 
 def loaded_bytes(files: CheckpointFiles, dtype: torch.dtype, as_loaded: dict[str, torch.dtype] | None = None) -> int:
