@@ -19,3 +19,34 @@ def test_benchmark_scoring_on_tiny_model(tiny_dir, tmp_path, capsys):
     for scorer in ("paper", "fast"):
         assert len(summary["perplexity"][scorer]["0.6"]["values"]) == 2
     assert (tmp_path / "bench.txt").read_text().startswith("phase")
+
+
+def test_offload_timing_pairs_each_stage_side_by_side(monkeypatch, capsys):
+    """tools/offload_timing.py ran every stage of `none`, then every stage of `disk`: a stage's two
+    runs were a whole pass apart, and a machine slowing by 1 % a minute read 1.05 for equal costs."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    try:
+        import offload_timing as ot
+    finally:
+        sys.path.pop(0)
+    cost = {"score zeroth_order": 160, "score checkpointed": 15, "prune wanda": 26, "evaluate (ppl + cloze)": 33}
+    clock = [0.0]
+
+    def run(cmd, log):
+        seconds = cost[cmd[1]] * (1 + 0.01 * clock[0] / 60)  # the same work in both modes, a drifting machine
+        clock[0] += seconds
+        return seconds
+
+    monkeypatch.setattr(ot, "stages", lambda args, mode, work: [(label, [mode, label]) for label in cost])
+    monkeypatch.setattr(ot, "run", run)
+    monkeypatch.setattr(ot, "results_of", lambda work: {})
+    monkeypatch.setattr(sys, "argv", ["offload_timing.py", "--model", "m", "--calibration", "c", "--allocation", "a",
+                                      "--repeats", "2", "--work", "/nonexistent/offload_timing"])
+    monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: None)
+    ot.main()
+    table = capsys.readouterr().out.split("(median of pair ratios)")[1]
+    ratios = [float(line.split()[-1]) for line in table.strip().splitlines()[1:]]
+    assert len(ratios) == len(cost) + 1 and all(abs(r - 1) <= 0.005 for r in ratios), table

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -62,3 +64,87 @@ def test_tensor_files_are_byte_identical_across_processes(tmp_path):
     assert tensor_metadata(paths[0]) == {"source": "austen-emma", "seed": "0", "seq_len": "4", "prompt": "",
                                          "protocol": "caption"}
     assert torch.equal(load_tensors(paths[0])["input_ids"], torch.arange(12).reshape(3, 4))
+
+
+def test_atomic_dir_interrupted_while_replacing_keeps_a_whole_folder(tmp_path, monkeypatch):
+    """A job killed while the old folder was being deleted left it half deleted under the final
+    name (the old code removed the old folder in place, then renamed the new one in)."""
+    import shutil
+
+    from ecoflap.utils import io
+
+    target = tmp_path / "ckpt"
+    with atomic_path(target, is_dir=True) as tmp:
+        for name in ("a", "b", "c"):
+            (tmp / name).write_text("old")
+    real_rmtree, calls = shutil.rmtree, []
+
+    def killed_midway(path, *args, **kwargs):  # deletes one file, then the job is killed
+        if calls:
+            return real_rmtree(path, *args, **kwargs)
+        calls.append(path)
+        sorted(p for p in Path(path).iterdir())[0].unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target, is_dir=True) as tmp:
+            for name in ("a", "b", "c", "d"):
+                (tmp / name).write_text("new")
+    contents = {p.name: p.read_text() for p in target.iterdir()}
+    assert contents in ({"a": "old", "b": "old", "c": "old"}, {n: "new" for n in "abcd"}), contents
+
+
+def test_atomic_dir_replace_leaves_no_hidden_folders(tmp_path):
+    target = tmp_path / "ckpt"
+    for n in range(3):
+        with atomic_path(target, is_dir=True) as tmp:
+            (tmp / f"f{n}").write_text(str(n))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    assert [p.name for p in target.iterdir()] == ["f2"]
+
+
+def test_sha256_file_sees_a_change_whose_modification_time_was_set_back(tmp_path):
+    """The in-process hash cache was keyed on (inode, size, mtime): a same-size change with the
+    mtime restored (cp -p, rsync -t, touch -r) was answered with the old file's hash, so
+    verify_checksums passed a changed file."""
+    import hashlib
+    import os
+
+    from ecoflap.utils.io import sha256_file, verify_checksums, write_checksums
+
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"A" * 4096)
+    st = os.stat(f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns - 10**10))  # written 10 s ago: old enough to be remembered
+    st = os.stat(f)
+    write_checksums(tmp_path)
+    with open(f, "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"B")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert sha256_file(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match="differs from when it was written"):
+        verify_checksums(tmp_path)
+
+
+def test_sha256_file_does_not_remember_a_racily_fresh_file(tmp_path, monkeypatch):
+    """File times are coarse on many kernels (a few ms): a same-size rewrite within one tick, or a
+    new file given the freed inode, has the same (inode, size, mtime, ctime). A file that recent
+    is hashed again each time."""
+    import hashlib
+    import os
+
+    from ecoflap.utils import io
+
+    f = tmp_path / "x.json"
+    f.write_text("1111")
+    st = os.stat(f)
+    frozen = os.stat_result(tuple(st[:10]) + (st.st_atime, st.st_mtime, st.st_ctime, st.st_atime_ns,
+                                              st.st_mtime_ns, st.st_ctime_ns))
+    real_stat = os.stat
+    monkeypatch.setattr(io.os, "stat", lambda path, *a, **k: frozen if str(path) == str(f) else real_stat(path, *a, **k))
+    # (a coarse clock: the rewrite below keeps every time of the file)
+    assert io.sha256_file(f) == hashlib.sha256(b"1111").hexdigest()
+    f.write_text("2222")
+    assert io.sha256_file(f) == hashlib.sha256(b"2222").hexdigest()

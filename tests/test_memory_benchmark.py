@@ -24,3 +24,30 @@ def test_memory_benchmark_rehearsal_disk_equals_none(tmp_path):
     assert set(summary["comparison"]) == {"checkpointed scores", "wanda masks and checkpoint",
                                           "sparsegpt masks and checkpoint", "perplexity"}
     assert not (work / "model").exists()  # removed afterwards unless --keep
+
+
+def _memory_benchmark():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import memory_benchmark
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    return memory_benchmark
+
+
+def test_stage_peak_rss_is_the_jobs_not_this_process(tmp_path):
+    """A child's ru_maxrss starts at the resident set of the process it was forked from: wait4 on
+    a direct child reported the benchmark's own 400+ MB for a job of 10 MB."""
+    import numpy as np
+
+    mb = _memory_benchmark()
+    held = np.ones(400 * 2**20 // 8)  # this process: 400 MB resident
+    row = mb.run_stage("tiny", [sys.executable, "-c", "pass"], tmp_path / "tiny.log", None)
+    assert row["exit"] == 0
+    assert 0 < row["peak_rss"] < 150 * 2**20, f"peak RSS {row['peak_rss'] / 2**20:.0f} MB for `python -c pass`"
+    big = mb.run_stage("big", [sys.executable, "-c", "b = bytearray(300 * 2**20)"], tmp_path / "big.log", None)
+    assert 300 * 2**20 < big["peak_rss"] < 400 * 2**20  # the job's own peak is still seen
+    killed = mb.run_stage("killed", [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                          tmp_path / "killed.log", None)
+    assert killed["exit"] == -9  # reported as the job ended, not as its launcher did
+    del held

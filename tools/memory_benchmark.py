@@ -117,9 +117,13 @@ class MemoryCgroup:
             self.path.mkdir(exist_ok=True)
         except PermissionError:
             raise SystemExit(f"cannot create {self.path}: the memory benchmark needs root") from None
-        (self.path / ("memory.max" if self.v2 else "memory.limit_in_bytes")).write_text(str(limit))
-        if not self.v2 and (self.path / "memory.memsw.limit_in_bytes").exists():
-            (self.path / "memory.memsw.limit_in_bytes").write_text(str(limit))  # no escape into swap
+        try:
+            (self.path / ("memory.max" if self.v2 else "memory.limit_in_bytes")).write_text(str(limit))
+            if not self.v2 and (self.path / "memory.memsw.limit_in_bytes").exists():
+                (self.path / "memory.memsw.limit_in_bytes").write_text(str(limit))  # no escape into swap
+        except BaseException:
+            self.remove()
+            raise
 
     def enter(self) -> None:
         """Called in the child before it runs the job (preexec_fn)."""
@@ -143,28 +147,60 @@ class MemoryCgroup:
             try:
                 self.path.rmdir()
                 return
+            except FileNotFoundError:
+                return
             except OSError:
                 time.sleep(0.1)
+        say(f"  could not remove the memory cgroup {self.path} (a process still in it?): remove it with "
+            f"`rmdir {self.path}` once `cat {self.path}/cgroup.procs` is empty")
+
+
+# The job's peak RSS, as the kernel accounts it (ru_maxrss), without this process's. A child's
+# ru_maxrss starts at what the process it was forked from had resident: exec records the old
+# address space's high-water mark (vfork: the parent's lifetime peak; fork: its resident set at
+# the fork). This process holds torch and built the model, so wait4 on a direct child reported
+# this process's peak, not the job's. So a small launcher runs the job as its own child (spawned
+# from the launcher's few MB), waits for it and writes the job's ru_maxrss to a file, then exits
+# as the job did (the same code, or the same signal).
+_LAUNCHER = """
+import os, signal, sys
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_pid, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as fh:
+    fh.write(str(usage.ru_maxrss * 1024))
+if os.WIFSIGNALED(status):
+    if os.WTERMSIG(status) not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 def run_stage(label: str, cmd: list[str], log: Path, cap: int | None) -> dict:
     """Run one CLI command in a fresh process (inside a capped cgroup when `cap`); its peak RSS
-    from the kernel's accounting of the finished child."""
+    from the kernel's accounting of the finished job (ru_maxrss of the job alone, see
+    _LAUNCHER; None when the job's launcher was killed before it could report)."""
     group = MemoryCgroup(f"ecoflap-membench-{os.getpid()}-{label}", cap) if cap else None
     say(f"  {label}: {' '.join(cmd[3:7])} ...")
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
-                                preexec_fn=group.enter if group else None)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
-    row = {"stage": label, "exit": code, "wall_s": round(wall, 1), "peak_rss": usage.ru_maxrss * 1024,
-           "cap": cap or 0}
-    if group:
-        row["cgroup_peak"] = group.peak()
-        row["oom_kills"] = group.oom_kills()
-        group.remove()
+    peak_file = log.with_name(log.name + ".peak_rss")
+    peak_file.unlink(missing_ok=True)
+    try:
+        t0 = time.perf_counter()
+        with open(log, "w") as fh:
+            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCHER, str(peak_file), *cmd], stdout=fh,
+                                    stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=group.enter if group else None)
+            _pid, status, _usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        code = os.waitstatus_to_exitcode(status)
+        peak = int(peak_file.read_text()) if peak_file.exists() else None
+        peak_file.unlink(missing_ok=True)
+        row = {"stage": label, "exit": code, "wall_s": round(wall, 1), "peak_rss": peak, "cap": cap or 0}
+        if group:
+            row["cgroup_peak"] = group.peak()
+            row["oom_kills"] = group.oom_kills()
+    finally:  # a cgroup is removed however the stage ends (an interrupt, a failed start)
+        if group:
+            group.remove()
     if code != 0:
         from ecoflap.utils.exits import explain
 
@@ -260,8 +296,8 @@ def main() -> None:
              f"{'cgroup peak GB':>14} {'wall s':>7}"]
     for r in rows:
         lines.append(f"{r['stage']:<26} {r['exit']:>4} {r['model_bytes'] / GB:>8.2f} "
-                     f"{(r['cap'] / GB if r['cap'] else float('nan')):>7.2f} {r['peak_rss'] / GB:>11.2f} "
-                     f"{r['peak_rss'] / r['model_bytes']:>10.3f} "
+                     f"{(r['cap'] / GB if r['cap'] else float('nan')):>7.2f} {_or_nan(r['peak_rss']) / GB:>11.2f} "
+                     f"{_or_nan(r['peak_rss']) / r['model_bytes']:>10.3f} "
                      f"{(r.get('cgroup_peak', 0) / GB if r.get('cgroup_peak') else float('nan')):>14.2f} "
                      f"{r['wall_s']:>7.1f}" + (f"  peak GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""))
     comparison = compare(work) if args.compare_none else {}
@@ -274,11 +310,15 @@ def main() -> None:
     if not args.keep:
         shutil.rmtree(model, ignore_errors=True)
     failed = [r["stage"] for r in rows if r["exit"] != 0]
-    over = [r["stage"] for r in rows if r["mode"] == "disk" and r["peak_rss"] > 0.35 * model_bytes
+    over = [r["stage"] for r in rows if r["mode"] == "disk" and (r["peak_rss"] or 0) > 0.35 * model_bytes
             and not args.small and not args.no_cap]
     differ = [k for k, v in comparison.items() if not str(v).startswith("identical")]
     if failed or over or differ:
         raise SystemExit(f"failed: {failed}; peak RSS over 0.35 x the model: {over}; disk and none differ: {differ}")
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def compare(work: Path) -> dict[str, str]:

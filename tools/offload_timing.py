@@ -1,7 +1,7 @@
 """Time of offload: disk (or cpu) against offload: none on the embedded default, stage by
-stage, measured side by side: each stage's command runs for both modes in turn (none, disk,
-none, disk, ...) so that a drift in the machine's speed falls on both, and the ratio is taken
-pair by pair. Also checks that both modes wrote the same scores, masks, checkpoints and
+stage, measured side by side: each stage's command runs for both modes back to back (none, disk;
+in the next repeat disk, none), so that a drift in the machine's speed falls on both, and the
+ratio is taken pair by pair (use an even --repeats). Also checks that both modes wrote the same scores, masks, checkpoints and
 perplexity.
 
   python tools/offload_timing.py --model results/smollm2-135m/model \\
@@ -84,12 +84,18 @@ def main() -> None:
     args = ap.parse_args()
     modes = ("none", args.mode)
     times: dict[str, dict[str, list[float]]] = {}
+    for mode in modes:
+        (args.work / mode).mkdir(parents=True, exist_ok=True)
+    plans = {mode: stages(args, mode, args.work / mode) for mode in modes}
     for r in range(args.repeats):
-        for mode in modes:  # none first, then the offloaded mode: each pair back to back
-            work = args.work / mode
-            work.mkdir(parents=True, exist_ok=True)
-            for label, cmd in stages(args, mode, work):
-                seconds = run(cmd, work / "log.txt")
+        # stage by stage, the two modes back to back (a stage's pair is seconds apart, not a whole
+        # pass of every stage: a machine slowing by 1 % a minute made equal costs read 1.05), the
+        # first of the pair alternating between repeats (none, disk; then disk, none) so that
+        # what running second brings (a warm page cache, the drift within the pair) cancels
+        order = modes if r % 2 == 0 else modes[::-1]
+        for i, (label, _cmd) in enumerate(plans[modes[0]]):
+            for mode in order:
+                seconds = run(plans[mode][i][1], args.work / mode / "log.txt")
                 times.setdefault(label, {}).setdefault(mode, []).append(seconds)
                 print(f"repeat {r + 1} {mode:>4} {label:<24} {seconds:7.1f} s", flush=True)
     print(f"\noffload {args.mode} vs none, {args.threads} threads, {args.repeats} pairs (median of pair ratios)")

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -89,10 +90,21 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False, expected_bytes: i
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)  # mkstemp/mkdtemp create 0600/0700
-        if is_dir:
-            if final.exists():
-                shutil.rmtree(final)
-        os.replace(tmp, final)
+        if is_dir and final.exists():
+            # a folder cannot be renamed over a non-empty one: move the old one aside under a
+            # hidden name (one rename), move the new one in (one rename), then delete the old.
+            # Deleting the old one first left, when interrupted, a folder half deleted under
+            # the final name, and nothing at all between the deletion and the rename.
+            aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.replace(final, aside)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(aside, final)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     except BaseException as exc:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -164,23 +176,30 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
-_HASHED: dict[tuple[int, int, int, int], str] = {}  # (device, inode, size, mtime) -> SHA-256, in one process
+_HASHED: dict[tuple[int, int, int, int, int], str] = {}  # (device, inode, size, mtime, ctime) -> SHA-256
+RACY_NS = 2_000_000_000  # a file changed this recently is hashed again every time (see sha256_file)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """SHA-256 of a file. A job verifies a checkpoint's weights on load and hashes them again
     for its provenance, and `prune` hashes what it saved before and after renaming it into
     place: the second time is answered from memory while the file (inode, size, modification
-    time) is unchanged."""
+    and change times) is unchanged. The change time is in the key because the modification
+    time can be set back (`cp -p`, `rsync -t`, `touch -r`) and the change time cannot. A file
+    whose times are within RACY_NS of now is not remembered (git's "racily clean" rule): a
+    later write in the same clock tick (file times are coarse, a few ms on many kernels), or a
+    new file given the same inode, would have the same key."""
     st = os.stat(path)
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _HASHED:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while block := fh.read(chunk):
-                h.update(block)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _HASHED:
+        return _HASHED[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_NS:
         _HASHED[key] = h.hexdigest()
-    return _HASHED[key]
+    return h.hexdigest()
 
 
 def sha256_path(path: str | os.PathLike) -> str:
