@@ -266,3 +266,28 @@ def test_simple_tokenizer_matches_ptb():
                  "The letter B. on a sign, i.e. a logo."]
     ptb = metrics._tokenize({i: [s] for i, s in enumerate(sentences)}, use_ptb=True)
     assert [ptb[i][0] for i in range(len(sentences))] == [simple_tokenize(s) for s in sentences]
+
+
+def test_vision_language_evaluation_imports_without_pycocoevalcap():
+    """A GPU machine without pycocoevalcap runs VQA, retrieval and classification (the device
+    check's section C); only scoring a caption needs the package, and then it says so."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "pycocoevalcap":
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import ecoflap.evaluation.vision_language
+from ecoflap.evaluation.metrics import caption_metrics, retrieval_recall
+try:
+    caption_metrics({1: "a dog"}, {1: ["a dog runs"]}, spice=False, meteor=False)
+except RuntimeError as exc:
+    print(exc)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "caption metrics need pycocoevalcap: pip install pycocoevalcap==1.2" in done.stdout

@@ -6,6 +6,7 @@ reported as ``{"skipped": reason}``, never as a silent zero.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shutil
@@ -14,15 +15,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Hashable
 
 import torch
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.meteor.meteor import Meteor
-from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.spice import get_stanford_models
-from pycocoevalcap.spice.spice import Spice
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
 from ecoflap.utils.runtime import check_finite
+
+
+def _coco(module: str, name: str | None = None) -> Any:
+    """A module of pycocoevalcap (or a class in it), imported when a caption is scored: VQA,
+    retrieval and classification (and a GPU machine without the package) never need it."""
+    try:
+        found = importlib.import_module(f"pycocoevalcap.{module}")
+    except ImportError as exc:
+        raise RuntimeError("caption metrics need pycocoevalcap: pip install pycocoevalcap==1.2 "
+                           "(envs/requirements-common.txt)") from exc
+    return found if name is None else getattr(found, name)
+
 
 # a diverged model's NaN scores rank in index order under topk, which reads as a plausible recall or accuracy
 DIVERGED = "the pruned model diverged; check the pruning log"
@@ -274,7 +279,8 @@ def simple_tokenize(caption: str) -> str:
 
 def _tokenize(captions: Mapping[Hashable, list[str]], use_ptb: bool) -> dict[Hashable, list[str]]:
     if use_ptb:
-        out = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+        ptb = _coco("tokenizer.ptbtokenizer", "PTBTokenizer")()
+        out = ptb.tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
         if any(len(out.get(k, ())) != len(v) for k, v in captions.items()):
             raise RuntimeError("PTBTokenizer returned a different number of captions than it was given")
         return out
@@ -283,15 +289,15 @@ def _tokenize(captions: Mapping[Hashable, list[str]], use_ptb: bool) -> dict[Has
 
 def _spice_lib_dir() -> str:
     # pycocoevalcap is a namespace package (no __init__.py, so no __file__); spice/ is a package
-
-    return os.path.join(os.path.dirname(os.path.abspath(get_stanford_models.__file__)), "lib")
+    downloader = _coco("spice.get_stanford_models")
+    return os.path.join(os.path.dirname(os.path.abspath(downloader.__file__)), "lib")
 
 
 def _run_meteor(gts: dict, res: dict) -> float:
     """METEOR 1.5 through pycocoevalcap's long-lived java process, with a watchdog so a stuck
     subprocess fails loudly instead of hanging, and cleanup that avoids its __del__ deadlock."""
 
-    meteor = Meteor()
+    meteor = _coco("meteor.meteor", "Meteor")()
     watchdog = threading.Timer(METEOR_TIMEOUT_S, meteor.meteor_p.kill)
     watchdog.start()
     try:
@@ -333,13 +339,13 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
     res = _tokenize({k: [predictions[k]] for k in references}, java)
     result: dict[str, Any] = {"n": len(res), "tokenizer": "ptb" if java else "simple (java not found)"}
 
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    bleu, _ = _coco("bleu.bleu", "Bleu")(4).compute_score(gts, res, verbose=0)
     for n, b in enumerate(bleu, start=1):
         result[f"BLEU-{n}"] = 100.0 * float(b)
     if meteor:
         result["METEOR"] = 100.0 * _run_meteor(gts, res) if java else {"skipped": METEOR_SKIP}
-    result["ROUGE_L"] = 100.0 * float(Rouge().compute_score(gts, res)[0])
-    result["CIDEr"] = 100.0 * float(Cider().compute_score(gts, res)[0])
+    result["ROUGE_L"] = 100.0 * float(_coco("rouge.rouge", "Rouge")().compute_score(gts, res)[0])
+    result["CIDEr"] = 100.0 * float(_coco("cider.cider", "Cider")().compute_score(gts, res)[0])
 
     if spice:
         lib = _spice_lib_dir()
@@ -349,7 +355,7 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
         elif not java:
             result["SPICE"] = {"skipped": "needs java on PATH (apt install default-jre-headless)"}
         else:
-            result["SPICE"] = 100.0 * float(Spice().compute_score(gts, res)[0])
+            result["SPICE"] = 100.0 * float(_coco("spice.spice", "Spice")().compute_score(gts, res)[0])
     return result
 
 
