@@ -273,3 +273,55 @@ def test_native_resolution_calibration_images_are_bounded(built):
     assert bounded.width * bounded.height <= adapter.calibration_max_pixels and abs(bounded.width / bounded.height - 2) < 0.01
     batch = adapter.calibration_batch(model, procs, [large], ["a purple wall"], "")
     assert int(batch["pixel_values_rows"][0]) <= adapter.calibration_max_pixels // (7 * 7)
+
+
+def test_a_caption_without_a_token_budget_is_not_cut_mid_sentence(built, images):
+    """A captioning entry without max_new_tokens (the evaluation passes no prompt and no budget)
+    gets the whole caption the model writes up to its EOS, not the short-answer budget of 10 new
+    tokens, which cut "a man riding a wave on top of a surfboard." to "a man riding a wave"."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model, procs, adapter = _load(built["llava"])
+    tok = procs.multimodal.tokenizer
+    caption = "a man riding a wave on top of a surfboard."
+    target = tok(caption, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert len(target) > 11
+
+    class Writes(LogitsProcessor):  # the model writes `caption`, then EOS
+        start = None
+
+        def __call__(self, input_ids, scores):
+            self.start = self.start or input_ids.shape[1]
+            out = torch.full_like(scores, -1e9)
+            out[:, target[min(input_ids.shape[1] - self.start, len(target) - 1)]] = 0
+            return out
+
+    generate = model.generate
+    model.generate = lambda **kw: generate(**kw, logits_processor=LogitsProcessorList([Writes()]))
+    assert adapter.generate(model, procs, images[:2], ["", ""], {"use_cache": True}) == [caption] * 2
+    # a VQA prompt keeps the short-answer budget; an entry's own max_new_tokens wins
+    assert adapter.generate(model, procs, images[:1], [adapter.vqa_prompt.format("What?")], {}) == ["a man riding a wave"]
+    assert adapter.generate(model, procs, images[:1], [""], {"max_new_tokens": 2}) == ["a man"]
+
+
+def test_a_captioning_entry_gives_a_chat_vlm_a_sentence_of_new_tokens(built):
+    """With or without a prompt of its own, a captioning entry without max_new_tokens asks a chat
+    VLM for up to CAPTION_MAX_NEW_TOKENS (a prompt such as "a photo of" once fell back to the
+    short answer's 10); an entry's own budget is passed as it is."""
+    from ecoflap.evaluation.vision_language import evaluate_vision_language
+    from ecoflap.models.chat_vlm import CAPTION_MAX_NEW_TOKENS
+
+    model, procs, adapter = _load(built["llava"])
+    budgets = []
+
+    class Recording(type(adapter)):
+        def generate(self, model, procs, images, prompts, gen_kwargs):
+            budgets.append(gen_kwargs.get("max_new_tokens"))
+            return ["a photo of a thing"] * len(prompts)
+
+    spec = {"task": "caption", "dataset": "nocaps", "name": "nocaps", "spice": False, "batch_size": 8,
+            "annotations": str(FIX / "nocaps/nocaps_val_4500_captions.json"),
+            "image_dir": str(FIX / "nocaps/images")}
+    for extra in ({}, {"prompt": "a photo of"}, {"prompt": "a photo of", "max_new_tokens": 30}):
+        evaluate_vision_language(model, procs, Recording(), {**spec, **extra})
+    assert set(budgets[:-1]) == {CAPTION_MAX_NEW_TOKENS} and budgets[-1] == 30

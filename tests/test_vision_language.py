@@ -255,3 +255,113 @@ def test_padding_never_reaches_the_pruning_statistics(pipelines):
                                                     batches(calib, 2), torch.device("cpu")).mask_sha256
     for pruner in ("wanda", "sparsegpt"):
         assert hashes[pruner, "padded"] == hashes[pruner, "other padding"], pruner
+
+
+def _tiny(kind, tmp_path, dtype=torch.float64):
+    from ecoflap.models.loading import load_model
+    from ecoflap.models.registry import adapter_for
+
+    model, procs = load_model(vl_models.build(kind, tmp_path / kind), torch.device("cpu"), dtype)
+    return model, procs, adapter_for(model)
+
+
+def _fixture_images(n):
+    from ecoflap.data.files import open_image
+
+    return [open_image(p) for p in sorted((FIX / "cc3m/images").glob("*.jpg"))[:n]]
+
+
+def test_blip2_retrieval_caption_padding_stays_out_of_the_qformer_statistics(tmp_path):
+    """The Q-Former's second run reads the captions; its layers must see their real tokens only
+    (the text run once handed all padded positions to Wanda's and SparseGPT's statistics)."""
+    from ecoflap.blocks.walk import feed_layers, walk_stack
+
+    model, procs, adapter = _tiny("blip2_retrieval", tmp_path)
+    captions = ["a red ball", "a green box seen from above on a wooden table today", "two blue circles", "a cat"]
+    batch = adapter.calibration_batch(model, procs, _fixture_images(4), captions, "")
+    text = procs.tokenizer(captions, padding=True)
+    real = sum(map(sum, text.attention_mask))
+    assert real < len(captions) * len(text.input_ids[0])  # the captions are padded
+    stack = next(s for s in adapter.stacks(model) if s.name == "qformer")
+    rows = []
+    for step in walk_stack(model, adapter, stack, [batch], torch.device("cpu"), None):
+        if step.index == 0:  # the text FFN runs only on the caption (the queries have their own)
+            feed_layers(step, {"text_ffn": step.block.intermediate.dense},
+                        lambda _name, x: rows.append(x.reshape(-1, x.shape[-1]).shape[0]))
+    assert rows == [real], ("padding of the Q-Former's text run reached the pruning statistics; Blip2RetrievalAdapter's "
+                            "qformer Stack needs mask_key=TEXT_MASK and calibration_batch the caption mask")
+    old_file = {k: v for k, v in batch.items() if k != "text_attention_mask"}  # a calibration file made before
+    with pytest.raises(ValueError, match="calibration file predates it; delete results/<model>/calibration"):
+        adapter.loss(model, old_file)
+
+
+def test_blip2_retrieval_caption_width_never_equals_the_image_runs(tmp_path):
+    """The caption mask is matched to layer inputs by shape: a caption as wide as the queries or
+    the ViT's tokens would mask the image run's states; such a width gets one more padding column,
+    which leaves the model's scores unchanged."""
+    model, procs, adapter = _tiny("blip2_retrieval", tmp_path)
+    vision = model.config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    words = "a b c d e f g h i j k l m n o p q r s t u v w x y z".split()
+    caption = next(" ".join(words[:n]) for n in range(1, 27) if len(procs.tokenizer(" ".join(words[:n])).input_ids) == tokens)
+    images = _fixture_images(2)
+    batch = adapter.calibration_batch(model, procs, images, [caption, "a cat"], "")
+    assert batch["text_attention_mask"].shape[1] == tokens + 1 and batch["input_ids"].shape[1] == tokens + 1
+    enc = procs.tokenizer([caption, "a cat"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        theirs = model(pixel_values=batch["pixel_values"], input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                       use_image_text_matching_head=False).logits_per_image
+        ours = model(**adapter.model_inputs(batch), use_image_text_matching_head=False).logits_per_image
+    assert torch.allclose(ours, theirs, atol=1e-12)
+
+
+def test_blip_vqa_answers_do_not_depend_on_the_other_questions_in_the_batch(tmp_path):
+    """BLIP's answer decoder attends to every position of the question states, padding included;
+    answering a padded batch made each answer's scores depend on its batch mates."""
+    from unittest import mock
+
+    model, procs, adapter = _tiny("blip_vqa", tmp_path)
+    images = _fixture_images(3)
+    questions = ["what is it?", "what colour is the box on the wooden table in this picture?", "how many?"]
+    generate = model.generate
+
+    def scores(imgs, qs):
+        found = {}
+
+        def spy(*args, input_ids=None, attention_mask=None, **kwargs):
+            out = generate(*args, input_ids=input_ids, attention_mask=attention_mask, output_scores=True,
+                           return_dict_in_generate=True, **kwargs)
+            for row, mask, s in zip(input_ids, attention_mask, out.scores[0].log_softmax(-1)):
+                found[tuple(row[mask.bool()].tolist())] = s
+            return out.sequences
+
+        with mock.patch.object(model, "generate", spy):
+            adapter.generate(model, procs, imgs, qs, {"max_new_tokens": 2, "do_sample": False, "num_beams": 1})
+        return [found[tuple(procs.tokenizer(q).input_ids)] for q in qs]
+
+    together = scores(images, questions)
+    for i, q in enumerate(questions):
+        alone = scores([images[i]], [q])[0]
+        assert torch.allclose(together[i], alone, atol=1e-10), (
+            f"question {i}: its answer's scores changed with its batch mates by "
+            f"{(together[i] - alone).abs().max().item():.2e}; BlipVqaAdapter.generate must answer questions "
+            "of one token length together, without padding")
+
+
+def test_blip2_opt_padding_stays_out_of_the_flattened_mlp_statistics(tmp_path):
+    """OPT's decoder layer flattens its states to [batch * positions, features] before fc1 and
+    fc2: their statistics once took every padded position (160 rows for 97 real tokens)."""
+    from ecoflap.blocks.walk import feed_layers, walk_stack
+
+    model, procs, adapter = _tiny("blip2_opt", tmp_path)
+    captions = ["a red ball", "a green box seen from above on a wooden table today", "two blue circles", "a cat"]
+    batch = adapter.calibration_batch(model, procs, _fixture_images(4), captions, "a photo of")
+    real = int(batch["attention_mask"].sum())
+    assert real < batch["attention_mask"].numel()  # the captions are padded
+    stack = adapter.stacks(model)[-1]
+    for step in walk_stack(model, adapter, stack, [batch], torch.device("cpu"), None):
+        rows = {}
+        feed_layers(step, adapter.prunable_layers(step.block),
+                    lambda name, x: rows.__setitem__(name.split(".")[-1], x.reshape(-1, x.shape[-1]).shape[0]))
+        assert set(rows.values()) == {real}, rows
+        break

@@ -75,6 +75,9 @@ class BlockInput:
             return RealTokens.of(x, self.cross_valid)
         if self.valid is not None and x.shape[:-1] == self.valid.shape:
             return RealTokens.of(x, self.valid)
+        if self.valid is not None and x.dim() == 2 and x.shape[0] == self.valid.numel() and self.valid.dim() == 2:
+            # the block flattened its positions ([batch * positions, features]: OPT's fc1 and fc2)
+            return RealTokens.of(x.reshape(*self.valid.shape, x.shape[-1]), self.valid)
         return x
 
     def _handed_in(self, x: torch.Tensor) -> bool:

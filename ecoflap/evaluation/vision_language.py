@@ -83,10 +83,13 @@ def _caption(model, procs, adapter, spec) -> tuple[dict, dict]:
         items = load_coco_karpathy(spec["karpathy_json"], spec["image_root"], spec.get("split", "test"), limit,
                                    config_key=key)
     prompt = spec.get("prompt") or ""
+    gen_kwargs = _gen_kwargs(spec)
+    if "max_new_tokens" not in gen_kwargs and adapter.caption_max_new_tokens:  # a whole sentence, not a short answer
+        gen_kwargs["max_new_tokens"] = adapter.caption_max_new_tokens
     preds = {}
     for chunk in tqdm(list(_chunks(items, spec.get("batch_size", 8))), desc=f"{ds} captions", unit="batch"):
         images = [open_image(it.image_path) for it in chunk]
-        caps = adapter.generate(model, procs, images, [prompt] * len(chunk), _gen_kwargs(spec))
+        caps = adapter.generate(model, procs, images, [prompt] * len(chunk), gen_kwargs)
         preds.update({it.image_id: c for it, c in zip(chunk, caps)})
     refs = {it.image_id: it.references for it in items}
     scores = M.caption_metrics(preds, refs, spice=spec.get("spice", True))

@@ -32,6 +32,10 @@ from ecoflap.models.vision_language import VisionLanguageAdapter
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 # the instruction when calibration.prompt (or a captioning entry's prompt) is empty
 CALIBRATION_INSTRUCTION = "Give a short caption of this image."
+# new-token budgets when the entry sets no max_new_tokens: a short answer, or a whole caption (a
+# one-sentence caption is 10-20 tokens; 10 would cut it mid-sentence). Generation stops at EOS first
+VQA_MAX_NEW_TOKENS = 10
+CAPTION_MAX_NEW_TOKENS = 64
 ROWS = "_rows"  # suffix of the per-example row counts that `pack` stores
 
 
@@ -68,6 +72,7 @@ class ChatVLMAdapter(VisionLanguageAdapter):
     # native-resolution families, whose stored patches would otherwise grow with the image
     calibration_max_pixels: int = 0
     vqa_prompt: str = "{}\n" + SHORT_ANSWER
+    caption_max_new_tokens = CAPTION_MAX_NEW_TOKENS  # the evaluation's captions, with or without a prompt
 
     def stacks(self, model: nn.Module) -> list[Stack]:
         # the projector (or merger) between the two stays dense, as the published settings leave it.
@@ -152,7 +157,9 @@ class ChatVLMAdapter(VisionLanguageAdapter):
     def generate(self, model: nn.Module, procs: Processors, images: list, prompts: list[str],
                  gen_kwargs: dict[str, Any]) -> list[str]:
         """Greedy answers (unless the entry asks for beams) to `prompts`, one image each, the batch
-        left-padded so that every answer starts right after its own prompt."""
+        left-padded so that every answer starts right after its own prompt. Without max_new_tokens in
+        `gen_kwargs`: at most VQA_MAX_NEW_TOKENS, or CAPTION_MAX_NEW_TOKENS where no prompt is given
+        (a caption; the evaluation's captioning passes caption_max_new_tokens itself, prompt or not)."""
         proc = procs.multimodal
         # captioning passes no prompt: the chat models are asked for a caption in words
         texts = [proc.apply_chat_template(user_turn(p or CALIBRATION_INSTRUCTION), add_generation_prompt=True,
@@ -161,11 +168,14 @@ class ChatVLMAdapter(VisionLanguageAdapter):
         device = next(model.parameters()).device
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         enc = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in enc.items()}
-        settings = {"do_sample": False, "max_new_tokens": 10, **gen_kwargs}
+        # no prompt is a caption request (the evaluation's captioning entries without a prompt of their own):
+        # its budget must hold a sentence, else the caption is cut mid-sentence and scored so
+        budget = VQA_MAX_NEW_TOKENS if any(prompts) else CAPTION_MAX_NEW_TOKENS
+        settings = {"do_sample": False, "max_new_tokens": budget, **gen_kwargs}
         out = model.generate(**enc, **settings, pad_token_id=proc.tokenizer.pad_token_id)
         answers = proc.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         return [a.strip() for a in answers]
 
 
-__all__ = ["CALIBRATION_INSTRUCTION", "ChatVLMAdapter", "SHORT_ANSWER", "conversation", "encode", "template_has_bos",
-           "user_turn"]
+__all__ = ["CALIBRATION_INSTRUCTION", "CAPTION_MAX_NEW_TOKENS", "ChatVLMAdapter", "SHORT_ANSWER", "VQA_MAX_NEW_TOKENS",
+           "conversation", "encode", "template_has_bos", "user_turn"]

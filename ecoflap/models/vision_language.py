@@ -40,6 +40,9 @@ class VisionLanguageAdapter(Adapter):
     """Common plumbing; subclasses fill in stacks, batches and task hooks."""
 
     vqa_prompt: str = "Question: {} Short answer:"  # BLIP-2's zero-shot VQA prompt (a family may differ)
+    # new tokens for a caption when its entry sets no max_new_tokens; None: the checkpoint's
+    # generation_config decides (the chat VLMs set a sentence's worth: their default answer is short)
+    caption_max_new_tokens = None
 
     def calibration_batch(self, model: nn.Module, procs: Processors, images: list, captions: list[str],
                           prompt: str) -> Batch:

@@ -10,6 +10,9 @@ from ecoflap.data.captions import blip_pre_caption
 from ecoflap.models.base import Stack, at_least_fp32
 from ecoflap.models.vision_language import VisionLanguageAdapter, contrastive_loss
 
+# the batch entry marking the caption's real tokens in the Q-Former's text run (not a model input)
+TEXT_MASK = "text_attention_mask"
+
 
 @dataclass(frozen=True)
 class Blip2RetrievalAdapter(VisionLanguageAdapter):
@@ -20,9 +23,11 @@ class Blip2RetrievalAdapter(VisionLanguageAdapter):
     temperature: float = 0.07
 
     def stacks(self, model):
-        # the Q-Former runs twice per forward: on the image queries, then on the caption
+        # the Q-Former runs twice per forward: on the image queries, then on the caption; the
+        # caption's padding stays out of the statistics of the text run (the image run's states
+        # are never the caption's shape: calibration_batch pads the caption to another width)
         return [Stack("vision", "vision_model.encoder.layers", "vision"),
-                Stack("qformer", "qformer.encoder.layer", "qformer", calls=2)]
+                Stack("qformer", "qformer.encoder.layer", "qformer", calls=2, mask_key=TEXT_MASK)]
 
     def _text(self, model, procs, texts):
         # as LAVIS's compute_sim_matrix: blip_caption text processing, at most 35 tokens
@@ -32,16 +37,37 @@ class Blip2RetrievalAdapter(VisionLanguageAdapter):
     def calibration_batch(self, model, procs, images, captions, prompt):
         enc = self._text(model, procs, captions)
         ids, mask = enc.input_ids, enc.attention_mask
+        # the text mask is matched to a layer input by shape, and the image run hands the Q-Former
+        # [batch, queries] and (to the cross-attention) [batch, ViT tokens] states: a caption width
+        # equal to either would drop real positions of those, so such a width gets one more padding
+        vision = model.config.vision_config
+        taken = {model.config.num_query_tokens, (vision.image_size // vision.patch_size) ** 2 + 1}
+        extra = 0
+        while ids.shape[1] + extra in taken:
+            extra += 1
+        if extra:
+            pad = procs.tokenizer.pad_token_id or 0
+            ids = torch.cat([ids, torch.full((ids.shape[0], extra), pad, dtype=ids.dtype)], 1)
+            mask = torch.cat([mask, torch.zeros(mask.shape[0], extra, dtype=mask.dtype)], 1)
+        text_mask = mask.clone()  # its own storage: the calibration file (safetensors) refuses shared tensors
         if model.config.image_token_index is not None:  # the model strips this prefix again
             q = model.config.num_query_tokens
             ids = torch.cat([torch.full((ids.shape[0], q), model.config.image_token_index), ids], 1)
             mask = torch.cat([torch.ones(ids.shape[0], q, dtype=mask.dtype), mask], 1)
-        return {"pixel_values": procs.pixels(images), "input_ids": ids, "attention_mask": mask}
+        return {"pixel_values": procs.pixels(images), "input_ids": ids, "attention_mask": mask, TEXT_MASK: text_mask}
+
+    @staticmethod
+    def model_inputs(batch):
+        """The batch without the entries that only mark padding for the statistics."""
+        if TEXT_MASK not in batch:  # without it the caption's padding would enter the Q-Former's statistics
+            raise ValueError(f"the calibration batch has no {TEXT_MASK!r}: the calibration file predates it; delete "
+                             "results/<model>/calibration.safetensors and rerun calibration")
+        return {k: v for k, v in batch.items() if k != TEXT_MASK}
 
     def loss(self, model, batch):
         # logits_per_image are raw cosines here; BLIP-2 trains its contrastive loss on
         # cosine / temperature (learned, initialised at 0.07; the HF class does not keep it)
-        out = model(**batch, use_image_text_matching_head=False)
+        out = model(**self.model_inputs(batch), use_image_text_matching_head=False)
         return contrastive_loss(out.logits_per_image / self.temperature)
 
     @torch.no_grad()

@@ -38,8 +38,18 @@ class BlipVqaAdapter(VisionLanguageAdapter):
 
     @torch.no_grad()
     def generate(self, model, procs, images, prompts, gen_kwargs):
+        """Questions of equal token length are answered together, without padding: the answer
+        decoder's cross-attention reads every question position (BlipForQuestionAnswering.generate
+        hands it an all-ones mask, and transformers 5's BLIP text layers drop the cross-attention
+        mask anyway), so in a padded batch an answer would depend on the other questions in it."""
         pix = procs.pixels(images).to(model.device, model.dtype)
-        enc = procs.tokenizer(prompts, padding=True, return_tensors="pt").to(model.device)
-        out = model.generate(pixel_values=pix, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                             **gen_kwargs)
-        return [t.strip() for t in procs.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        rows = procs.tokenizer(list(prompts)).input_ids
+        answers: list[str] = [""] * len(rows)
+        for width in sorted({len(r) for r in rows}):
+            idx = [i for i, r in enumerate(rows) if len(r) == width]
+            ids = torch.tensor([rows[i] for i in idx], device=model.device)
+            out = model.generate(pixel_values=pix[idx], input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 **gen_kwargs)
+            for i, text in zip(idx, procs.tokenizer.batch_decode(out, skip_special_tokens=True)):
+                answers[i] = text.strip()
+        return answers
