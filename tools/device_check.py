@@ -418,6 +418,39 @@ def check_memory_benchmark(work: Path) -> dict:
     return json.loads(summary.read_text()) if summary.exists() else {"error": out.stderr[-2000:]}
 
 
+PPL_RTOL = 1e-5  # perplexity between offload modes: issue 11's tolerance
+
+
+def verdict(report: dict) -> list[str]:
+    """Every check the sections report that did not hold: a section that raised, results that
+    differ between modes, a job that failed. Empty: all passed."""
+    bad = [f"{name}: {r['error']}" for name, r in report.items() if isinstance(r, dict) and "error" in r]
+    for name, r in report.items():
+        if not isinstance(r, dict) or "error" in r:
+            continue
+        if name.startswith("A."):
+            bad += [f"A: {key} differs from none ({v})" for key, v in r["identical"].items()
+                    if v is not True and not (not isinstance(v, bool) and v <= PPL_RTOL)]
+        elif name.startswith("B."):
+            bad += [f"B: {key} masks differ from none" for key, v in r.items()
+                    if not key.endswith(" none") and v["mask_sha256"] != r[key.rsplit(" ", 1)[0] + " none"]["mask_sha256"]]
+        elif name.startswith("C."):
+            bad += [f"C: {key} differs between none and cpu" for key, v in r["identical"].items() if v is not True]
+        elif name.startswith("E."):
+            bad += [f"E: {case} {tag} exited {job['rc']}" for case, jobs in r.items() for tag, job in jobs.items()
+                    if job["rc"] != 0]
+            one = r.get("one GPU, two jobs", {})
+            if one and not any(j["lease"] and j["lease"].get("waited_s", 0) > 0 for j in one.values()):
+                bad.append("E: on one GPU neither job waited for the other's lease")
+            two = [j["lease"] for j in r.get("simulated second device", {}).values()]
+            if len(two) == 2 and (None in two or two[0].get("devices") == two[1].get("devices")):
+                bad.append(f"E: with a simulated second device the jobs' leases were {two}")
+        elif name.startswith("F."):
+            bad += [f"F: {key} {v}" for key, v in r.get("comparison", {}).items() if not str(v).startswith("identical")]
+            bad += [f"F: {row['stage']} exited {row['exit']}" for row in r.get("rows", []) if row.get("exit")]
+    return bad
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="folder with SmolLM2's config.json and tokenizer files")
@@ -459,6 +492,12 @@ def main() -> None:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "device_check.json").write_text(json.dumps(REPORT, indent=1, default=str))
+    failed = verdict(REPORT)
+    say("\nVERDICT: " + ("every check held" if not failed else f"{len(failed)} check(s) failed:"))
+    for line in failed:
+        say(f"  {line}")
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

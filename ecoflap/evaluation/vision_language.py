@@ -112,7 +112,7 @@ def _embed(fn, model, procs, things: list, batch_size: int, desc: str) -> torch.
 def _retrieval(model, procs, adapter, spec) -> tuple[dict, dict]:
     data = load_flickr30k_retrieval(spec["karpathy_json"], spec["image_dir"], spec.get("split", "test"),
                                     spec.get("limit"), config_key=_key(spec))
-    bs = spec.get("batch_size", 32)
+    bs = spec.get("batch_size", 8)
     images = _embed(lambda m, p, paths: adapter.image_embeddings(m, p, [open_image(x) for x in paths]),
                     model, procs, data.image_paths, bs, "image embeddings")
     texts = _embed(adapter.text_embeddings, model, procs, data.texts, bs, "text embeddings")
@@ -195,14 +195,14 @@ def _classification(model, procs, adapter, spec) -> tuple[dict, dict]:
             raise ValueError(f"this classifier predicts {n_classes} classes and {spec['dataset']} has "
                              f"{len(classnames)}; evaluate it on the data set its head was trained for")
         logits = _embed(lambda m, p, chunk: adapter.classify(m, p, [load() for load in chunk]),
-                        model, procs, loaders, spec.get("batch_size", 32), "classifier logits")
+                        model, procs, loaders, spec.get("batch_size", 8), "classifier logits")
         return M.topk_accuracy(logits, torch.tensor(labels)), {}
     classes = []
     for name in tqdm(classnames, desc="class embeddings (prompt ensemble)", unit="class"):
         emb = adapter.text_embeddings(model, procs, [t.format(name) for t in templates]).mean(0)
         classes.append(torch.nn.functional.normalize(emb, dim=-1).cpu())
     images = _embed(lambda m, p, chunk: adapter.image_embeddings(m, p, [load() for load in chunk]),
-                    model, procs, loaders, spec.get("batch_size", 32), "image embeddings")
+                    model, procs, loaders, spec.get("batch_size", 8), "image embeddings")
     logits = images @ torch.stack(classes).t()
     return M.topk_accuracy(logits, torch.tensor(labels)), {}
 

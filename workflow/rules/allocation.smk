@@ -9,6 +9,7 @@ rule allocate:
                     labels={"method": "{method}", "sparsity": "{sparsity}"}),
     params:
         py=model_python,
+        explain=explain_python,
         args=allocation_args,
     # one core: a two-core reservation would wait for both cores to free up, leaving one idle
     # for the length of a single-threaded job (common.smk)

@@ -8,6 +8,7 @@ rule calibration:
         meta="results/{model}/calibration.safetensors.json",
     params:
         py=model_python,
+        explain=explain_python,
         args=calibration_args,
     # one core: a two-core reservation would wait for both cores to free up, leaving one idle
     # for the length of a single-threaded job (common.smk)

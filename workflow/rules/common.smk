@@ -21,10 +21,20 @@ fill_defaults(config)  # every default the schema and the catalog name
 PY = config.get("python") or sys.executable
 
 
-def model_python(wc):
+# The interpreter is no rerun trigger: a moved or recreated environment, or Snakemake started as
+# .venv/bin/python3 instead of .venv/bin/python, is not a different result (each result's provenance
+# records the package versions). Snakemake leaves a param out of its params trigger when its function
+# takes `threads` (as it does for `input`, `output`, `resources`), hence the argument nobody reads;
+# with the interpreter a tracked param, any such change redid every job of the run.
+def model_python(wc, threads):
     """The interpreter of a model's jobs: its own environment where the config names one (open_clip
     models need torchvision, which the core environment lacks), else PY."""
     return config["models"][wc.model].get("python") or PY
+
+
+def run_python(wc, threads):
+    """The interpreter of the summaries (aggregate, seed_group): PY, untracked as model_python."""
+    return PY
 
 
 if config.get("python") and not shutil.which(config["python"]):  # planning works without it; jobs do not
@@ -54,7 +64,17 @@ REFERENCE = reference_file()
 # appended to every model-running rule's shell: on failure the log ends with what the exit
 # status means (a job killed by a memory limit or the scheduler says so), and the job still fails;
 # Snakemake's interpreter explains it, which has the package even where the jobs' `python:` does not
-EXPLAIN_EXIT = "|| {{{{ rc=$?; {py} -m ecoflap.utils.exits $rc >> {{log}}; exit $rc; }}}}".format(py=sys.executable)
+# (its path reaches the shell as the untracked param `explain`, as the jobs' interpreter does:
+# written into the command it was part of every rule's code, and another path to the same
+# Snakemake, .venv/bin/python3 for .venv/bin/python, redid every job of the run)
+EXPLAIN_EXIT = "|| {{ rc=$?; {params.explain:q} -m ecoflap.utils.exits $rc >> {log}; exit $rc; }}"
+
+
+def explain_python(wc, threads):
+    """Snakemake's interpreter, for EXPLAIN_EXIT (untracked, as model_python)."""
+    return sys.executable
+
+
 # torch threads per job of each model-running stage (Snakemake runs jobs side by side while
 # their threads fit in --cores): `threads`, unless `stage_threads` says otherwise, or a scorer's
 # or method's own `threads`. The stages before evaluation carry `priority: 1`, so the pruned
@@ -63,6 +83,28 @@ EXPLAIN_EXIT = "|| {{{{ rc=$?; {py} -m ecoflap.utils.exits $rc >> {{log}}; exit 
 # single-threaded jobs pack best (config.yaml keeps two threads for SparseGPT alone).
 THREADS = {stage: config["stage_threads"].get(stage, config["threads"]) for stage in ("score", "prune", "evaluate")}
 GPU = config["resources"]["gpu"]
+
+
+def widest_job():
+    """The most threads any job of the config asks for."""
+    return max([*THREADS.values(), *(e.get("threads") or 0 for e in (*config["scorers"].values(),
+                                                                     *config["methods"].values()))])
+
+
+# --cores caps every job's threads, on a cluster too (Snakemake passes it to each job), and
+# profiles/default/profile.yaml, which Snakemake reads beside any --profile and over it, says
+# cores: 2 for this machine: `--profile profiles/slurm` ran the paper configs' `threads: 8` jobs
+# with 2 torch threads (and SparseGPT's masks depend on the count), saying nothing. Checked once
+# the executor is known (not while the Snakefile is read), before any job is submitted.
+onstart:
+    if (workflow.is_main_process and not workflow.local_exec and workflow.resource_settings.cores is not None
+            and workflow.resource_settings.cores < widest_job()):
+        raise WorkflowError(
+            f"--cores {workflow.resource_settings.cores} would run every cluster job with at most "
+            f"{workflow.resource_settings.cores} threads, while the config asks for up to {widest_job()} (threads, "
+            "stage_threads, a scorer's or method's threads); Snakemake reads profiles/default/profile.yaml "
+            "(cores: 2, for local runs) beside --profile and over it: add --workflow-profile none, or "
+            f"--cores {widest_job()}")
 
 
 def estimated(stage, key):
@@ -93,18 +135,34 @@ def estimated(stage, key):
     return value
 
 
-@functools.lru_cache(maxsize=None)
+def download_stamp(folder):
+    """When results/<model>'s download was last written (layout.json is written last, by every
+    download job): the key of the caches below, so a download redone within the run (an edited
+    model entry) is read again instead of sizing its jobs from the model it replaced."""
+    stat = (Path(folder) / "layout.json").stat()
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
 def downloaded_layers(folder):
-    """(prunable layers, blocks of the largest sub-model) of results/<model>, read once per run."""
+    """(prunable layers, blocks of the largest sub-model) of results/<model>, read once per download."""
+    return _downloaded_layers(folder, download_stamp(folder))
+
+
+def downloaded_size(folder):
+    """(parameters, prunable parameters, blocks) of results/<model>: read once per download, not
+    once per job and resource (only called once the download exists)."""
+    return _downloaded_size(folder, download_stamp(folder))
+
+
+@functools.lru_cache(maxsize=None)
+def _downloaded_layers(folder, _stamp):
     from ecoflap.utils.resources import layout_counts
 
     return layout_counts(Path(folder) / "layout.json")
 
 
 @functools.lru_cache(maxsize=None)
-def downloaded_size(folder):
-    """(parameters, prunable parameters, blocks) of results/<model>: read once per Snakemake run,
-    not once per job and resource (only called once the download exists)."""
+def _downloaded_size(folder, _stamp):
     from ecoflap.utils.resources import model_size
 
     return model_size(Path(folder) / "model", Path(folder) / "layout.json")
@@ -203,6 +261,14 @@ def model_spec(wc):
     return config["models"][wc.model]
 
 
+# a models: entry's keys that other stages read and the download does not: the seed (replicates
+# share weights), the interpreter (a moved environment is not a different model), offload and
+# activations (model_args), the calibration override and the evaluate list. Passed to the
+# download, each was a params change of download_model: the model fetched again and every row
+# of it redone, dense included, for a setting that changes neither the weights nor layout.json
+DOWNLOAD_UNREAD = ("seed", "python", "offload", "activations", "calibration", "evaluate")
+
+
 def model_args(wc):
     """Arguments every model-loading CLI call shares."""
     args = f"--device {config['device']} --dtype {config['dtype']} --seed {model_seed(wc)}"
@@ -253,14 +319,18 @@ def allocation_inputs(wc):
     return inputs
 
 
-def allocation_args(wc, input):
-    """The methods: entry (its pruner, nm and refiner are the prune rule's business) and the row's target."""
+def allocation_args(wc):
+    """The methods: entry (its pruner, nm and refiner are the prune rule's business) and the row's target.
+    A function of the wildcards only: Snakemake leaves a param whose function takes `input`, `output`,
+    `threads` or `resources` out of its params rerun trigger, so an edited allocation option
+    (max_sparsity_offset, lambda, scope, ...) would not redo the allocation and the rows after it."""
     target, _nm = parse_label(wc.sparsity)
     fine_stage = {"pruner", "nm", "refine", "threads", *(k for m in REFINERS.values() for k in m.options)}
     entry = {k: v for k, v in method(wc).items() if k not in fine_stage}
     args = [spec_arg(entry), f"--target {target}"]
-    if "scores" in input.keys():
-        args.append(f"--scores {input.scores}")
+    scores = allocation_inputs(wc).get("scores")
+    if scores:
+        args.append(f"--scores {scores}")
     return " ".join(args)
 
 

@@ -6,13 +6,14 @@ rule download_model:
         layout="results/{model}/layout.json",
     params:
         py=model_python,
+        explain=explain_python,
         # the config entry, with the family the download checks; keys sorted, so a config file
         # listing them in another order does not count as changed settings (and rerun everything);
-        # without the model's seed, which the download does not use (replicates share weights), nor
-        # the interpreter it runs with (a moved environment is not a different model); a model trained
-        # at download (the embedded CLIP) is trained with the top-level seed
+        # without the keys the download does not read (DOWNLOAD_UNREAD, common.smk: a changed
+        # calibration override would re-download the model and redo its dense evaluation); a model
+        # trained at download (the embedded CLIP) is trained with the top-level seed
         spec=lambda wc: spec_arg({"family": "causal_lm",
-                                  **{k: v for k, v in model_spec(wc).items() if k not in ("seed", "python")},
+                                  **{k: v for k, v in model_spec(wc).items() if k not in DOWNLOAD_UNREAD},
                                   **({"train_seed": config["seed"]} if model_spec(wc).get("name") in TRAINED_EMBEDDED
                                      else {})}),
     priority: 1  # before evaluations: they then run in pairs of single-threaded jobs (common.smk)

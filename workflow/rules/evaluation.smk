@@ -7,6 +7,7 @@ rule evaluate:
         "results/{model}/{method}/{sparsity}/eval/{task}.json",
     params:
         py=model_python,
+        explain=explain_python,
         model=model_args,
         args=eval_args,
         kind=eval_kind,
@@ -40,6 +41,7 @@ if TEXT_ENTRIES:
             [f"results/{{model}}/{{method}}/{{sparsity}}/eval/{name}.json" for name in TEXT_ENTRIES],
         params:
             py=model_python,
+            explain=explain_python,
             model=model_args,
             args=text_eval_args,
             out_dir=lambda wc: f"results/{wc.model}/{wc.method}/{wc.sparsity}/eval",

@@ -10,6 +10,7 @@ rule prune:
         report="results/{model}/{method}/{sparsity}/pruning.json",
     params:
         py=model_python,
+        explain=explain_python,
         model=model_args,
         prune=prune_args,
     threads: prune_threads

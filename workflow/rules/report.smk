@@ -18,10 +18,13 @@ rule aggregate:
         environment=report("results/{model}/summary/environment.txt", category="{model}", subcategory="provenance",
                            caption="../report/environment.rst", labels={"model": "{model}", "figure": "provenance"}),
     params:
-        py=PY,
+        py=run_python,
+        explain=explain_python,
         rows=lambda wc: " ".join(rows()),
         reference=lambda wc: f"--reference {shlex.quote(REFERENCE)} --model-name {wc.model}" if REFERENCE else "",
         run_config=lambda wc: f"results/{wc.model}/summary/.config.json",
+        conditional=lambda wc: [f"results/{wc.model}/summary/{name}"
+                                for name in ("differences.csv", "differences.md", "comparison.csv", "comparison.md")],
         config_json=lambda wc: shlex.quote(json.dumps(config)),
     log:
         "results/{model}/logs/aggregate.log",
@@ -30,8 +33,12 @@ rule aggregate:
     conda:
         "../../envs/ecoflap.yaml"
     shell:
-        # the workflow's configuration reaches the CLI as a file (too long for a command line)
-        "mkdir -p results/{wildcards.model}/summary && echo {params.config_json} > {params.run_config} && "
+        # the workflow's configuration reaches the CLI as a file (too long for a command line); the
+        # files the aggregate writes only sometimes (differences when two rows differ, comparison
+        # with a reference: covering this model) are no declared outputs, so Snakemake would leave a
+        # previous run's beside the new summary: removed first
+        "mkdir -p results/{wildcards.model}/summary && rm -f {params.conditional} && "
+        "echo {params.config_json} > {params.run_config} && "
         "{params.py} -m ecoflap aggregate --results results/{wildcards.model} --rows {params.rows} "
         "--out-dir results/{wildcards.model}/summary {params.reference} --run-config {params.run_config} > {log} 2>&1 "
         f"{EXPLAIN_EXIT}"
@@ -50,7 +57,8 @@ rule seed_group:
         metrics=report("results/seed_groups/{group}/metrics.png", category="seed groups", subcategory="{group}",
                        caption="../report/seed_group.rst", labels={"group": "{group}", "figure": "metrics"}),
     params:
-        py=PY,
+        py=run_python,
+        explain=explain_python,
         members=lambda wc: " ".join(config["seed_groups"][wc.group]),
         run_config=lambda wc: f"results/seed_groups/{wc.group}/.config.json",
         config_json=lambda wc: shlex.quote(json.dumps(config)),
@@ -61,7 +69,10 @@ rule seed_group:
     conda:
         "../../envs/ecoflap.yaml"
     shell:
-        "mkdir -p results/seed_groups/{wildcards.group} && echo {params.config_json} > {params.run_config} && "
+        # (verdicts per metric and the allocations' profiles are written only sometimes: see aggregate)
+        "mkdir -p results/seed_groups/{wildcards.group} && "
+        "rm -f results/seed_groups/{wildcards.group}/verdicts_*.csv results/seed_groups/{wildcards.group}/profiles.png && "
+        "echo {params.config_json} > {params.run_config} && "
         "{params.py} -m ecoflap seed-summary --results results --group {wildcards.group} --members {params.members} "
         "--run-config {params.run_config} --out-dir results/seed_groups/{wildcards.group} > {log} 2>&1 "
         f"{EXPLAIN_EXIT}"

@@ -7,6 +7,7 @@ rule score:
         "results/{model}/scores/{scorer}.json",
     params:
         py=model_python,
+        explain=explain_python,
         model=model_args,
         scorer=scorer_args,
     threads: scorer_threads
