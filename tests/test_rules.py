@@ -217,3 +217,14 @@ def test_the_local_profiles_cores_do_not_cap_cluster_jobs_silently(tmp_path):
     assert out.returncode != 0 and "--cores 2 would run every cluster job with at most 2 threads" in text, text[-3000:]
     assert "add --workflow-profile none, or --cores 4" in text
     assert "submitted" not in text and "sbatch failed" not in text  # stopped before any submission
+
+
+def test_a_local_run_says_when_cores_cap_sparsegpts_threads(tmp_path):
+    """Snakemake lowers a job's threads to --cores, and SparseGPT's masks depend on the thread
+    count: a local run with fewer cores than a SparseGPT method's threads says so."""
+    config = {**copy.deepcopy(CONFIG), "python": "/bin/false",
+              "methods": {"sparsegpt": {"pruner": "sparsegpt", "threads": 2}}}
+    out = snakemake(tmp_path, config, "--cores", "1", targets=["results/tiny/layout.json"])
+    assert "--cores 1 runs sparsegpt with fewer threads than the config gives them" in out.stdout + out.stderr
+    out = snakemake(tmp_path, config, targets=["results/tiny/layout.json"])  # --cores 2
+    assert "fewer threads than the config" not in out.stdout + out.stderr

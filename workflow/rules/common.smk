@@ -105,6 +105,13 @@ onstart:
             "stage_threads, a scorer's or method's threads); Snakemake reads profiles/default/profile.yaml "
             "(cores: 2, for local runs) beside --profile and over it: add --workflow-profile none, or "
             f"--cores {widest_job()}")
+    if workflow.is_main_process and workflow.local_exec and workflow.resource_settings.cores is not None:
+        capped = [name for name, m in config["methods"].items()
+                  if m["pruner"] == "sparsegpt" and (m.get("threads") or THREADS["prune"]) > workflow.resource_settings.cores]
+        if capped:  # Snakemake lowers a job's threads to --cores; SparseGPT's masks depend on the count
+            logger.warning(f"--cores {workflow.resource_settings.cores} runs {', '.join(capped)} with fewer threads than "
+                           "the config gives them, and SparseGPT's masks depend on the thread count (each result "
+                           "records the threads it ran with): give --cores at least the config's threads to match them")
 
 
 def estimated(stage, key):
