@@ -76,6 +76,45 @@ def test_gqa():
                                               FX / "gqa" / "images", limit=2)] == ["201307251", "20515074"]
 
 
+class _PromptRecorder:
+    """A generating adapter that answers "red" and keeps the prompts it was given."""
+
+    vqa_prompt = "Question: {} Short answer:"
+
+    def __init__(self, family):
+        self.family, self.prompts = family, []
+
+    def generate(self, model, procs, images, prompts, gen_kwargs):
+        self.prompts += prompts
+        return ["red"] * len(prompts)
+
+
+@pytest.mark.parametrize("family, lavis", [("blip2", True), ("instructblip", True), ("blip_vqa", True),
+                                           ("llava", False)])
+def test_lavis_families_are_asked_the_question_as_lavis_processes_it(family, lavis):
+    """LAVIS's VQAv2 / OK-VQA / GQA configs run each question through `blip_question` (lower case,
+    . ! " ( ) * # : ; ~ deleted, "?" kept) before BLIP-2's prompt: the published numbers come from
+    "Question: what color is the ball? Short answer:", not "... What color ...". Chat VLMs keep it raw."""
+    from ecoflap.evaluation.vision_language import _vqa
+
+    adapter = _PromptRecorder(family)
+    spec = {"task": "vqa", "dataset": "vqav2", "questions": FX / "vqav2" / "v2_OpenEnded_mscoco_val2014_questions.json",
+            "annotations": FX / "vqav2" / "v2_mscoco_val2014_annotations.json", "image_dir": COCO_VAL, "limit": 2}
+    _vqa(None, None, adapter, spec)
+    raw = ["What color is the ball?", "Is the ball round?"]
+    expected = [q.lower() for q in raw] if lavis else raw
+    assert adapter.prompts == [f"Question: {q} Short answer:" for q in expected]
+
+
+def test_blip_pre_question_follows_lavis():
+    from ecoflap.data.captions import blip_pre_question
+
+    assert blip_pre_question('What is the "Man" (left) doing? ') == "what is the man left doing?"
+    assert blip_pre_question("Is it 3.5 m: tall; yes~no!*#") == "is it 35 m tall yesno"
+    assert blip_pre_question("  Leading spaces stay.") == "  leading spaces stay"
+    assert blip_pre_question(" ".join(["w"] * 60)) == " ".join(["w"] * 50)
+
+
 def test_vqa_missing_files_name_file_url_and_config_key(tmp_path):
     q = FX / "vqav2" / "v2_OpenEnded_mscoco_val2014_questions.json"
     a = FX / "vqav2" / "v2_mscoco_val2014_annotations.json"

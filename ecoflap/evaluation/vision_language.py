@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ecoflap.catalog import DATASETS, default_protocol
 from ecoflap.data import fashion_mnist as fm
+from ecoflap.data.captions import blip_pre_question
 from ecoflap.data.coop import COOP_DATASETS, load_coop_split
 from ecoflap.data.eval_sets import (load_coco_karpathy, load_flickr30k_retrieval, load_gqa, load_imagenet_val,
                                     load_nocaps, load_okvqa, load_textvqa, load_textvqa_ocr, load_vqav2)
@@ -22,6 +23,12 @@ from ecoflap.data.imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_SIMPLE_T
 from ecoflap.evaluation import metrics as M
 
 log = logging.getLogger(__name__)
+
+# Families whose published VQA numbers come from LAVIS, where every VQAv2 / OK-VQA / GQA question
+# passes its `blip_question` processor (lower case, . ! " ( ) * # : ; ~ deleted) before the prompt
+# is filled; FlanT5's tokenizer is case-sensitive, so a raw "What color ..." is another input.
+LAVIS_QUESTION_FAMILIES = frozenset({"blip2", "instructblip", "blip_vqa"})
+
 
 def _chunks(items: list, size: int):
     for i in range(0, len(items), size):
@@ -48,14 +55,15 @@ def _vqa(model, procs, adapter, spec) -> tuple[dict, dict]:
         load = load_vqav2 if ds == "vqav2" else load_okvqa
         items = load(spec["questions"], spec["annotations"], spec["image_dir"], limit, config_key=key)
     prompt = spec.get("prompt") or adapter.vqa_prompt  # the family's own zero-shot prompt
-    questions = {it.question_id: it.question for it in items}
+    lavis = getattr(adapter, "family", None) in LAVIS_QUESTION_FAMILIES
+    questions = {it.question_id: blip_pre_question(it.question) if lavis else it.question for it in items}
     if ds == "textvqa" and spec.get("ocr_tokens"):
         # LLaVA-1.5's TextVQA prompt: the question, then the image's OCR tokens when it has any
         ocr = load_textvqa_ocr(spec["ocr_tokens"], key)
         for it in items:
             tokens = ocr.get(it.image_path.stem, [])
             if tokens:
-                questions[it.question_id] = f"{it.question}\nReference OCR token: {', '.join(tokens)}"
+                questions[it.question_id] = f"{questions[it.question_id]}\nReference OCR token: {', '.join(tokens)}"
     raw = {}
     for chunk in tqdm(list(_chunks(items, spec.get("batch_size", 8))), desc=f"{ds} answers", unit="batch"):
         images = [open_image(it.image_path) for it in chunk]
