@@ -56,15 +56,59 @@ def _load(args: argparse.Namespace):
     log.info("loading %s on %s as %s (offload %s)", args.model, device, dtype, args.offload)
     model, tok = load_model(args.model, device, dtype, trust_remote_code=args.trust_remote_code,
                             offload=args.offload, family=args.family, activations=args.activations)
-    return model, tok, adapter_for(model, args.family), device, dtype
+    adapter = adapter_for(model, args.family)
+    _record_resolved(args, device, dtype, _offload_of(model, adapter))
+    return model, tok, adapter, device, dtype
 
 
-def _calibration_batches(path: str, n_samples: int | None, batch_size: int, dtype: torch.dtype
-                         ) -> list[dict[str, torch.Tensor]]:
-    """Batches of model keyword arguments; pixel values in the model's dtype."""
+def _offload_of(model, adapter) -> str | None:
+    from ecoflap.models.offload import offload_mode
+
+    try:
+        return offload_mode(adapter.blocks(model))
+    except Exception:  # noqa: BLE001 - a record only; a model without blocks records none
+        return None
+
+
+def _record_resolved(args: argparse.Namespace, device, dtype, offload: str | None) -> None:
+    """What `auto` became (device, dtype, offload mode), for the provenance: "auto" alone does
+    not say whether a GPU run was bf16 or fp16."""
+    resolved = {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    if offload is not None:
+        resolved["offload"] = offload
+    args._resolved = resolved
+
+
+def tokenizer_fingerprint(tok: Any) -> str | None:
+    """SHA-256 of a tokenizer's token -> id mapping (what calibration token ids mean), or None
+    for inputs without one (an image classifier's processor)."""
+    import hashlib
+
+    tok = getattr(tok, "tokenizer", tok)  # vision-language Processors hold the tokenizer
+    get_vocab = getattr(tok, "get_vocab", None)
+    if get_vocab is None:
+        return None
+    vocab = sorted(get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def _calibration_batches(path: str, n_samples: int | None, batch_size: int, dtype: torch.dtype,
+                         tok: Any = None) -> list[dict[str, torch.Tensor]]:
+    """Batches of model keyword arguments; pixel values in the model's dtype. With `tok` (the
+    model's tokenizer), a calibration file whose recorded tokenizer is another one is refused:
+    its token ids would mean other tokens to this model."""
     from ecoflap.data.calibration import batches, load_calibration
+    from ecoflap.utils.io import tensor_metadata
 
     data = load_calibration(path, n_samples)
+    recorded = tensor_metadata(path).get("tokenizer_sha256")
+    if recorded and tok is not None:
+        ours = tokenizer_fingerprint(tok)
+        if ours is not None and ours != recorded:
+            raise ValueError(f"{path} was tokenized with another tokenizer than this model's (tokenizer SHA-256 "
+                             f"{recorded[:12]} there, {ours[:12]} here): its token ids would mean other tokens. "
+                             "Build the calibration from this model (delete it and rerun the calibration rule, or "
+                             "python -m ecoflap calibrate --model <this model>)")
     data = {k: v.to(dtype) if v.is_floating_point() else v for k, v in data.items()}
     return batches(data, batch_size)
 
@@ -110,6 +154,12 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     spec = _spec(args, source=args.source, n_samples=args.n_samples, seq_len=args.seq_len, prompt=args.prompt,
                  protocol=args.protocol, max_txt_len=args.max_txt_len, dataset=args.dataset,
                  **{k: getattr(args, k) for k in catalog.PAIR_FILE_KEYS})
+    # the calibration: entry's keys only (a typo, or a seed, which is --seed, did nothing but was recorded)
+    if "seed" in spec:
+        raise ValueError(f"the calibration spec holds seed {spec['seed']!r}, which calibrate does not read: the windows "
+                         f"are drawn with --seed ({args.seed}); pass --seed {spec['seed']} instead")
+    catalog.check_entry_keys(spec, {*catalog.CALIBRATION_DEFAULTS, *catalog.PAIR_FILE_KEYS, "dataset"},
+                             "the calibration spec")
     c = {**catalog.CALIBRATION_DEFAULTS, **spec}
     source = catalog.CALIBRATION_SOURCES.get(c["source"])
     if source is None:
@@ -129,16 +179,27 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         tok = AutoTokenizer.from_pretrained(args.model)
         data = seq2seq_calibration(tok, c["source"], c["n_samples"], c["seq_len"], args.seed, c["protocol"],
                                    c["max_txt_len"])
-        save_tensors(args.out, data, metadata={**meta, "protocol": c["protocol"], "max_txt_len": str(c["max_txt_len"])})
+        save_tensors(args.out, data, metadata={**meta, "protocol": c["protocol"], "max_txt_len": str(c["max_txt_len"]),
+                                               "tokenizer_sha256": tokenizer_fingerprint(tok)})
     else:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(args.model)
         data = {"input_ids": build_calibration(tok, c["source"], c["n_samples"], c["seq_len"], args.seed)}
-        save_calibration(args.out, data["input_ids"], {**meta, "seq_len": str(c["seq_len"])})
+        save_calibration(args.out, data["input_ids"], {**meta, "seq_len": str(c["seq_len"]),
+                                                       "tokenizer_sha256": tokenizer_fingerprint(tok)})
     inputs["calibration"] = args.out
     _finish(args.out + ".json", {"shapes": {k: list(v.shape) for k, v in data.items()}},
             _settings(args, c), inputs, t0)
+
+
+def _spec_threads(args: argparse.Namespace, threads: int | None) -> None:
+    """A spec's `threads` (a scorers: or methods: entry given whole) when --threads is not
+    given, as the workflow passes it; it was accepted, recorded and not applied."""
+    if threads and not args.threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 def _family_of(model_dir: str) -> catalog.Family:
@@ -151,7 +212,16 @@ def _family_of(model_dir: str) -> catalog.Family:
 
 def _settings(args: argparse.Namespace, resolved: dict[str, Any]) -> dict[str, Any]:
     """What provenance records: the flags given (None: left out) and the stage's resolved settings."""
-    return {**{k: v for k, v in vars(args).items() if k not in ("func", "spec") and v is not None}, **resolved}
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "spec", "_resolved") and v is not None}
+    out = {**given, **resolved}
+    ran = getattr(args, "_resolved", {})
+    requested = {k: out[k] for k in ran if k in out and out[k] != ran[k]}
+    out.update(ran)  # what ran: auto resolved (device, dtype, offload mode)
+    if requested:
+        out["requested"] = requested  # what was asked for, where it differs (auto)
+    if torch_threads() is not None:
+        out["threads"] = torch_threads()  # the threads used, not a spec's request nor None for the default
+    return out
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -165,13 +235,14 @@ def cmd_score(args: argparse.Namespace) -> None:
     catalog.check_entry_keys(spec, {"kind", "targets", *catalog.SCORERS[spec["kind"]].options, *catalog.SCORER_COMMON},
                              f"the {spec['kind']} scorer's spec")
     scorer = catalog.SCORERS[spec["kind"]]
+    _spec_threads(args, options.get("threads"))
     seed = options["seed"] if options["seed"] is not None else args.seed
     seed_everything(seed)
     if args.dtype == "auto" and scorer.auto_dtype:
         log.info("dtype auto: %s for the %s scorer", scorer.auto_dtype, spec["kind"])
         args.dtype = scorer.auto_dtype  # and so recorded in the provenance
-    model, _tok, adapter, device, dtype = _load(args)
-    batches = _calibration_batches(args.calibration, options["n_samples"], options["batch_size"], dtype)
+    model, tok, adapter, device, dtype = _load(args)
+    batches = _calibration_batches(args.calibration, options["n_samples"], options["batch_size"], dtype, tok)
     if device.type == "cuda":
         import torch
 
@@ -253,11 +324,16 @@ def cmd_prune(args: argparse.Namespace) -> None:
     options = catalog.settings(catalog.PRUNERS, spec["pruner"], own)
     batch_size = spec.get("batch_size") or catalog.PRUNING_COMMON["batch_size"].default
     comparison = dict(item.split("=", 1) for item in args.comparison) if args.comparison else spec.get("comparison")
+    _spec_threads(args, spec.get("threads"))  # a methods: entry given whole may set them
     seed_everything(args.seed)
     model, tok, adapter, device, dtype = _load(args)
     nm = parse_nm(args.nm)
     layers = {layer for block in model_layout(model, adapter).values() for layer in block}
     allocation = check_allocation(read_json(args.allocation), args.allocation, layers)
+    if nm and abs(allocation["target"] - nm[0] / nm[1]) > 1e-9:  # N:M sets every ratio: the report's target lied
+        raise ValueError(f"N:M {args.nm} prunes {nm[0] / nm[1]:g} of every layer, but {args.allocation} was made for "
+                         f"target {allocation['target']:g}; pass the allocation made with --target "
+                         f"{nm[0] / nm[1]:g} (the workflow's {nm[0]}of{nm[1]} row), or leave out --nm")
     pruner = make_pruner(spec["pruner"], **options)
     refine = spec.get("refine") or catalog.NO_REFINE
     refine_options = {} if refine == catalog.NO_REFINE else catalog.settings(catalog.REFINERS, refine, spec)
@@ -267,7 +343,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     if needs_activations and not args.calibration:
         raise ValueError(f"{spec['pruner']}{' with ' + refine if refiner else ''} needs calibration activations: "
                          "pass --calibration")
-    batches = _calibration_batches(args.calibration, spec.get("n_samples"), batch_size, dtype) \
+    batches = _calibration_batches(args.calibration, spec.get("n_samples"), batch_size, dtype, tok) \
         if needs_activations else []
     if device.type == "cuda":
         import torch
@@ -350,7 +426,20 @@ def _load_dispatched(args: argparse.Namespace):
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     mode = resolve_offload(args.model, args.offload, dtype, device, args.trust_remote_code)
     model, procs = load_dispatched(args.model, dtype, mode, folder, args.trust_remote_code, args.family)
+    _record_resolved(args, device, dtype, mode)
     return model, procs, adapter_for(model, args.family), device, dtype
+
+
+def _check_evaluation_keys(task: str, entry: dict[str, Any], what: str) -> None:
+    """An evaluation entry holds only keys its task reads (a typo such as max_window ran every
+    window and was recorded as if it had worked)."""
+    if task in catalog.TEXT_EVAL_DEFAULTS:
+        allowed = set(catalog.TEXT_EVAL_DEFAULTS[task])
+    else:  # a vision-language entry: the config schema's keys, and the name the workflow adds
+        from ecoflap.config import schema
+
+        allowed = {*schema()["$defs"]["vl_evaluation"]["properties"], "name", "task"}
+    catalog.check_entry_keys(entry, allowed, what)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -358,6 +447,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     seed_everything(args.seed)
     spec = _spec(args, dataset=args.dataset, seq_len=args.seq_len, max_windows=args.max_windows, tasks=args.tasks,
                  limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size)
+    _check_evaluation_keys(args.task, spec, f"the {args.task} evaluation's spec and flags")
+    if args.task in catalog.TEXT_EVAL_DEFAULTS:
+        spec = {**catalog.TEXT_EVAL_DEFAULTS[args.task], **spec}  # so recorded: what ran, defaults included
     generation = args.task in catalog.VL_TASKS or args.task == "lm_eval"
     model, tok, adapter, device, _dtype = _load_dispatched(args) if generation and _dispatches(args) else _load(args)
     predictions = None
@@ -385,6 +477,9 @@ def cmd_evaluate_text(args: argparse.Namespace) -> None:
     for name in entries:
         if name not in catalog.TEXT_EVALS:
             raise ValueError(f"evaluate-text runs {' and '.join(catalog.TEXT_EVALS)} entries, not {name!r}")
+        if not isinstance(entries[name], dict):
+            raise ValueError(f"evaluate-text: the {name} entry must be a JSON object, got {entries[name]!r}")
+        _check_evaluation_keys(name, entries[name], f"evaluate-text's {name} entry")
     dispatch = "lm_eval" in entries and _dispatches(args)
     loaded: dict[str, tuple] = {}
     for name, entry in entries.items():
@@ -397,10 +492,14 @@ def cmd_evaluate_text(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         seed_everything(args.seed)  # each entry as if run on its own
         metrics = _text_evaluation(name, entry, model, tok, adapter, device, args.seed)
-        settings = {"command": "evaluate-text", "task": name, "model": args.model, "device": args.device,
-                    "dtype": args.dtype, "seed": args.seed, "threads": torch_threads(), "offload": args.offload,
+        ran = {"device": str(device), "dtype": str(_dtype).removeprefix("torch.")}
+        settings = {"command": "evaluate-text", "task": name, "model": args.model, **ran, "seed": args.seed,
+                    "threads": torch_threads(), "offload": args.offload,
                     "loaded": "device_map" if how == "dispatched" else "offload " + args.offload,
                     **catalog.TEXT_EVAL_DEFAULTS[name], **entry}
+        asked = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v != ran[k]}
+        if asked:
+            settings["requested"] = asked
         _finish(str(Path(args.out_dir) / f"{name}.json"), {"task": name, "metrics": metrics}, settings,
                 {"model": args.model}, t0, device)
 

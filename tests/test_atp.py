@@ -107,3 +107,27 @@ def test_a_searched_step_is_not_applied_to_a_narrower_method():
             plan_allocation(laid_out, scored, {"allocation": "atp", **narrower}, 0.5)
         fixed = plan_allocation(laid_out, scored, {"allocation": "atp", "step": 0.05, **narrower}, 0.5)
         assert fixed["options"]["step"] == 0.05
+
+
+def test_a_nan_loss_is_never_the_chosen_step(tiny, calib_batches, monkeypatch):
+    """min() over the grid kept a NaN in first place (nothing compares below it): a step whose pruned
+    run overflowed was chosen over every finite one."""
+    import math
+
+    import ecoflap.scoring.atp_search as search
+
+    model, _tok, adapter = tiny
+    real, calls = search.calibration_loss, []
+
+    def first_run_overflows(*args):
+        calls.append(1)
+        return math.nan if len(calls) == 2 else real(*args)  # call 1: the dense model; 2: step 0.1
+
+    monkeypatch.setattr(search, "calibration_loss", first_run_overflows)
+    _, record = atp_search_scores(model, adapter, calib_batches, torch.device("cpu"), [0.5], step=0.1)
+    grid = record["targets"]["0.5"]["grid"]
+    assert math.isnan(grid[0]["loss"])
+    assert record["chosen"]["0.5"]["step"] == min(grid[1:], key=lambda g: g["loss"])["step"] != 0.1
+    monkeypatch.setattr(search, "calibration_loss", lambda *a: math.nan)
+    with pytest.raises(FloatingPointError, match="every step's calibration loss is non-finite"):
+        atp_search_scores(model, adapter, calib_batches, torch.device("cpu"), [0.5], step=0.1)

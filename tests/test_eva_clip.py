@@ -162,6 +162,22 @@ def test_calibration_loss_is_the_cross_entropy_of_cosine_similarities(model_dir,
         assert torch.equal(adapter.classify(model, procs, images).argmax(1), (feats @ classifier.t()).argmax(1))
 
 
+def test_a_template_set_the_zero_shot_head_does_not_use_is_refused(model_dir, fake_open_clip):
+    """EVA-CLIP classifies with the prompts of its own zero-shot head (CLIP's 80): an entry asking
+    for the 7 simple ones was evaluated with the 80 and said nothing."""
+    from ecoflap.evaluation.vision_language import evaluate_vision_language
+    from ecoflap.models.loading import load_model
+    from ecoflap.models.registry import adapter_for
+
+    model, procs = load_model(model_dir, torch.device("cpu"), torch.float32)
+    spec = {"task": "classification", "dataset": "imagenet", "name": "imagenet", "val_dir": str(IMAGENET),
+            "limit": 2, "batch_size": 2}
+    with pytest.raises(ValueError, match="templates: simple would not apply; remove it"):
+        evaluate_vision_language(model, procs, adapter_for(model), {**spec, "templates": "simple"})
+    metrics, _ = evaluate_vision_language(model, procs, adapter_for(model), {**spec, "templates": "ensemble"})
+    assert 0 <= metrics["top1"] <= 100
+
+
 def test_workflow_runs_the_model_with_its_own_interpreter(tmp_path):
     """The model's jobs run with `models.<name>.python` (here a wrapper that puts the test double
     on the path; Snakemake's own interpreter has no open_clip): download, layout, ImageNet

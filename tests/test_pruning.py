@@ -254,3 +254,20 @@ def test_sparsegpt_nm_errors_name_the_width_at_fault():
     with pytest.raises(ValueError, match=r"input dimension \(18\) to be a multiple of 4"):
         pruner.prune(layer, stats, 0.5, (2, 4))
 
+
+
+def test_a_non_finite_input_in_a_later_batch_stops_pruning_before_any_statistics(tiny, calib_batches):
+    """The walk checked the first batch's states only: an overflow in another batch reached the
+    pruners' statistics (Wanda's norms NaN, every comparison false) without an error."""
+    model, _tok, adapter = tiny
+    first = set(calib_batches[0]["input_ids"].flatten().tolist())
+    token = sorted(set(calib_batches[1]["input_ids"].flatten().tolist()) - first)[0]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[token] = float("inf")
+    seen = []
+    pruner = make_pruner("wanda")
+    add_batch = pruner.add_batch
+    pruner.add_batch = lambda stats, x: (seen.append(x), add_batch(stats, x))
+    with pytest.raises(FloatingPointError, match=r"non-finite values in model.layers.0 inputs"):
+        prune_sequential(model, adapter, pruner, uniform_layers(model, adapter, 0.5), calib_batches, CPU)
+    assert not seen  # stopped before block 0's statistics took anything

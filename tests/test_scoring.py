@@ -126,3 +126,37 @@ def test_checkpointed_first_order_equals_full_backward(tiny, calib_batches):
     ckpt = checkpointed_gradient_scores(model, adapter, calib_batches, CPU, granularity="block", reduce="abs_wg")
     for k in full:
         assert ckpt[k] == pytest.approx(full[k], rel=1e-9)
+
+
+def test_outlier_ratios_refuse_a_non_finite_activation_in_a_later_batch(tiny, calib_batches):
+    """An overflow in one calibration batch (not the first, which the block walk checks) made the
+    block's mean NaN; nothing compares above NaN, so every share came out 0 % and OWL planned the
+    uniform target with no error."""
+    model, _tok, adapter = tiny
+    first = set(calib_batches[0]["input_ids"].flatten().tolist())
+    token = sorted(set(calib_batches[1]["input_ids"].flatten().tolist()) - first)[0]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[token] = float("inf")
+    # the block walk now checks every batch's states as they enter block 0; the metric's own check stays
+    with pytest.raises(FloatingPointError, match=r"non-finite values in (model.layers.0 inputs|OWL outlier metric)"):
+        outlier_ratios(model, adapter, calib_batches, CPU, m=2.0)
+
+
+def test_first_order_counts_a_weight_the_loss_never_reaches_as_zero(tmp_path):
+    """LLaVA reads the vision tower at vision_feature_layer -2, so its last block gets no .grad: the
+    first-order scorer stopped with AttributeError where the checkpointed one scores it 0."""
+    import chat_vlm_models as C
+    from ecoflap.data.files import open_image
+    from ecoflap.models.loading import load_model
+    from ecoflap.models.registry import adapter_for
+    from ecoflap.scoring.checkpointed import checkpointed_gradient_scores
+    from conftest import REPO
+
+    model, procs = load_model(C.build("llava", tmp_path / "llava"), CPU, torch.float32)
+    adapter = adapter_for(model)
+    images = [open_image(p) for p in sorted((REPO / "tests/fixtures/vl").rglob("*.jpg"))[:2]]
+    batch = adapter.calibration_batch(model, procs, images, ["a red house", "two cats"], "")
+    full = first_order_scores(model, adapter, [batch], CPU, reduce="abs_wg")
+    ckpt = checkpointed_gradient_scores(model, adapter, [batch], CPU, reduce="abs_wg")
+    assert full["model.vision_tower.encoder.layers.1"] == 0.0
+    assert full == pytest.approx(ckpt, rel=1e-6)

@@ -48,6 +48,9 @@ def walk_stack(model: nn.Module, adapter: Adapter, stack: Stack, batches: list[B
     to do when a block's outputs are not finite."""
     inputs = capture_stack_inputs(model, adapter, stack, batches, device) if capture else []
     hidden = [per_block[0].hidden for per_block in inputs]
+    for h in hidden:  # the stack's inputs (embeddings, a previous stack's states) as they enter block 0
+        check_finite(h, f"{stack.path}.0 inputs", "the model's inputs overflowed; check the checkpoint, or use a "
+                     "wider dtype")
     park = bool(inputs) and park_activations(model, hidden, device, stack.path)
     if park:  # activations: cpu. Host memory holds them; no reference to the device copies stays
         hidden = [h.to(HOST) for h in hidden]
@@ -66,7 +69,8 @@ def walk_stack(model: nn.Module, adapter: Adapter, stack: Stack, batches: list[B
             if inputs and not step.last:
                 hidden = step.outputs if step.outputs is not None else [run_block(block, inp) for inp in step.inputs]
                 hidden = [inp.next_input(h) for inp, h in zip(step.inputs, hidden)]
-                check_finite(hidden[0], f"{step.name} outputs", hint)
+                for h in hidden:  # every batch's: a NaN in any of them reaches the next block's statistics
+                    check_finite(h, f"{step.name} outputs", hint)
 
 
 def feed_layers(step: BlockStep, layers: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None],

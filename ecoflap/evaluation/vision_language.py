@@ -198,6 +198,13 @@ def _by_class(labels: list[int], limit: int | None) -> list[int]:
 def _classification(model, procs, adapter, spec) -> tuple[dict, dict]:
     loaders, labels, classnames, templates = _classification_set(spec)
     if adapter.capabilities.labelled_images:  # a classifier: its own head's logits
+        own = tuple(getattr(model.config, "templates", ()) or ())  # EVA-CLIP's zero-shot head: its own prompts
+        if spec.get("templates") and tuple(templates) != own:
+            raise ValueError(f"evaluation.{spec.get('name', spec['dataset'])}.templates: {adapter.family} classifies "
+                             f"with its own head{' and its own ' + str(len(own)) + ' prompts' if own else ''}, so "
+                             f"templates: {spec['templates']} would not apply; remove it"
+                             + (" (or set ensemble, CLIP's 80, which it uses)" if own == tuple(IMAGENET_TEMPLATES)
+                                else ""))
         n_classes = model.config.num_labels
         if n_classes != len(classnames):
             raise ValueError(f"this classifier predicts {n_classes} classes and {spec['dataset']} has "

@@ -16,6 +16,7 @@ back, so the search holds one copy of the prunable weights in host memory beside
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -98,7 +99,13 @@ def atp_search_scores(model: nn.Module, adapter: Adapter, batches: list[Batch], 
             for layer, w in zip(layers, dense):
                 layer.weight.copy_(w)
             log.info("atp search at %g: step %.4f -> loss %.4f", target, beta, losses[beta])
-        best = min(losses, key=losses.get)  # the first of equals, as their strict `<`
+        finite = {b: v for b, v in losses.items() if math.isfinite(v)}
+        if not finite:
+            raise FloatingPointError(f"atp_search at {target:g}: every step's calibration loss is non-finite "
+                                     f"({losses}); score in float32 (dtype: float32)")
+        # the first of equals, as their strict `<`; a NaN loss (a run that overflowed) never wins: min()
+        # kept a NaN in first place, since nothing compares below it
+        best = min(finite, key=finite.get)
         label = f"{target:g}"
         record["targets"][label] = {"grid": [{"step": b, "loss": v} for b, v in losses.items()], "chosen_step": best,
                                     "runs": len(grid), "seconds": time.perf_counter() - t0}

@@ -31,6 +31,8 @@ def first_order_scores(model: nn.Module, adapter: Adapter, batches: list[Batch],
             loss.backward()
             with torch.no_grad():
                 for u in units:
-                    scores[u.name] += sum(first_order_term(w.grad, w, reduce) for w in u.weights)
+                    # a weight the loss never reaches has no .grad (LLaVA's last vision block, whose output
+                    # vision_feature_layer -2 skips): its gradient is 0, as the checkpointed scorer counts it
+                    scores[u.name] += sum(first_order_term(w.grad, w, reduce) for w in u.weights if w.grad is not None)
             model.zero_grad(set_to_none=True)
     return scores

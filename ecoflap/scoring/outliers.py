@@ -8,6 +8,7 @@ from torch import nn
 from ecoflap.blocks.walk import feed_layers, walk_stack
 from ecoflap.models.base import Adapter, Batch
 from ecoflap.pruning.methods import Wanda
+from ecoflap.utils.runtime import check_finite
 
 
 @torch.no_grad()
@@ -24,5 +25,9 @@ def outlier_ratios(model: nn.Module, adapter: Adapter, batches: list[Batch], dev
             feed_layers(step, layers, lambda n, x: wanda.add_batch(stats[n], x), keep_outputs=True)
             metric = torch.cat([(layer.weight.abs().float() * stats[n].sqrt().unsqueeze(0)).flatten()
                                 for n, layer in layers.items()])
+            # one non-finite activation anywhere in the block's calibration inputs makes the mean NaN, and
+            # nothing compares above NaN: the share came out 0 % with no error (a plan from a broken model)
+            check_finite(metric, f"OWL outlier metric of {step.name} (a calibration input of the dense model "
+                                 "overflowed)", "score in float32 (dtype: float32), or check the calibration data")
             ratios[step.name] = (metric > m * metric.mean()).float().mean().item() * 100
     return ratios
