@@ -27,10 +27,10 @@ def test_every_paper_config_plans(tmp_path):
     assert "prune 44" in lines["clip_table"] and "calibration 11" in lines["clip_table"]
 
 
-def _eval(results, model, row, name, metrics):
+def _eval(results, model, row, name, metrics, config=None):
     path = results / model / row / "eval" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"task": name, "metrics": metrics}))
+    path.write_text(json.dumps({"task": name, "metrics": metrics, "provenance": {"config": config or {}}}))
 
 
 def test_the_page_sets_ours_beside_the_published_numbers(tmp_path, monkeypatch):
@@ -52,7 +52,7 @@ def test_the_page_sets_ours_beside_the_published_numbers(tmp_path, monkeypatch):
     # BLIP-2's 50 % row and 60 % row come from two configs and share one model
     assert {"0.5", "0.6"} <= set(df[(df["model"] == "blip2-flant5-xl") & (df["metric"] == "vqav2 accuracy")]["sparsity"])
     page = (tmp_path / "paper/index.md").read_text()
-    assert "Table 1: BLIP-2" in page and "| flan-t5-xl | wanda | 0.5 | mmlu acc | 0.455 | 0.44 | -0.015 |" in page
+    assert "Table 1: BLIP-2" in page and "| flan-t5-xl | wanda | 0.5 | mmlu acc | 0.455 | 0.44 | all | -0.015 |" in page
     for fig in ("blip2_vqav2", "flant5_mmlu", "eva_vit_imagenet", "clip_average", "llama7b_wikitext2"):
         assert (tmp_path / "paper" / f"{fig}.png").stat().st_size > 5000, fig
     assert len(pd.read_csv(tmp_path / "paper/comparison.csv")) == len(df)
@@ -70,6 +70,26 @@ def _table() -> pd.DataFrame:
                           "prune_s": 1.0}])
 
 
+def test_a_number_from_part_of_a_data_set_says_so_beside_the_published_one(tmp_path, monkeypatch):
+    """An evaluation run with `limit` (or perplexity with max_windows) sat beside the published
+    whole-set number with nothing to tell them apart."""
+    from ecoflap.reporting.paper import load_manifest, write_paper_page
+
+    monkeypatch.chdir(REPO)
+    results = tmp_path / "results"
+    _eval(results, "flan-t5-xl", "wanda/0.5", "lm_eval", {"mmlu": {"acc": 0.44}}, {"limit": 50})
+    _eval(results, "blip2-flant5-xl", "wanda/0.5", "vqav2", {"accuracy": 50.0}, {"limit": 100})
+    df = write_paper_page(load_manifest(REPO / "config/paper.yaml"), results, tmp_path / "paper")
+    ran = df[df["ours"].notna()]
+    on = {(m, metric): v for m, metric, v in zip(ran["model"], ran["metric"], ran["ours on"])}
+    assert on["flan-t5-xl", "mmlu acc"] == "first 50 items"
+    assert on["blip2-flant5-xl", "vqav2 accuracy"] == "first 100 items"
+    assert "| 0.44 | first 50 items |" in (tmp_path / "paper/index.md").read_text()
+    out = _aggregate_one_row(tmp_path / "agg", {"models": {"tiny": {"rows": {"dense/0": {PPL: 21.0}}}}}, ["tiny"],
+                             ppl_config={"max_windows": 4})
+    assert pd.read_csv(out / "comparison.csv")["ours on"].tolist() == ["first 4 windows"]
+
+
 def test_a_misspelt_model_or_metric_in_the_reference_is_an_error():
     from ecoflap.reporting.aggregate import compare_with_reference
 
@@ -84,13 +104,14 @@ def test_a_misspelt_model_or_metric_in_the_reference_is_an_error():
             compare_with_reference(_table(), typo, "tiny")
 
 
-def _aggregate_one_row(tmp_path, reference: dict, config_models: list[str]):
+def _aggregate_one_row(tmp_path, reference: dict, config_models: list[str], ppl_config=None):
     from ecoflap.reporting.aggregate import aggregate
 
     results = tmp_path / "results" / "tiny"
     (results / "dense/0/eval").mkdir(parents=True)
     (results / "dense/0/eval/perplexity.json").write_text(json.dumps(
-        {"metrics": {"dataset": "brown-heldout", "perplexity": 20.0, "tokens": 64}, "provenance": {}}))
+        {"metrics": {"dataset": "brown-heldout", "perplexity": 20.0, "tokens": 64},
+         "provenance": {"config": ppl_config or {}}}))
     (results / "layout.json").write_text(json.dumps({"layout": {"block0": {"w": 4}}}))
     (tmp_path / "ref.yaml").write_text(yaml.safe_dump(reference))
     aggregate(results, ["dense/0"], results / "summary", tmp_path / "ref.yaml", "tiny",

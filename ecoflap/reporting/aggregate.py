@@ -229,10 +229,34 @@ def _check_reference_metrics(table: pd.DataFrame, rows: dict[str, dict[str, floa
                          f"column names: {ours}")
 
 
-def compare_with_reference(table: pd.DataFrame, reference: dict[str, Any], model: str) -> pd.DataFrame:
+def evaluation_subsets(row_dir: Path) -> dict[str, str]:
+    """{evaluation: "first N ..."} for each evaluation of a row that ran on part of its data set
+    (`limit`, perplexity's `max_windows`), keyed as its metrics begin (an entry's name, an
+    lm-eval task, "perplexity"): a number from a subset must not pass for the published one."""
+    subsets: dict[str, str] = {}
+    for path in sorted((Path(row_dir) / "eval").glob("*.json")):
+        result = read_json(path)
+        cfg = result.get("provenance", {}).get("config", {})
+        if path.stem == "perplexity" and cfg.get("max_windows"):
+            subsets["perplexity"] = f"first {cfg['max_windows']} windows"
+        elif path.stem == "lm_eval" and cfg.get("limit"):
+            subsets.update({task: f"first {cfg['limit']} items" for task in result.get("metrics", {})})
+        elif path.stem not in TEXT_EVALS and cfg.get("limit"):
+            subsets[path.stem] = f"first {cfg['limit']} items"
+    return subsets
+
+
+def subset_of(metric: str, subsets: dict[str, str]) -> str:
+    """What part of its data set a metric was computed on: "all", or the subset's description."""
+    return subsets.get(metric.split(" ")[0], "all")
+
+
+def compare_with_reference(table: pd.DataFrame, reference: dict[str, Any], model: str,
+                           subsets: dict[str, dict[str, str]] | None = None) -> pd.DataFrame:
     """Ours beside the published numbers: one line per (row, metric) the reference lists. A
     model the reference does not cover, or a metric our table has no column for, is an error;
-    a row we have not run yet is an empty cell."""
+    a row we have not run yet is an empty cell. `subsets` ({row: evaluation_subsets}) fills
+    "ours on": "all", or the part of the data set ours was computed on."""
     if model not in reference_models(reference):
         raise ValueError(f"the reference has no model {model!r}; it lists {reference_models(reference)} (fix "
                          "the model's key in the reference, or --model-name)")
@@ -245,8 +269,9 @@ def compare_with_reference(table: pd.DataFrame, reference: dict[str, Any], model
         for metric, paper in published.items():
             value = ours[metric].iloc[0] if len(ours) and metric in ours else float("nan")
             lines.append({"method": method, "sparsity": label, "metric": metric, "ours": value, "paper": paper,
-                          "ours - paper": value - paper if pd.notna(value) else float("nan")})
-    return pd.DataFrame(lines, columns=["method", "sparsity", "metric", "ours", "paper", "ours - paper"])
+                          "ours - paper": value - paper if pd.notna(value) else float("nan"),
+                          "ours on": subset_of(metric, (subsets or {}).get(row, {})) if pd.notna(value) else ""})
+    return pd.DataFrame(lines, columns=["method", "sparsity", "metric", "ours", "paper", "ours - paper", "ours on"])
 
 
 def _write_comparison(table: pd.DataFrame, ref: dict[str, Any], reference: Path, model: str, results: Path,
@@ -259,7 +284,8 @@ def _write_comparison(table: pd.DataFrame, ref: dict[str, Any], reference: Path,
         if model not in reference_models(ref):
             log.info("%s: no published numbers for this model in %s", model, reference)
             return
-    comparison = compare_with_reference(table, ref, model)
+    rows = ref.get("models", {}).get(model, {}).get("rows", {})
+    comparison = compare_with_reference(table, ref, model, {row: evaluation_subsets(results / row) for row in rows})
     with atomic_path(out_dir / "comparison.csv") as tmp:
         comparison.to_csv(tmp, index=False)
     write_text(out_dir / "comparison.md", f"# {results.name}: ours vs published\n\nPublished: {ref.get('source', '')}\n\n"

@@ -17,13 +17,14 @@ import pandas as pd
 import yaml
 
 from ecoflap.config import model_evaluations
-from ecoflap.reporting.aggregate import check_reference_models, collect_row, metric_names
+from ecoflap.reporting.aggregate import (check_reference_models, collect_row, evaluation_subsets, metric_names,
+                                         subset_of)
 from ecoflap.reporting.plots import plot_published_vs_ours
 from ecoflap.utils.io import atomic_path, write_text
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["table", "model", "method", "sparsity", "metric", "paper", "ours", "ours - paper"]
+COLUMNS = ["table", "model", "method", "sparsity", "metric", "paper", "ours", "ours on", "ours - paper"]
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
@@ -118,14 +119,18 @@ def compare(manifest: dict[str, Any], results: Path) -> pd.DataFrame:
             for row, metrics in entry.get("rows", {}).items():
                 method, label = row.split("/")
                 for metric, paper in metrics.items():
-                    lines.append((name, model, method, label, metric, paper, ours.value(model, row, metric)))
+                    value = ours.value(model, row, metric)
+                    on = subset_of(metric, evaluation_subsets(results / model / row)) if not math.isnan(value) else ""
+                    lines.append((name, model, method, label, metric, paper, value, on))
         averages = ref.get("averages")
         if averages:
             for row, paper in averages["rows"].items():
                 method, label = row.split("/")
                 values = [ours.value_ending(m, row, averages["metric"]) for m in averages["models"]]
                 mean = sum(values) / len(values) if values and not any(math.isnan(v) for v in values) else math.nan
-                lines.append((name, "average", method, label, averages["metric"], paper, mean))
+                parts = {s for m in averages["models"] for s in evaluation_subsets(results / m / row).values()}
+                on = "" if math.isnan(mean) else "; ".join(sorted(parts)) if parts else "all"
+                lines.append((name, "average", method, label, averages["metric"], paper, mean, on))
     df = pd.DataFrame(lines, columns=COLUMNS[:-1])
     df["ours - paper"] = df["ours"] - df["paper"]
     return df
