@@ -484,10 +484,12 @@ def cmd_evaluate_text(args: argparse.Namespace) -> None:
     loaded: dict[str, tuple] = {}
     for name, entry in entries.items():
         how = "dispatched" if dispatch and name == "lm_eval" else "blockwise"
-        if how not in loaded:
+        if how not in loaded:  # this entry's peak memory includes the load
             loaded.clear()  # one copy of the model at a time
             gc.collect()
             loaded[how] = _load_dispatched(args) if how == "dispatched" else _load(args)
+        else:  # the model is loaded already: this entry's peak is its own, not the earlier entries'
+            _reset_peak_memory(loaded[how][3])
         model, tok, adapter, device, _dtype = loaded[how]
         t0 = time.perf_counter()
         seed_everything(args.seed)  # each entry as if run on its own
@@ -502,6 +504,16 @@ def cmd_evaluate_text(args: argparse.Namespace) -> None:
             settings["requested"] = asked
         _finish(str(Path(args.out_dir) / f"{name}.json"), {"task": name, "metrics": metrics}, settings,
                 {"model": args.model}, t0, device)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    from ecoflap.utils.runtime import reset_peak_rss
+
+    reset_peak_rss()
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:

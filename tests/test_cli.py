@@ -101,3 +101,24 @@ def test_provenance_records_the_dtype_and_threads_that_ran(tiny_dir, tmp_path):
     assert used == want and config["threads"] == want and result["runtime"]["threads"] == want
     assert config["dtype"] == "float32" and config["device"] == "cpu" and config["offload"] == "none"
     assert config["requested"] == {"device": "auto", "dtype": "auto"}
+
+
+def test_evaluate_text_records_each_entrys_own_peak_memory(tiny_dir, tmp_path, monkeypatch):
+    """The entries share one process and one loaded model: the second entry's peak included
+    whatever the first had held at its own peak."""
+    import numpy as np
+
+    from ecoflap import cli
+
+    def evaluation(name, entry, *args):
+        if name == "perplexity":  # a transient 400 MB, freed before the next entry
+            held = np.ones(400 * 2**20 // 8)
+            del held
+        return {"value": 1.0}
+
+    monkeypatch.setattr(cli, "_text_evaluation", evaluation)
+    main(["evaluate-text", "--model", str(tiny_dir), "--device", "cpu", "--out-dir", str(tmp_path),
+          "--spec", json.dumps({"perplexity": {}, "lm_eval": {}})])
+    first, second = (json.loads((tmp_path / f"{n}.json").read_text())["runtime"]["peak_mem_mb"]
+                     for n in ("perplexity", "lm_eval"))
+    assert first - second > 300, (first, second)

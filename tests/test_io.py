@@ -148,3 +148,25 @@ def test_sha256_file_does_not_remember_a_racily_fresh_file(tmp_path, monkeypatch
     assert io.sha256_file(f) == hashlib.sha256(b"1111").hexdigest()
     f.write_text("2222")
     assert io.sha256_file(f) == hashlib.sha256(b"2222").hexdigest()
+
+
+def test_the_commit_is_dirty_when_the_code_holds_a_file_not_committed(tmp_path):
+    """A new module (not yet added) runs like any other; the commit recorded without "-dirty"
+    claimed the committed code had produced the result."""
+    import subprocess
+
+    from ecoflap.utils.io import git_commit
+
+    git = lambda *a: subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=tmp_path,  # noqa: E731
+                                    check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "ecoflap").mkdir()
+    (tmp_path / "ecoflap/a.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "a")
+    assert not git_commit(tmp_path / "ecoflap").endswith("-dirty")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results/out.json").write_text("{}")  # outputs beside the code: not the code
+    assert not git_commit(tmp_path / "ecoflap").endswith("-dirty")
+    (tmp_path / "ecoflap/b.py").write_text("y = 2\n")
+    assert git_commit(tmp_path / "ecoflap").endswith("-dirty")

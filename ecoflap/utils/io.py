@@ -265,22 +265,30 @@ def verify_checksums(folder: str | os.PathLike, rule: str = "the rule that write
                              f"{', '.join(extra)}; remove them, or {fix}")
 
 
-def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
+def git_commit(here: Path | None = None) -> str | None:
+    """HEAD of the checkout the package runs from (`here`: a folder inside it), with "-dirty"
+    when a tracked file is changed or the code holds a file not committed."""
+    here = here or Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        # tracked files changed anywhere, or a new file in the code (a module not committed yet runs too)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=5)
+        new = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", ":/ecoflap", ":/workflow",
+                              ":/tools", ":/Snakefile"], cwd=here, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
         return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() or new.stdout.strip() else "")
 
 
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for name in ("ecoflap", "torch", "transformers", "safetensors", "lm_eval", "snakemake", "numpy"):
+    # tokenizers decides the calibration's token ids; accelerate places offloaded weights; the rest
+    # where installed (open_clip and timm build EVA-CLIP, pycocoevalcap scores captions)
+    for name in ("ecoflap", "torch", "transformers", "tokenizers", "safetensors", "accelerate", "lm_eval", "snakemake",
+                 "numpy", "timm", "torchvision", "open_clip_torch", "pycocoevalcap", "datasets"):
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
