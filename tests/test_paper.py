@@ -201,3 +201,24 @@ def test_every_shipped_reference_uses_our_configs_names():
         for model in averages.get("models", []):
             assert any(name.endswith(f" {averages['metric']}") for name in _metric_names(config, model)), model
     assert checked > 50
+
+
+def test_an_evaluation_of_another_checkpoint_than_the_rows_pruning_is_an_error(tmp_path):
+    """A row pruned again (new masks, sparsity and hash in pruning.json) beside evaluations of the
+    previous checkpoint was summarised as one row, the new sparsity with the old metrics."""
+    from ecoflap.reporting.aggregate import collect_row
+
+    row = tmp_path / "wanda/0.5"
+    (row / "eval").mkdir(parents=True)
+    report = {"layer_sparsity": {"l": 0.5}, "global_sparsity": 0.5, "target": 0.5, "mask_sha256": "a" * 64,
+              "checkpoint_sha256": "b" * 64}
+    (row / "pruning.json").write_text(json.dumps(report))
+    ppl = {"metrics": {"dataset": "brown-heldout", "perplexity": 20.0, "tokens": 64},
+           "provenance": {"input_sha256": {"model": "b" * 64}}}
+    (row / "eval/perplexity.json").write_text(json.dumps(ppl))
+    assert collect_row(tmp_path, "wanda/0.5")[PPL] == 20.0
+    ppl["provenance"]["input_sha256"]["model"] = "c" * 64
+    (row / "eval/perplexity.json").write_text(json.dumps(ppl))
+    with pytest.raises(ValueError, match=r"evaluated checkpoint cccccccccccc, but .*pruning.json describes "
+                                         r"bbbbbbbbbbbb \(pruned again since\): rerun that evaluation"):
+        collect_row(tmp_path, "wanda/0.5")

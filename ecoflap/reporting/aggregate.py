@@ -42,6 +42,21 @@ def _cost(json_path: Path, bench: Path) -> dict[str, float]:
     return {"s": float("nan"), "mem_mb": float("nan")}
 
 
+def _check_evaluated_checkpoint(row_dir: Path, pruned: str | None) -> None:
+    """Every evaluation of a pruned row must have read the checkpoint its pruning.json describes:
+    a row pruned again since (by hand, or a run that redid the prune but not the evaluations)
+    would otherwise pair the new masks and sparsity with the old model's metrics."""
+    if not pruned:
+        return
+    for path in sorted((row_dir / "eval").glob("*.json")):
+        evaluated = read_json(path).get("provenance", {}).get("input_sha256", {}).get("model")
+        if evaluated and evaluated != pruned:
+            raise ValueError(f"{path} evaluated checkpoint {evaluated[:12]}, but {row_dir / 'pruning.json'} describes "
+                             f"{pruned[:12]} (pruned again since): rerun that evaluation (snakemake --forcerun "
+                             f"{'evaluate_text' if path.stem in TEXT_EVALS else 'evaluate'} with its output as the "
+                             "target), or delete it")
+
+
 def collect_row(results: Path, row: str) -> dict[str, Any]:
     method, label = row.split("/")
     d = results / method / label
@@ -49,6 +64,7 @@ def collect_row(results: Path, row: str) -> dict[str, Any]:
     pruning = d / "pruning.json"
     if pruning.exists():
         rep = check_pruning_report(read_json(pruning), pruning)
+        _check_evaluated_checkpoint(d, rep.get("checkpoint_sha256"))
         out["target"] = rep["target"]
         out["achieved_sparsity"] = rep["global_sparsity"]
         out["mask_sha256"] = rep["mask_sha256"][:12]
