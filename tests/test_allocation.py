@@ -128,6 +128,12 @@ def test_ecoflap_properties(units, target, offset):
     sizes = {f"u{i}": n for i, (n, _) in enumerate(units)}
     scores = {f"u{i}": s for i, (_, s) in enumerate(units)}
     max_sparsity = min(target + offset, 1.0)
+    floor = {u: math.floor((1 - max_sparsity) * n + 1e-9) for u, n in sizes.items()}
+    if round((1 - target) * sum(sizes.values())) > sum(floor.values()) and \
+            not any(scores[u] > 0 for u in sizes if sizes[u] > floor[u]):
+        with pytest.raises(ValueError, match="every unit's score is 0"):  # nothing to share the budget by
+            ratios.ecoflap_keep_counts(scores, sizes, target, max_sparsity)
+        return
     keep = ratios.ecoflap_keep_counts(scores, sizes, target, max_sparsity)
     assert sum(keep.values()) == round((1 - target) * sum(sizes.values()))
     for u, n in sizes.items():
@@ -150,3 +156,13 @@ def test_dense_blocks_are_emptied_after_the_allocation_without_redistribution():
     assert math.isclose(kept["planned_global_sparsity"], 0.5 - full["layer_sparsity"]["b.3.fc"] / 4)
     with pytest.raises(ValueError, match="not blocks of this model's layout"):
         plan_allocation(laid, scored, {**method, "dense_blocks": ["b.9"]}, 0.5)
+
+
+def test_ecoflap_refuses_scores_that_are_all_zero():
+    """All-zero scores (a loss that reaches no block) fell back to sharing by capacity: a plan
+    that looked like ECoFLaP's with no signal behind it."""
+    from ecoflap.allocation import ratios as R
+
+    with pytest.raises(ValueError, match="every unit's score is 0"):
+        R.ecoflap({"a": 0.0, "b": 0.0}, {"a": 100, "b": 300}, 0.5, 0.6)
+    assert R.ecoflap({"a": 0.0, "b": 1.0}, {"a": 100, "b": 300}, 0.5, 0.6)["a"] == pytest.approx(0.6)

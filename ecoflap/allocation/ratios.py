@@ -25,6 +25,10 @@ def ecoflap_keep_counts(scores: dict[str, float], sizes: dict[str, int], target:
     floor = {u: math.floor((1 - min(max_sparsity, 1.0)) * sizes[u] + 1e-9) for u in units}
     left = budget - sum(floor.values())
     cap = {u: sizes[u] - floor[u] for u in units}
+    if left > 0 and not any(scores[u] > 0 for u in units if cap[u] > 0):
+        # the sharing below would fall back to free capacity: a plan that looks like ECoFLaP's from no signal
+        raise ValueError("every unit's score is 0, so ECoFLaP has nothing to share the keep budget by (the scorer saw "
+                         "no gradient: check that the calibration loss reaches the blocks); rerun the scorer")
     share = {u: 0.0 for u in units}
     open_units = [u for u in units if cap[u] > 0]
     remaining = float(left)
