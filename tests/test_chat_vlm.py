@@ -304,15 +304,18 @@ def test_a_caption_without_a_token_budget_is_not_cut_mid_sentence(built, images)
     assert adapter.generate(model, procs, images[:1], [""], {"max_new_tokens": 2}) == ["a man"]
 
 
-def test_a_captioning_entry_gives_a_chat_vlm_a_sentence_of_new_tokens(built):
+def test_a_captioning_entry_gives_a_chat_vlm_a_sentence_of_new_tokens(built, monkeypatch):
     """With or without a prompt of its own, a captioning entry without max_new_tokens asks a chat
     VLM for up to CAPTION_MAX_NEW_TOKENS (a prompt such as "a photo of" once fell back to the
     short answer's 10); an entry's own budget is passed as it is."""
     from ecoflap.evaluation.vision_language import evaluate_vision_language
     from ecoflap.models.chat_vlm import CAPTION_MAX_NEW_TOKENS
 
+    from ecoflap.evaluation import metrics
+
     model, procs, adapter = _load(built["llava"])
     budgets = []
+    monkeypatch.setattr(metrics, "caption_metrics", lambda preds, refs, **kw: {"n": len(preds)})  # not under test
 
     class Recording(type(adapter)):
         def generate(self, model, procs, images, prompts, gen_kwargs):
