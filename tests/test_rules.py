@@ -5,8 +5,6 @@ declares, so a whole run takes seconds; the dry run after an edit lists what Sna
 from __future__ import annotations
 
 import copy
-import json
-import os
 import re
 import subprocess
 import sys
