@@ -118,9 +118,10 @@ def compare(manifest: dict[str, Any], results: Path) -> pd.DataFrame:
         for model, entry in ref.get("models", {}).items():
             for row, metrics in entry.get("rows", {}).items():
                 method, label = row.split("/")
+                subsets = evaluation_subsets(results / model / row)
                 for metric, paper in metrics.items():
                     value = ours.value(model, row, metric)
-                    on = subset_of(metric, evaluation_subsets(results / model / row)) if not math.isnan(value) else ""
+                    on = subset_of(metric, subsets) if not math.isnan(value) else ""
                     lines.append((name, model, method, label, metric, paper, value, on))
         averages = ref.get("averages")
         if averages:
