@@ -3,6 +3,7 @@ they are just as usable by hand (`python -m ecoflap prune --help`)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import time
@@ -401,15 +402,22 @@ def _text_evaluation(name: str, entry: dict[str, Any], model, tok, adapter, devi
     return run_lm_eval(model, tok, e["tasks"], e["batch_size"], e["limit"], e["num_fewshot"], seed)
 
 
+@functools.lru_cache(maxsize=None)
+def _offload_mode(model: str, offload: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool) -> str:
+    """resolve_offload, once per process: _dispatches decides with it and _load_dispatched loads
+    with it (each call builds the model's skeleton to size it, and reads the free memory)."""
+    from ecoflap.models.loading import resolve_offload
+
+    return resolve_offload(model, offload, dtype, device, trust_remote_code)
+
+
 def _dispatches(args: argparse.Namespace) -> bool:
     """lm-eval and the vision-language tasks on GPUs with offload cpu or disk go through
     transformers' device_map (every GPU the job sees, then host memory or disk) instead of the
     block-by-block onloading that pruning, scoring and perplexity use."""
-    from ecoflap.models.loading import resolve_offload
-
     device = resolve_device(args.device)
-    return device.type == "cuda" and resolve_offload(args.model, args.offload, resolve_dtype(args.dtype, device),
-                                                     device, args.trust_remote_code) != "none"
+    return device.type == "cuda" and _offload_mode(args.model, args.offload, resolve_dtype(args.dtype, device),
+                                                   device, args.trust_remote_code) != "none"
 
 
 def _load_dispatched(args: argparse.Namespace):
@@ -417,14 +425,14 @@ def _load_dispatched(args: argparse.Namespace):
     import shutil
     import tempfile
 
-    from ecoflap.models.loading import load_dispatched, resolve_offload
+    from ecoflap.models.loading import load_dispatched
     from ecoflap.models.registry import adapter_for
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     folder = tempfile.mkdtemp(prefix="ecoflap-offload-")  # accelerate's, for weights it cannot read in place
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    mode = resolve_offload(args.model, args.offload, dtype, device, args.trust_remote_code)
+    mode = _offload_mode(args.model, args.offload, dtype, device, args.trust_remote_code)
     model, procs = load_dispatched(args.model, dtype, mode, folder, args.trust_remote_code, args.family)
     _record_resolved(args, device, dtype, mode)
     return model, procs, adapter_for(model, args.family), device, dtype
