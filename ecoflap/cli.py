@@ -214,12 +214,17 @@ def _family_of(model_dir: str) -> catalog.Family:
 def _settings(args: argparse.Namespace, resolved: dict[str, Any]) -> dict[str, Any]:
     """What provenance records: the flags given (None: left out) and the stage's resolved settings."""
     given = {k: v for k, v in vars(args).items() if k not in ("func", "spec", "_resolved") and v is not None}
-    out = {**given, **resolved}
+    return _as_ran({**given, **resolved}, args)
+
+
+def _as_ran(settings: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """`settings` with what ran in place of what was asked for (auto resolved: device, dtype,
+    offload mode, threads), and what was asked for kept under `requested` where it differs."""
     ran = getattr(args, "_resolved", {})
-    requested = {k: out[k] for k in ran if k in out and out[k] != ran[k]}
-    out.update(ran)  # what ran: auto resolved (device, dtype, offload mode)
+    requested = {k: settings[k] for k in ran if k in settings and settings[k] != ran[k]}
+    out = {**settings, **ran}
     if requested:
-        out["requested"] = requested  # what was asked for, where it differs (auto)
+        out["requested"] = requested
     if torch_threads() is not None:
         out["threads"] = torch_threads()  # the threads used, not a spec's request nor None for the default
     return out
@@ -498,18 +503,14 @@ def cmd_evaluate_text(args: argparse.Namespace) -> None:
             loaded[how] = _load_dispatched(args) if how == "dispatched" else _load(args)
         else:  # the model is loaded already: this entry's peak is its own, not the earlier entries'
             _reset_peak_memory(loaded[how][3])
-        model, tok, adapter, device, _dtype = loaded[how]
+        model, tok, adapter, device, _dtype = loaded[how]  # args._resolved: this load's device, dtype, offload
         t0 = time.perf_counter()
         seed_everything(args.seed)  # each entry as if run on its own
         metrics = _text_evaluation(name, entry, model, tok, adapter, device, args.seed)
-        ran = {"device": str(device), "dtype": str(_dtype).removeprefix("torch.")}
-        settings = {"command": "evaluate-text", "task": name, "model": args.model, **ran, "seed": args.seed,
-                    "threads": torch_threads(), "offload": args.offload,
-                    "loaded": "device_map" if how == "dispatched" else "offload " + args.offload,
-                    **catalog.TEXT_EVAL_DEFAULTS[name], **entry}
-        asked = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v != ran[k]}
-        if asked:
-            settings["requested"] = asked
+        settings = _as_ran({"command": "evaluate-text", "task": name, "model": args.model, "device": args.device,
+                            "dtype": args.dtype, "seed": args.seed, "threads": torch_threads(),
+                            "offload": args.offload, "loaded": "device_map" if how == "dispatched" else "blockwise",
+                            **catalog.TEXT_EVAL_DEFAULTS[name], **entry}, args)
         _finish(str(Path(args.out_dir) / f"{name}.json"), {"task": name, "metrics": metrics}, settings,
                 {"model": args.model}, t0, device)
 

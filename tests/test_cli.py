@@ -116,8 +116,12 @@ def test_evaluate_text_records_each_entrys_own_peak_memory(tiny_dir, tmp_path, m
         return {"value": 1.0}
 
     monkeypatch.setattr(cli, "_text_evaluation", evaluation)
-    main(["evaluate-text", "--model", str(tiny_dir), "--device", "cpu", "--out-dir", str(tmp_path),
-          "--spec", json.dumps({"perplexity": {}, "lm_eval": {}})])
-    first, second = (json.loads((tmp_path / f"{n}.json").read_text())["runtime"]["peak_mem_mb"]
-                     for n in ("perplexity", "lm_eval"))
+    main(["evaluate-text", "--model", str(tiny_dir), "--device", "cpu", "--offload", "auto", "--out-dir",
+          str(tmp_path), "--spec", json.dumps({"perplexity": {}, "lm_eval": {}})])
+    results = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("perplexity", "lm_eval")]
+    first, second = (r["runtime"]["peak_mem_mb"] for r in results)
     assert first - second > 300, (first, second)
+    for result in results:  # what ran, as every other stage records it ("auto" was recorded as such)
+        config = result["provenance"]["config"]
+        assert config["offload"] == "none" and config["dtype"] == "float32", config
+        assert config["requested"] == {"offload": "auto", "dtype": "auto"}, config
