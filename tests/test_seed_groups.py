@@ -18,7 +18,7 @@ def group_config(model_dir):
         "models": {"tiny-s0": {**model, "seed": 0}, "tiny-s1": {**model, "seed": 1}},
         "seed_groups": {"tiny": ["tiny-s0", "tiny-s1"]},
         "device": "cpu", "dtype": "float32", "threads": 1, "seed": 0,
-        "sparsities": [0.5, 0.7],
+        "sparsities": [0.5],  # one: the group's arithmetic over sparsities is tested on hand-built tables below
         "calibration": {"source": "austen-emma", "n_samples": 8, "seq_len": 32},
         "scorers": {
             "fast": {"kind": "checkpointed", "granularity": "block", "reduce": "l2", "n_samples": 4, "batch_size": 2},
@@ -64,7 +64,7 @@ def test_group_summary_has_mean_and_spread(group_run):
     table = pd.read_csv(out / "summary.csv", dtype={"sparsity": str})
     assert set(zip(table["method"], table["sparsity"].astype(str))) == \
         {("dense", "0")} | {(m, s) for m in ("wanda", "wanda_dsnot", "atp_wanda", "ecoflap_fast_wanda")
-                            for s in ("0.5", "0.7")}
+                            for s in ("0.5",)}
     assert (table["seeds"] == 2).all()
     ppl = "perplexity (brown-heldout)"
     members = [pd.read_csv(group_run / f"results/tiny-s{i}/summary/summary.csv", dtype={"sparsity": str}).set_index(["method", "sparsity"])
@@ -79,7 +79,7 @@ def test_group_summary_has_mean_and_spread(group_run):
     assert set(costs.index) == {"fast", "atp"} and (costs["x_wanda_job"] > 0).all()
     # the computation alone is part of its job (which adds start-up and loading)
     assert (costs["x_wanda_compute"] > 0).all() and (costs["compute_s"] < costs["job_s"]).all()
-    assert costs.loc["atp", "search_runs"] == 4 + 2  # steps 0.1 ... 0.4 at 50 %, 0.1 and 0.2 at 70 %
+    assert costs.loc["atp", "search_runs"] == 4  # steps 0.1 ... 0.4: the slopes below 50 %'s largest legal one
     verdicts = pd.read_csv(out / "verdicts_perplexity_brown-heldout.csv")
     assert set(verdicts["versus"]) == {"wanda", "atp_wanda"}  # same pruner, no refiner
     assert set(verdicts["verdict"]) <= {"win", "tie", "loss"}
@@ -98,7 +98,7 @@ def test_dsnot_rows_keep_the_sparsity_and_change_the_masks(group_run):
 def test_temporary_checkpoints_are_evaluated_before_more_are_pruned(group_run):
     """keep_checkpoints: false. Evaluations outrank pruning, so each checkpoint is evaluated and
     deleted as soon as it is written: never more unevaluated checkpoints on disk than cores (2),
-    where pruning first would pile up all 16 before the first evaluation."""
+    where pruning first would pile up all 8 before the first evaluation."""
     (log,) = (group_run / ".snakemake/log").glob("*.snakemake.log")
     rule, on_disk, most, pruned = None, set(), 0, 0
     outputs = {}
@@ -115,7 +115,7 @@ def test_temporary_checkpoints_are_evaluated_before_more_are_pruned(group_run):
             most = max(most, len(on_disk))
         elif line.startswith("Removing temporary output"):
             on_disk.discard(line.split("output", 1)[1].strip().rstrip("."))
-    assert pruned == 16 and not on_disk
+    assert pruned == 8 and not on_disk
     assert most <= 2
 
 

@@ -128,6 +128,17 @@ def test_a_failing_job_is_reported_with_its_slurm_log(slurm_run):
     assert "fewer than one window" in log
 
 
+def scores_to_redo(slurm_run, tmp_path: Path) -> Path:
+    """A copy of the SLURM run's folder (results and Snakemake's records, times kept) without
+    its scores: only the scoring job is left to run, not the download and calibration before
+    it, which would cost each test two more SLURM jobs and their status polls."""
+    work = tmp_path / "work"
+    shutil.copytree(slurm_run[0], work, symlinks=True,
+                    ignore=lambda folder, names: ["locks"] if Path(folder).name == ".snakemake" else [])
+    (work / "results/tiny/scores/fo.json").unlink()
+    return work
+
+
 def _run_with_config(work: Path, configfile: Path):
     original = (work / "tiny.yaml").read_text()
     (work / "tiny.yaml").write_text(configfile.read_text())
@@ -137,13 +148,12 @@ def _run_with_config(work: Path, configfile: Path):
         (work / "tiny.yaml").write_text(original)
 
 
-def test_a_cancelled_job_fails_the_run_and_a_rerun_completes(slurm, tiny_dir, tmp_path):
+def test_a_cancelled_job_fails_the_run_and_a_rerun_completes(slurm_run, tmp_path):
     """scancel on a running job: Snakemake reports it failed, nothing half-written stays, and
     running the workflow again finishes. (With the profile's `retries: 1` the cancelled job
     is resubmitted instead and the first run completes; --retries 0 shows the failure.)"""
-    work = tmp_path
-    (work / "tiny.yaml").write_text(yaml.safe_dump(slurm_config(tiny_dir)))
-    target = "results/tiny/scores/fo.json"  # three jobs (download, calibration, scores): enough to cancel one
+    work = scores_to_redo(slurm_run, tmp_path)
+    target = "results/tiny/scores/fo.json"  # the scoring job, the one to cancel
     proc = snakemake_slurm(work, target, "--retries", "0", wait=False)
     cancelled = None
     deadline = time.time() + 300
@@ -164,13 +174,13 @@ def test_a_cancelled_job_fails_the_run_and_a_rerun_completes(slurm, tiny_dir, tm
     assert json.loads((work / target).read_text())["provenance"]["machine"]["executor"] == "slurm"
 
 
-def test_a_job_over_its_time_limit_is_reported_and_a_rerun_completes(slurm, tiny_dir, tmp_path):
+def test_a_job_over_its_time_limit_is_reported_and_a_rerun_completes(slurm_run, tiny_dir, tmp_path):
     """A real pipeline job outlives its one-minute SLURM limit: its GPU lease (a simulated
     device) is held by this test, so the job waits for it; SLURM ends it at the limit,
     Snakemake reports the timeout, and once the device is free a rerun completes."""
     from ecoflap.utils.leases import take_lease
 
-    work = tmp_path
+    work = scores_to_redo(slurm_run, tmp_path)
     cfg = slurm_config(tiny_dir)
     cfg["resources"] = {"gpu": 1, "runtime": 1}  # the CLI leases one GPU; SLURM gives the job 1 minute
     cfg["device"] = "auto"  # (device: cpu takes no lease; auto with a simulated GPU does, then runs on the CPU)
