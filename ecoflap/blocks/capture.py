@@ -56,10 +56,13 @@ class BlockInput:
     # Stack.cross_mask_key: [batch, encoder positions], False at the padding of the states the
     # block's cross-attention reads (handed to the block as one of its arguments)
     cross_valid: torch.Tensor | None = None
+    # Stack.leading_real: [batch, positions after the leading ones], False at padding, for the layers
+    # that run on those positions alone (InstructBLIP's Q-Former text FFN); `valid` then covers all
+    tail_valid: torch.Tensor | None = None
 
     def with_hidden(self, hidden: torch.Tensor | None, device: torch.device | None = None) -> "BlockInput":
         return BlockInput(hidden, self.args, self.kwargs, self.batch, self.valid, device or self.device,
-                          self.injection, self.cross_valid)
+                          self.injection, self.cross_valid, self.tail_valid)
 
     def next_input(self, output: torch.Tensor) -> torch.Tensor:
         """This block's output as the next block receives it: with the injection added (Qwen3-VL's
@@ -75,6 +78,8 @@ class BlockInput:
             return RealTokens.of(x, self.cross_valid)
         if self.valid is not None and x.shape[:-1] == self.valid.shape:
             return RealTokens.of(x, self.valid)
+        if self.tail_valid is not None and x.shape[:-1] == self.tail_valid.shape:
+            return RealTokens.of(x, self.tail_valid)
         if self.valid is not None and x.dim() == 2 and x.shape[0] == self.valid.numel() and self.valid.dim() == 2:
             # the block flattened its positions ([batch * positions, features]: OPT's fc1 and fc2)
             return RealTokens.of(x.reshape(*self.valid.shape, x.shape[-1]), self.valid)
@@ -172,9 +177,13 @@ def capture_stack_inputs(model: nn.Module, adapter: Adapter, stack: Stack, batch
                 raise RuntimeError(f"the calibration forward made {len(calls)} of {expected} expected block calls "
                                    f"in {stack.path}; the adapter's forward or Stack.calls is wrong")
             valid = valid_positions(stack, batch)
+            tail_valid = None
+            if stack.leading_real and valid is not None:  # the mask marks the positions after the leading ones
+                tail_valid = valid
+                valid = torch.cat([valid.new_ones(valid.shape[0], stack.leading_real), valid], 1)
             for c in range(stack.calls):
                 cross_valid = valid_positions(stack, batch, stack.cross_mask_key) if stack.cross_mask_key else None
-                per_block = [BlockInput(h, a, k, batch, valid, cross_valid=cross_valid)
+                per_block = [BlockInput(h, a, k, batch, valid, cross_valid=cross_valid, tail_valid=tail_valid)
                              for h, a, k in calls[c * len(watched):(c + 1) * len(watched)]]
                 if stack.injects_between_blocks:
                     _set_injections(per_block, outputs[c * (len(blocks) - 1):(c + 1) * (len(blocks) - 1)])

@@ -53,6 +53,10 @@ class Stack:
     cross_mask_key: the batch entry marking the real positions of the states the stack's
     cross-attention reads (a T5 decoder's: the encoder's attention_mask), so the encoder's
     padding does not enter the statistics of the cross-attention's k and v either.
+    leading_real: how many always-real positions the stack's states hold in front of those its
+    mask_key entry marks (InstructBLIP's Q-Former: its learned queries, then the instruction).
+    Layers over all the positions take the mask with these in front; layers over the marked
+    positions alone (the Q-Former's text FFN) take the mask as it is.
     injects_between_blocks: the model adds to the hidden states between blocks, outside any
     block (Qwen3-VL's DeepStack adds vision features to the image positions after each of the
     first language blocks). The capture records each block's output besides its input, and the
@@ -68,6 +72,7 @@ class Stack:
     mask_key: str | None = None
     cross_mask_key: str | None = None
     injects_between_blocks: bool = False
+    leading_real: int = 0
 
     def __post_init__(self) -> None:
         if self.injects_between_blocks and not self.per_block_inputs:

@@ -8,9 +8,13 @@ import torch
 from torch import nn
 
 from ecoflap.data.calibration import mask_rows, pad_rows
-from ecoflap.models.base import Batch, Stack
+from ecoflap.models.base import Batch, Stack, at_least_fp32
 from ecoflap.models.processors import Processors
 from ecoflap.models.vision_language import VisionLanguageAdapter, language_stacks, token_ids
+
+# InstructBLIP: the calibration batch entry marking the instruction's real tokens in the Q-Former's
+# text part, after the queries (not a model input)
+QFORMER_MASK = "qformer_text_mask"
 
 
 @dataclass(frozen=True)
@@ -24,8 +28,12 @@ class Blip2Adapter(VisionLanguageAdapter):
     instructed: bool = False  # InstructBLIP: the Q-Former also reads the prompt
 
     def stacks(self, model: nn.Module) -> list[Stack]:
-        return [Stack("vision", "vision_model.encoder.layers", "vision"),
-                Stack("qformer", "qformer.encoder.layer", "qformer")] + language_stacks(model)
+        # InstructBLIP's Q-Former reads the queries, then the instruction: the instruction's padding
+        # stays out of the statistics (the queries are always real)
+        qformer = Stack("qformer", "qformer.encoder.layer", "qformer", mask_key=QFORMER_MASK,
+                        leading_real=model.config.num_query_tokens) if self.instructed else \
+            Stack("qformer", "qformer.encoder.layer", "qformer")
+        return [Stack("vision", "vision_model.encoder.layers", "vision"), qformer] + language_stacks(model)
 
     def _image_tokens(self, model: nn.Module) -> list[int]:
         token = getattr(model.config, "image_token_index", None)
@@ -70,8 +78,42 @@ class Blip2Adapter(VisionLanguageAdapter):
             batch["qformer_attention_mask"] = mask_rows(qrows)
         return batch
 
+    def _qformer_masked(self, model: nn.Module, procs: Processors, batch: Batch) -> Batch:
+        """InstructBLIP's calibration batch with QFORMER_MASK. The mask is matched to a Q-Former layer's
+        input by shape, [batch, width] (the text FFN) or [batch, queries + width] (the self-attention):
+        neither may be the shape of the query part's [batch, queries] or of the cross-attention's
+        [batch, ViT tokens], so a width that would collide gets more padding columns."""
+        if not self.instructed:
+            return batch
+        ids, mask = batch["qformer_input_ids"], batch["qformer_attention_mask"]
+        q = model.config.num_query_tokens
+        vision = model.config.vision_config
+        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+        taken = {q, tokens, tokens - q}
+        extra = 0
+        while ids.shape[1] + extra in taken:
+            extra += 1
+        if extra:
+            pad = procs.qformer_tokenizer.pad_token_id or 0
+            ids = torch.cat([ids, torch.full((ids.shape[0], extra), pad, dtype=ids.dtype)], 1)
+            mask = torch.cat([mask, torch.zeros(mask.shape[0], extra, dtype=mask.dtype)], 1)
+        # its own storage: the calibration file (safetensors) refuses shared tensors
+        return dict(batch, qformer_input_ids=ids, qformer_attention_mask=mask, **{QFORMER_MASK: mask.clone()})
+
+    def model_inputs(self, batch: Batch) -> Batch:
+        """The batch without the entries that only mark padding for the statistics."""
+        if not self.instructed:
+            return batch
+        if QFORMER_MASK not in batch:  # without it the instruction's padding would enter the Q-Former's statistics
+            raise ValueError(f"the calibration batch has no {QFORMER_MASK!r}: the calibration file predates it; delete "
+                             "results/<model>/calibration.safetensors and rerun calibration")
+        return {k: v for k, v in batch.items() if k != QFORMER_MASK}
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return at_least_fp32(model(**self.model_inputs(batch)).loss)
+
     def calibration_batch(self, model, procs, images, captions, prompt):
-        return self._encode(model, procs, images, [prompt] * len(captions), captions)
+        return self._qformer_masked(model, procs, self._encode(model, procs, images, [prompt] * len(captions), captions))
 
     def prefix_calibration_batch(self, model: nn.Module, procs: Processors, images: list, prefixes: list[str],
                                  continuations: list[str], max_length: int = 32) -> Batch:
@@ -79,7 +121,8 @@ class Blip2Adapter(VisionLanguageAdapter):
         queries and the caption's prefix feed the encoder, the rest of the caption is the
         target, each tokenised with truncation to `max_length` (LAVIS's max_txt_len, 32). A
         decoder-only language model reads prefix + continuation and learns the continuation."""
-        return self._encode(model, procs, images, prefixes, continuations, max_length=max_length, joiner="")
+        return self._qformer_masked(model, procs, self._encode(model, procs, images, prefixes, continuations,
+                                                               max_length=max_length, joiner=""))
 
     @torch.no_grad()
     def generate(self, model, procs, images, prompts, gen_kwargs):
