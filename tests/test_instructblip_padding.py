@@ -101,3 +101,15 @@ def test_instructblip_instruction_width_never_equals_another_qformer_input(tiny)
         theirs = model(**adapter._encode(*args, max_length=32, joiner="")).loss
         ours = adapter.loss(model, batch)
     assert torch.allclose(ours, theirs, atol=1e-12)
+
+
+def test_instructblip_prefix_calibration_cuts_the_qformer_instruction_as_the_language_prompt(tiny):
+    """LAVIS's instruct models tokenise the Q-Former's text with truncation to max_txt_len, as the
+    language model's; a prefix longer than it reached the Q-Former whole."""
+    path, images = tiny
+    model, procs, adapter = _load(path)
+    long_prefix = " ".join(["a small red house by the river"] * 8)
+    batch = adapter.prefix_calibration_batch(model, procs, images[:2], [long_prefix, "two"], [" cats", " dogs"],
+                                             max_length=12)
+    whole = len(procs.qformer_tokenizer(long_prefix)["input_ids"])
+    assert whole > 12 and batch["qformer_attention_mask"].sum(1).tolist()[0] == 12

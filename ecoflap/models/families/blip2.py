@@ -73,7 +73,9 @@ class Blip2Adapter(VisionLanguageAdapter):
                 raise ValueError("InstructBLIP needs its Q-Former tokenizer (qformer_tokenizer/ beside the checkpoint); "
                                  "the language model's tokenizer gives the Q-Former wrong token ids")
             qtok = procs.qformer_tokenizer
-            qrows = [token_ids(qtok, p) for p in prompts]
+            # cut as the language model's prompt is (LAVIS's instruct models tokenise the Q-Former's
+            # text with the same max_txt_len)
+            qrows = [token_ids(qtok, p, max_length=max_length) for p in prompts]
             batch["qformer_input_ids"] = pad_rows(qrows, qtok.pad_token_id or 0)
             batch["qformer_attention_mask"] = mask_rows(qrows)
         return batch
