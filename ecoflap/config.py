@@ -234,6 +234,13 @@ def _reference_errors(config: dict[str, Any]) -> list[str]:
             elif scorers[scorer]["kind"] not in needs[alloc]:
                 errors.append(f"config key methods.{name}.scorer: {alloc} allocation needs a scorer of kind "
                               f"{' or '.join(needs[alloc])}, but {scorer!r} is {scorers[scorer]['kind']}")
+            elif config.get("dtype") == "bfloat16" and C.SCORERS[scorers[scorer]["kind"]].auto_dtype:
+                # the scorer refuses bfloat16 when its job runs (scoring/zeroth_order.py): said here, not
+                # after the calibration and download jobs
+                kind = scorers[scorer]["kind"]
+                errors.append(f"config key dtype: bfloat16, but methods.{name} scores with scorers.{scorer}, a "
+                              f"{kind} scorer, which refuses bfloat16 (its eps steps round away) (allowed: auto, "
+                              f"which loads {C.SCORERS[kind].auto_dtype} for that scorer, float32 or float16)")
     for name, s in scorers.items():
         if s.get("n_samples", calib_n) > calib_n:
             errors.append(f"config key scorers.{name}.n_samples: {s['n_samples']} exceeds calibration.n_samples "

@@ -43,7 +43,14 @@ class ClipAdapter(VisionLanguageAdapter):
                 "attention_mask": torch.ones_like(padded)}
 
     def loss(self, model, batch):
-        return at_least_fp32(model(**batch, return_loss=True).loss)
+        """CLIP's symmetric contrastive loss, from the model's logits cast to float32 first, as the
+        authors' CoOp/trainers/zsclip.py:86-89 computes it from fp16 logits. transformers' own loss
+        (return_loss) is the same sum in the model's dtype: in float16 it rounds the loss to steps of
+        0.001-0.002 (losses of 1-4), coarser than many zeroth-order differences. In float32 the two
+        are equal, bit for bit."""
+        logits = model(**batch).logits_per_image.float()
+        target = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
     @torch.no_grad()
     def image_embeddings(self, model, procs, images):
