@@ -150,13 +150,23 @@ ALLOCATION_SCORERS: dict[str, tuple[str, ...]] = {
 # --- fine stage: layer-wise pruners (pruning/) -----------------------------------------------
 # Each implementation is a class built as cls(**options) with needs_activations, init_stats,
 # add_batch and prune (pruning/methods.py).
+COUNT_RULES = ("round", "reference")
+# how many weights a ratio prunes (pruning/masks.py): `round`, the ratio of the row (SparseGPT: of the
+# column block) to the nearest weight; `reference`, as the code behind the published numbers counts
+_COUNTS = Option("round", {"enum": list(COUNT_RULES)},
+                 "weights pruned per row (SparseGPT: per column block): round(n x ratio); or reference, as "
+                 "Wanda's and the ECoFLaP authors' code counts: int(n x ratio) per row, and SparseGPT every "
+                 "saliency <= the int(n x ratio)-th smallest of a block (int(n x ratio) + 1, more on ties)")
 PRUNERS: dict[str, Method] = {
-    "magnitude": Method("ecoflap.pruning.methods:Magnitude", "|W| within each output row; no calibration data"),
-    "wanda": Method("ecoflap.pruning.methods:Wanda", "|W| ||X|| within each output row (Sun et al. 2024)"),
+    "magnitude": Method("ecoflap.pruning.methods:Magnitude", "|W| within each output row; no calibration data",
+                        {"counts": _COUNTS}),
+    "wanda": Method("ecoflap.pruning.methods:Wanda", "|W| ||X|| within each output row (Sun et al. 2024)",
+                    {"counts": _COUNTS}),
     "sparsegpt": Method(
         "ecoflap.pruning.methods:SparseGPT", "OBS reconstruction (Frantar and Alistarh 2023)",
         {"damp": Option(0.01, {"type": "number", "exclusiveMinimum": 0}, "Hessian dampening, times its mean diagonal"),
-         "block_size": Option(128, _POS_INT, "columns per lazy-update block")}),
+         "block_size": Option(128, _POS_INT, "columns per lazy-update block"),
+         "counts": _COUNTS}),
 }
 # mask refinement after a layer's pruner, at the same sparsity (a method's `refine:`); the
 # implementation is a class built as cls(**options) with applies_to, init_stats, add_batch, refine
@@ -182,8 +192,9 @@ PRUNING_COMMON: dict[str, Option] = {
     "batch_size": Option(8, _POS_INT, "windows per forward pass"),
 }
 NO_PRUNER = "none"  # a method with pruner: none is the dense row
-# the `pruning:` keys that set a pruner's options (config name -> pruner, option)
-PRUNER_CONFIG_KEYS = {"sparsegpt_damp": ("sparsegpt", "damp"), "sparsegpt_block_size": ("sparsegpt", "block_size")}
+# the `pruning:` keys that set pruners' options (config name -> the pruners that read it, their option)
+PRUNER_CONFIG_KEYS = {"sparsegpt_damp": (("sparsegpt",), "damp"), "sparsegpt_block_size": (("sparsegpt",), "block_size"),
+                      "counts": (("magnitude", "wanda", "sparsegpt"), "counts")}
 COMPARISON_GROUPS = ("row", "matrix")  # magnitude/Wanda: scores compared within a row or a whole matrix
 
 

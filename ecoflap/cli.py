@@ -325,8 +325,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     # the pruning: entry with the method's pruner and refiner, or a whole methods: entry given by hand
     catalog.check_entry_keys(spec, {*catalog.PRUNING_KEYS, *catalog.method_entry_keys(spec)}, "the prune spec")
     # the pruner's options from the `pruning:` entry (sparsegpt_damp -> sparsegpt's damp), catalog defaults else
-    own = {option: spec[key] for key, (name, option) in catalog.PRUNER_CONFIG_KEYS.items()
-           if name == spec["pruner"] and spec.get(key) is not None}
+    own = {option: spec[key] for key, (names, option) in catalog.PRUNER_CONFIG_KEYS.items()
+           if spec["pruner"] in names and spec.get(key) is not None}
     options = catalog.settings(catalog.PRUNERS, spec["pruner"], own)
     batch_size = spec.get("batch_size") or catalog.PRUNING_COMMON["batch_size"].default
     comparison = dict(item.split("=", 1) for item in args.comparison) if args.comparison else spec.get("comparison")

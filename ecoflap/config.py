@@ -163,9 +163,9 @@ def _built_schema() -> dict[str, Any]:
         calib[k]["default"] = v
     pruning = props["pruning"]["properties"]
     pruning["comparison"]["properties"] = {sub: {"enum": list(C.COMPARISON_GROUPS)} for sub in C.SUBMODELS}
-    for key, (pruner, option) in C.PRUNER_CONFIG_KEYS.items():
-        o = C.PRUNERS[pruner].options[option]
-        pruning[key] = {**o.schema, "default": o.default, "description": f"{pruner}: {o.help}"}
+    for key, (pruners, option) in C.PRUNER_CONFIG_KEYS.items():
+        o = C.PRUNERS[pruners[0]].options[option]
+        pruning[key] = {**o.schema, "default": o.default, "description": f"{', '.join(pruners)}: {o.help}"}
     text = props["evaluation"]["properties"]
     _enum(text["perplexity"]["properties"]["dataset"], C.PERPLEXITY_DATASETS)
     for entry, defaults in C.TEXT_EVAL_DEFAULTS.items():

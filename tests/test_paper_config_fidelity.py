@@ -30,6 +30,8 @@ def cfg(name):
 @pytest.mark.parametrize("name, target", [("blip2_table1", 0.5), ("blip2_0.6", 0.6)])
 def test_blip2_configs_keep_the_authors_settings(name, target):
     c = cfg(name)
+    # wanda_pruner.py:276 int(cols x ratio) per row; sparsegpt_pruner.py:186-188 <= the int(n x s)-th smallest
+    assert c["pruning"]["counts"] == "reference"
     # scripts/blip2/{wanda,sparsegpt,ecoflap_zeroth,ecoflap_first}.py:12-15 ratio 0.5 (keep ratio of the
     # prune spec); the 60 % figure has no script: the same with the keep ratio 0.4
     assert c["sparsities"] == [target]
@@ -91,6 +93,7 @@ def test_blip2_table1_evaluations_keep_the_authors_settings():
 
 def test_clip_config_keeps_the_authors_settings():
     c = cfg("clip_table")
+    assert c["pruning"]["counts"] == "reference"  # CoOp wanda_pruner.py:379-381, sparsegpt_pruner.py:276-277
     # CoOp/scripts/coop/ecoflap_{wanda,sparsegpt}.sh:10 remaining_sparsity=0.6 is the keep ratio of
     # --*_prune_spec 1-0.6-1-1 (:27-28): 40 % sparsity; :11 max_sparsity_per_layer 0.5 = 0.4 + 0.1
     assert c["sparsities"] == [0.4]
@@ -145,6 +148,7 @@ def test_eva_config_keeps_the_authors_settings():
 
 def test_flant5_config_keeps_the_authors_settings():
     c = cfg("flant5_mmlu")
+    assert c["pruning"]["counts"] == "reference"  # wanda_pruner.py:276 int(cols x ratio) per row
     assert c["sparsities"] == [0.5, 0.6]
     # a zeroth-order scorer in bfloat16 fails its job (scoring/zeroth_order.py); auto scores in float32
     assert c["dtype"] == "auto"
@@ -165,6 +169,7 @@ def test_flant5_config_keeps_the_authors_settings():
 
 def test_llama_config_keeps_the_neighbours_protocol():
     c = cfg("llama7b_unstructured")
+    assert c["pruning"]["counts"] == "reference"  # wanda lib/prune.py:199, lib/sparsegpt.py:85-86
     # locuslab/wanda main.py: fp16 model, --seed 0, --nsamples 128, seqlen 2048 (ylsung/ECoFLaP
     # LLaMA/main.py:19, 26, 32-33 is the same file)
     assert c["dtype"] == "float16" and c["seed"] == 0

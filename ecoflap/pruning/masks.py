@@ -4,13 +4,16 @@ from __future__ import annotations
 import torch
 
 
-def row_prune_count(n_cols: int, sparsity: float) -> int:
-    return int(round(n_cols * sparsity))
+def row_prune_count(n_cols: int, sparsity: float, counts: str = "round") -> int:
+    """Weights pruned in a row of `n_cols`: the fraction to the nearest weight ("round"), or
+    int(n_cols * sparsity) as Wanda's lib/prune.py and the ECoFLaP authors' pruners count
+    ("reference": one weight fewer wherever the fraction's remainder is .5 or more)."""
+    return int(n_cols * sparsity) if counts == "reference" else int(round(n_cols * sparsity))
 
 
-def rowwise_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+def rowwise_mask(score: torch.Tensor, sparsity: float, counts: str = "round") -> torch.Tensor:
     """True where a weight is pruned: the `sparsity` fraction of lowest scores in each row."""
-    k = row_prune_count(score.shape[1], sparsity)
+    k = row_prune_count(score.shape[1], sparsity, counts)
     mask = torch.zeros_like(score, dtype=torch.bool)
     if k > 0:
         idx = torch.topk(score, k, dim=1, largest=False, sorted=False).indices
@@ -54,15 +57,17 @@ def check_comparison_group(group: str) -> None:
         raise ValueError(f"comparison group must be one of {COMPARISON_GROUPS}, got {group!r}")
 
 
-def select_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, group: str = "row") -> torch.Tensor:
+def select_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, group: str = "row",
+                counts: str = "round") -> torch.Tensor:
     """N:M groups, else the lowest scores within each output row ("row", Wanda's default) or
-    under one threshold for the whole matrix ("matrix")."""
+    under one threshold for the whole matrix ("matrix", which counts as its reference code
+    whatever `counts` says)."""
     check_comparison_group(group)
     if nm:
         return nm_mask(score, *nm)
     if group == "matrix":
         return matrix_threshold_mask(score, sparsity)
-    return rowwise_mask(score, sparsity)
+    return rowwise_mask(score, sparsity, counts)
 
 
 def parse_nm(pattern: str | None) -> tuple[int, int] | None:

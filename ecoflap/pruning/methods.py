@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ecoflap import catalog
-from ecoflap.pruning.masks import check_comparison_group, check_nm_width, nm_mask, select_mask
+from ecoflap.pruning.masks import check_comparison_group, check_nm_width, matrix_threshold_mask, nm_mask, select_mask
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,9 @@ class Magnitude:
     """|W|, compared within each output row. Needs no calibration data."""
 
     needs_activations = False
+
+    def __init__(self, counts: str = "round") -> None:
+        self.counts = counts  # catalog.COUNT_RULES: how many weights a ratio prunes
 
     def init_stats(self, layer: nn.Linear) -> None:
         return None
@@ -29,7 +32,7 @@ class Magnitude:
     @torch.no_grad()
     def prune(self, layer: nn.Linear, stats: None, sparsity: float, nm: tuple[int, int] | None,
               group: str = "row") -> torch.Tensor:
-        mask = select_mask(layer.weight.abs().float(), sparsity, nm, group)
+        mask = select_mask(layer.weight.abs().float(), sparsity, nm, group, self.counts)
         layer.weight[mask] = 0
         return mask
 
@@ -38,6 +41,9 @@ class Wanda:
     """|W_ij| * ||X_j||_2 over the calibration tokens, compared within each output row."""
 
     needs_activations = True
+
+    def __init__(self, counts: str = "round") -> None:
+        self.counts = counts  # catalog.COUNT_RULES: how many weights a ratio prunes
 
     def init_stats(self, layer: nn.Linear) -> torch.Tensor:
         return torch.zeros(layer.in_features, device=layer.weight.device, dtype=torch.float32)
@@ -49,7 +55,7 @@ class Wanda:
     def prune(self, layer: nn.Linear, sq_norms: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
               group: str = "row") -> torch.Tensor:
         score = layer.weight.abs().float() * sq_norms.sqrt().unsqueeze(0)
-        mask = select_mask(score, sparsity, nm, group)
+        mask = select_mask(score, sparsity, nm, group, self.counts)
         layer.weight[mask] = 0
         return mask
 
@@ -60,9 +66,10 @@ class SparseGPT:
 
     needs_activations = True
 
-    def __init__(self, block_size: int = 128, damp: float = 0.01) -> None:
+    def __init__(self, block_size: int = 128, damp: float = 0.01, counts: str = "round") -> None:
         self.block_size = block_size
         self.damp = damp
+        self.counts = counts  # catalog.COUNT_RULES: how many weights of a column block a ratio prunes
         self.warned_group = False
 
     def init_stats(self, layer: nn.Linear) -> dict:
@@ -136,11 +143,14 @@ class SparseGPT:
                 # unstructured: as in the reference code, one threshold over the whole
                 # column block (all rows), on the OBS saliency w^2 / diag(H^-1)^2
                 score = W1.pow(2) / d.pow(2).unsqueeze(0)
-                k = int(round(score.numel() * sparsity))
-                mask1 = torch.zeros(score.numel(), dtype=torch.bool, device=W.device)
-                if k:
-                    mask1[torch.topk(score.flatten(), k, largest=False).indices] = True
-                mask1 = mask1.reshape(score.shape)
+                if self.counts == "reference":  # every saliency <= the int(n s)-th smallest (sparsegpt.py's thresh)
+                    mask1 = matrix_threshold_mask(score, sparsity)
+                else:
+                    k = int(round(score.numel() * sparsity))
+                    mask1 = torch.zeros(score.numel(), dtype=torch.bool, device=W.device)
+                    if k:
+                        mask1[torch.topk(score.flatten(), k, largest=False).indices] = True
+                    mask1 = mask1.reshape(score.shape)
             else:
                 mask1 = torch.zeros_like(W1, dtype=torch.bool)
             for i in range(i2 - i1):
