@@ -166,7 +166,11 @@ PRUNERS: dict[str, Method] = {
         "ecoflap.pruning.methods:SparseGPT", "OBS reconstruction (Frantar and Alistarh 2023)",
         {"damp": Option(0.01, {"type": "number", "exclusiveMinimum": 0}, "Hessian dampening, times its mean diagonal"),
          "block_size": Option(128, _POS_INT, "columns per lazy-update block"),
-         "counts": _COUNTS}),
+         "counts": _COUNTS,
+         "damping": Option("always", {"enum": ["always", "on_failure"]},
+                           "always: add damp x mean diagonal to H (SparseGPT's and Wanda's code); on_failure: "
+                           "factor H undamped and add it only after a failed factorisation, again until one "
+                           "succeeds, for H and for its inverse (the ECoFLaP authors' sparsegpt_pruner.py)")}),
 }
 # mask refinement after a layer's pruner, at the same sparsity (a method's `refine:`); the
 # implementation is a class built as cls(**options) with applies_to, init_stats, add_batch, refine
@@ -194,6 +198,7 @@ PRUNING_COMMON: dict[str, Option] = {
 NO_PRUNER = "none"  # a method with pruner: none is the dense row
 # the `pruning:` keys that set pruners' options (config name -> the pruners that read it, their option)
 PRUNER_CONFIG_KEYS = {"sparsegpt_damp": (("sparsegpt",), "damp"), "sparsegpt_block_size": (("sparsegpt",), "block_size"),
+                      "sparsegpt_damping": (("sparsegpt",), "damping"),
                       "counts": (("magnitude", "wanda", "sparsegpt"), "counts")}
 COMPARISON_GROUPS = ("row", "matrix")  # magnitude/Wanda: scores compared within a row or a whole matrix
 

@@ -68,6 +68,7 @@ def test_blip2_configs_keep_the_authors_settings(name, target):
     assert c["pruning"]["comparison"] == {"vision": "matrix"}
     # SparseGPT: percdamp 0.01, blocksize 128 (sparsegpt_pruner.py:394, 650)
     assert c["pruning"]["sparsegpt_damp"] == 0.01 and c["pruning"]["sparsegpt_block_size"] == 128
+    assert c["pruning"]["sparsegpt_damping"] == "on_failure"  # sparsegpt_pruner.py:114-160, undamped first
     vqa = c["evaluation"]["vqav2"]
     # lavis/projects/blip2/eval/vqav2_zeroshot_flant5xl_eval.yaml:39-43 and blip2_t5.py:381 length_penalty -1
     assert (vqa["num_beams"], vqa["max_new_tokens"], vqa["length_penalty"]) == (5, 10, -1.0)
@@ -94,6 +95,7 @@ def test_blip2_table1_evaluations_keep_the_authors_settings():
 def test_clip_config_keeps_the_authors_settings():
     c = cfg("clip_table")
     assert c["pruning"]["counts"] == "reference"  # CoOp wanda_pruner.py:379-381, sparsegpt_pruner.py:276-277
+    assert c["pruning"]["sparsegpt_damping"] == "on_failure"  # CoOp sparsegpt_pruner.py:203-251
     # CoOp/scripts/coop/ecoflap_{wanda,sparsegpt}.sh:10 remaining_sparsity=0.6 is the keep ratio of
     # --*_prune_spec 1-0.6-1-1 (:27-28): 40 % sparsity; :11 max_sparsity_per_layer 0.5 = 0.4 + 0.1
     assert c["sparsities"] == [0.4]
@@ -180,8 +182,9 @@ def test_llama_config_keeps_the_neighbours_protocol():
     assert c["evaluation"]["perplexity"]["seq_len"] == 2048
     # OWL README.md:106-107 --Lamda 0.08 --Hyper_m 5
     assert c["methods"]["owl_wanda"]["lambda"] == 0.08 and c["scorers"]["owl"]["m"] == 5
-    # wanda lib/prune.py:288 percdamp 0.01, blocksize 128
+    # wanda lib/prune.py:288 percdamp 0.01, blocksize 128; lib/sparsegpt.py adds the damp always
     assert c["pruning"]["sparsegpt_damp"] == 0.01 and c["pruning"]["sparsegpt_block_size"] == 128
+    assert c["pruning"]["sparsegpt_damping"] == "always"
 
 
 def test_a_zeroth_order_scorer_in_bfloat16_is_refused_at_validation():

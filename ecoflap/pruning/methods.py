@@ -66,9 +66,11 @@ class SparseGPT:
 
     needs_activations = True
 
-    def __init__(self, block_size: int = 128, damp: float = 0.01, counts: str = "round") -> None:
+    def __init__(self, block_size: int = 128, damp: float = 0.01, counts: str = "round",
+                 damping: str = "always") -> None:
         self.block_size = block_size
         self.damp = damp
+        self.damping = damping  # "always" (SparseGPT's and Wanda's code) or "on_failure" (the ECoFLaP authors')
         self.counts = counts  # catalog.COUNT_RULES: how many weights of a column block a ratio prunes
         self.warned_group = False
 
@@ -123,16 +125,23 @@ class SparseGPT:
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0
-        H.diagonal().add_(self.damp * torch.mean(torch.diag(H)))  # H + damp * mean(diag) * I
-        try:
-            factor = torch.linalg.cholesky(H)
+        if self.damping == "always":
+            H.diagonal().add_(self.damp * torch.mean(torch.diag(H)))  # H + damp * mean(diag) * I
+            try:
+                factor = torch.linalg.cholesky(H)
+                del H
+                Hinv = torch.cholesky_inverse(factor)
+                del factor
+                Hinv = torch.linalg.cholesky(Hinv, upper=True)
+            except torch.linalg.LinAlgError as exc:
+                raise FloatingPointError("SparseGPT: Hessian not positive definite even after dampening; "
+                                         "raise pruning.sparsegpt_damp or use more calibration samples") from exc
+        else:  # "on_failure", the ECoFLaP authors' sparsegpt_pruner.py
+            factor = _cholesky_damped_on_failure(H, self.damp * torch.mean(torch.diag(H)))
             del H
             Hinv = torch.cholesky_inverse(factor)
             del factor
-            Hinv = torch.linalg.cholesky(Hinv, upper=True)
-        except torch.linalg.LinAlgError as exc:
-            raise FloatingPointError("SparseGPT: Hessian not positive definite even after dampening; "
-                                     "raise pruning.sparsegpt_damp or use more calibration samples") from exc
+            Hinv = _cholesky_damped_on_failure(Hinv, self.damp * torch.mean(torch.diag(Hinv).abs()), upper=True)
         mask = torch.zeros_like(W, dtype=torch.bool)
         for i1 in range(0, cols, self.block_size):
             i2 = min(i1 + self.block_size, cols)
@@ -172,6 +181,20 @@ class SparseGPT:
         W[mask] = 0
         layer.weight.copy_(W.to(layer.weight.dtype))
         return mask
+
+
+def _cholesky_damped_on_failure(A: torch.Tensor, damp: torch.Tensor, upper: bool = False,
+                                 attempts: int = 1000) -> torch.Tensor:
+    """The Cholesky factor of A as ylsung/ECoFLaP's sparsegpt_pruner.py takes it: undamped first, and
+    `damp` added to the diagonal again after every failure (an error, or NaN in the factor) until one
+    succeeds. A is modified in place. Theirs loops without end; this one gives up after `attempts`."""
+    for _ in range(attempts):
+        factor, info = torch.linalg.cholesky_ex(A, upper=upper)
+        if info.item() == 0 and not torch.isnan(factor).any():
+            return factor
+        A.diagonal().add_(damp)
+    raise FloatingPointError(f"SparseGPT (sparsegpt_damping: on_failure): no Cholesky factor after adding {damp.item():g} "
+                             f"to the diagonal {attempts} times; use more calibration samples or sparsegpt_damping: always")
 
 
 def make_pruner(name: str, **options: float) -> Magnitude | Wanda | SparseGPT:
