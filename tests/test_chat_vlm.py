@@ -359,3 +359,30 @@ def test_a_captioning_entry_gives_a_chat_vlm_a_sentence_of_new_tokens(built, mon
     for extra in ({}, {"prompt": "a photo of"}, {"prompt": "a photo of", "max_new_tokens": 30}):
         evaluate_vision_language(model, procs, Recording(), {**spec, **extra})
     assert set(budgets[:-1]) == {CAPTION_MAX_NEW_TOKENS} and budgets[-1] == 30
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_idefics3_vision_blocks_see_only_real_tiles(built, split):
+    """Idefics3's vision stack has no padding mask, because its processor makes every tile a full
+    square and the model drops the all-zero tiles that fill examples with fewer tiles. If a
+    transformers release padded inside a tile, or kept the filling tiles, the padding would enter
+    the vision statistics: this fails first."""
+    from PIL import Image
+
+    from ecoflap.blocks.walk import feed_layers, walk_stack
+
+    model, procs, adapter = _load(built["idefics3"])
+    procs.multimodal.image_processor.do_image_splitting = split
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(20, 20), (64, 64), (100, 30), (30, 100), (200, 150), (7, 90)]  # one tile up to 2 x 2 and more
+    images = [Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).byte().numpy()) for w, h in sizes]
+    batch = adapter.calibration_batch(model, procs, images, CAPTIONS + CAPTIONS[:2], "")
+    tiles, masks = batch["pixel_values"].flatten(0, 1), batch["pixel_attention_mask"].flatten(0, 1)
+    real = ~(tiles == 0).flatten(1).all(1)
+    assert masks[real].bool().all()  # no padded pixel inside a real tile
+    assert (~real).any() == split  # with splitting, examples with fewer tiles are filled up
+    vision = next(s for s in adapter.stacks(model) if s.name == "vision")
+    step = next(iter(walk_stack(model, adapter, vision, [batch], torch.device("cpu"), desc=None)))
+    rows = {}
+    feed_layers(step, adapter.prunable_layers(step.block), lambda name, x: rows.setdefault(name, x.shape[0]))
+    assert set(rows.values()) == {int(real.sum())}, (rows, int(real.sum()))
