@@ -41,6 +41,11 @@ def sparsegpts_fasterprune(W: torch.Tensor, H: torch.Tensor, sparsity: float, bl
     H = torch.linalg.cholesky(H)
     H = torch.cholesky_inverse(H)
     Hinv = torch.linalg.cholesky(H, upper=True)
+    return _prune_column_blocks(W, Hinv, sparsity, blocksize)
+
+
+def _prune_column_blocks(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float, blocksize: int) -> torch.Tensor:
+    """fasterprune's column-block loop (the same in SparseGPT's and the ECoFLaP authors' file)."""
     for i1 in range(0, W.shape[1], blocksize):
         i2 = min(i1 + blocksize, W.shape[1])
         W1 = W[:, i1:i2].clone()
@@ -167,25 +172,7 @@ def ecoflaps_sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, blocks
         except torch.linalg.LinAlgError:
             H[diag, diag] += damp
     Hinv = H
-    for i1 in range(0, W.shape[1], blocksize):
-        i2 = min(i1 + blocksize, W.shape[1])
-        W1 = W[:, i1:i2].clone()
-        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
-        thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
-        mask1 = tmp <= thresh
-        for i in range(i2 - i1):
-            w, d = W1[:, i], Hinv1[i, i]
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-    return W
+    return _prune_column_blocks(W, Hinv, sparsity, blocksize)
 
 
 @pytest.mark.parametrize("n_tokens", [400, 40])  # H positive definite; H of rank 40 < 256 columns: damped
