@@ -99,6 +99,21 @@ def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
+def widen_clear_of(ids: torch.Tensor, mask: torch.Tensor, taken: set[int], pad_id: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded token ids and their mask, with padding columns added until the width is none of
+    `taken`. A statistics mask is matched to a layer's input by its [batch, width] shape, so a text
+    width equal to another input's of the same stack (BLIP-2's queries, its ViT tokens) would mask
+    real positions of that input."""
+    extra = 0
+    while ids.shape[1] + extra in taken:
+        extra += 1
+    if extra:
+        ids = torch.cat([ids, torch.full((ids.shape[0], extra), pad_id, dtype=ids.dtype)], 1)
+        mask = torch.cat([mask, torch.zeros(mask.shape[0], extra, dtype=mask.dtype)], 1)
+    return ids, mask
+
+
 def mask_rows(rows: list[list[int]]) -> torch.Tensor:
     """The attention mask of pad_rows(rows, ...): 1 on each row's tokens, 0 after."""
     return pad_rows([[1] * len(r) for r in rows], 0)

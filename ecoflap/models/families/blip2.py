@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ecoflap.data.calibration import mask_rows, pad_rows
+from ecoflap.data.calibration import mask_rows, pad_rows, widen_clear_of
 from ecoflap.models.base import Batch, Stack, at_least_fp32
 from ecoflap.models.processors import Processors
 from ecoflap.models.vision_language import VisionLanguageAdapter, language_stacks, token_ids
@@ -91,14 +91,7 @@ class Blip2Adapter(VisionLanguageAdapter):
         q = model.config.num_query_tokens
         vision = model.config.vision_config
         tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-        taken = {q, tokens, tokens - q}
-        extra = 0
-        while ids.shape[1] + extra in taken:
-            extra += 1
-        if extra:
-            pad = procs.qformer_tokenizer.pad_token_id or 0
-            ids = torch.cat([ids, torch.full((ids.shape[0], extra), pad, dtype=ids.dtype)], 1)
-            mask = torch.cat([mask, torch.zeros(mask.shape[0], extra, dtype=mask.dtype)], 1)
+        ids, mask = widen_clear_of(ids, mask, {q, tokens, tokens - q}, procs.qformer_tokenizer.pad_token_id or 0)
         # its own storage: the calibration file (safetensors) refuses shared tensors
         return dict(batch, qformer_input_ids=ids, qformer_attention_mask=mask, **{QFORMER_MASK: mask.clone()})
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ecoflap.data.calibration import widen_clear_of
 from ecoflap.data.captions import blip_pre_caption
 from ecoflap.models.base import Stack, at_least_fp32
 from ecoflap.models.vision_language import VisionLanguageAdapter, contrastive_loss
@@ -42,13 +43,7 @@ class Blip2RetrievalAdapter(VisionLanguageAdapter):
         # equal to either would drop real positions of those, so such a width gets one more padding
         vision = model.config.vision_config
         taken = {model.config.num_query_tokens, (vision.image_size // vision.patch_size) ** 2 + 1}
-        extra = 0
-        while ids.shape[1] + extra in taken:
-            extra += 1
-        if extra:
-            pad = procs.tokenizer.pad_token_id or 0
-            ids = torch.cat([ids, torch.full((ids.shape[0], extra), pad, dtype=ids.dtype)], 1)
-            mask = torch.cat([mask, torch.zeros(mask.shape[0], extra, dtype=mask.dtype)], 1)
+        ids, mask = widen_clear_of(ids, mask, taken, procs.tokenizer.pad_token_id or 0)
         text_mask = mask.clone()  # its own storage: the calibration file (safetensors) refuses shared tensors
         if model.config.image_token_index is not None:  # the model strips this prefix again
             q = model.config.num_query_tokens
